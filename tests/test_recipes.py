@@ -1,0 +1,86 @@
+"""Recipes end to end on a tiny world: they train, learn, save in HF format and load back exactly."""
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionModel
+
+from vlkit.config import load
+from vlkit.data.tokenizer import load_tokenizer
+from vlkit.recipes.clip import CLIPRecipe
+from vlkit.recipes.clip import run as run_clip
+from vlkit.recipes.lm import LMRecipe, pack, perplexity
+from vlkit.recipes.lm import run as run_lm
+from vlkit.train.checkpoint import load_safetensors
+
+
+def metrics(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def lm_overrides(tiny_world, out, family, style):
+    cfg, _ = tiny_world
+    return [f"output_dir={out}", f"data.world.seed={cfg.seed}", f"data.world.train_scenes={cfg.train_scenes}",
+            f"data.world.test_scenes={cfg.test_scenes}", "data.block_size=64", f"model.family={family}",
+            f"tokenizer.style={style}", "tokenizer.vocab_size=400", "model.hidden_size=48", "model.num_layers=2",
+            "model.num_heads=2", "model.intermediate_size=96", "train.steps=40", "train.batch_size=16",
+            "train.lr=5e-3", "train.warmup_steps=5", "train.eval_every=10", "train.log_every=5",
+            "train.progress=false"]
+
+
+def check_lm(tmp_path, tiny_world, family, style):
+    out = tmp_path / family
+    cfg = load(LMRecipe, None, lm_overrides(tiny_world, out, family, style))
+    res = run_lm(cfg)
+    rows = metrics(out)
+    ppl = [r["eval/ppl"] for r in rows if "eval/ppl" in r]
+    loss = [r["loss"] for r in rows if "loss" in r]
+    assert loss[-1] < 0.5 * loss[0]
+    assert ppl[-1] < ppl[0] and res["heldout_ppl"] == ppl[-1] < res["vocab_size"] / 10
+    # Saved in HF format: AutoModelForCausalLM loads it, with the weights of the final checkpoint.
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert model.config.model_type == family
+    final = load_safetensors(out / "checkpoints" / "step-0000040" / "trainable.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in final.items() if k in state)
+    tok = load_tokenizer(out / "model")
+    blocks = pack(tok, __import__("vlkit.data.sources", fromlist=["x"]).load_splits(cfg.data)[1], 64)
+    with torch.no_grad():
+        assert abs(perplexity(model, blocks) - res["heldout_ppl"]) < 1e-4
+    return tok
+
+
+def test_lm_llama_and_opt_train_save_and_load(tmp_path, tiny_world):
+    tok_llama = check_lm(tmp_path, tiny_world, "llama", "llama")
+    tok_opt = check_lm(tmp_path, tiny_world, "opt", "opt")
+    text = "what color is the circle?"
+    assert tok_llama(text)["input_ids"] != tok_opt(text)["input_ids"]  # different tokenizers
+
+
+def test_clip_vision_encoder(tmp_path, tiny_world):
+    cfg_w, root = tiny_world
+    out = tmp_path / "clip"
+    cfg = load(CLIPRecipe, None, [
+        f"output_dir={out}", f"data.world.seed={cfg_w.seed}", f"data.world.train_scenes={cfg_w.train_scenes}",
+        f"data.world.test_scenes={cfg_w.test_scenes}", "tokenizer.vocab_size=400", "vision.hidden_size=48",
+        "vision.num_layers=2", "vision.num_heads=2", "vision.intermediate_size=96", "text.hidden_size=48",
+        "text.intermediate_size=96", "projection_dim=32", "eval_size=30", "train.steps=60",
+        "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=5", "train.log_every=5",
+        "train.progress=false"])
+    res = run_clip(cfg)
+    loss = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert np.mean(loss[-3:]) < 0.8 * np.mean(loss[:3])
+    assert res["heldout_i2t_r1"] > 3 * res["heldout_chance"]
+    # Stock HF format: CLIPVisionModel + CLIPImageProcessor; the processor reproduces vlkit's transform.
+    vision = CLIPVisionModel.from_pretrained(out / "vision")
+    proc = CLIPImageProcessor.from_pretrained(out / "vision")
+    from PIL import Image
+
+    from vlkit.data.transforms import normalize
+
+    img = Image.open(next((root / "img").glob("test-*.png"))).convert("RGB")
+    ours = normalize(np.asarray(img)[None], cfg.vision.image_mean, cfg.vision.image_std)
+    theirs = proc(images=img, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert vision(pixel_values=ours).last_hidden_state.shape == (1, 65, 48)

@@ -1,0 +1,1 @@
+"""Records, JSONL I/O, safe image loading, text corpora."""

@@ -1,0 +1,52 @@
+"""`vlkit eval DIR` for the foundation models: LM perplexity and CLIP retrieval on held-out world data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlkit.data.sources import RecordsConfig, load_splits
+from vlkit.data.tokenizer import load_tokenizer
+from vlkit.errors import VlkitError
+from vlkit.fileio import read_json
+from vlkit.world.dataset import WorldData
+
+
+def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500) -> dict:
+    model_dir = Path(model_dir)
+    config = read_json(model_dir / "config.json")
+    arch = (config.get("architectures") or [""])[0]
+    data = RecordsConfig(world=WorldData(seed=seed, train_scenes=0, test_scenes=test_scenes))
+    _, test = load_splits(data)
+    tok = load_tokenizer(model_dir)
+    if arch == "CLIPModel":
+        from transformers import CLIPModel
+
+        from vlkit.data.transforms import cached_image_array, normalize, unique_paths
+        from vlkit.recipes.clip import captions_of, encode_caption, make_collate, retrieval
+        from vlkit.models.vision.clip import ViTConfig
+
+        model = CLIPModel.from_pretrained(str(model_dir)).eval()
+        pp = read_json(model_dir / "preprocessor_config.json")
+        vit = ViTConfig(image_size=model.config.vision_config.image_size, image_mean=pp["image_mean"],
+                        image_std=pp["image_std"])
+        test = [r for r in test if r["task"] == "caption"]
+        paths, _ = unique_paths(test)
+        px = normalize(cached_image_array(paths, vit.image_size), vit.image_mean, vit.image_std)
+        texts = [captions_of(r)[0] for r in test]
+        max_len = model.config.text_config.max_position_embeddings
+        g = make_collate(vit, tok.pad_token_id)([(torch.zeros(1, 1, 3, dtype=torch.uint8),
+                                                  encode_caption(tok, t, max_len)) for t in texts])
+        with torch.no_grad():
+            return {"model": str(model_dir), **retrieval(model, px, g["input_ids"], g["attention_mask"], texts)}
+    if arch.endswith("ForCausalLM"):
+        from vlkit.models.llm import load_llm
+        from vlkit.recipes.lm import pack, perplexity
+
+        model = load_llm(model_dir).eval()
+        blocks = pack(tok, test, 128)
+        with torch.no_grad():
+            return {"model": str(model_dir), "heldout_ppl": perplexity(model, blocks), "tokens": int(blocks.numel())}
+    raise VlkitError(f"{model_dir}: don't know how to evaluate a {arch or 'model without architectures'}; "
+                     "pass an LM directory or a CLIP directory (<run>/clip)")

@@ -1,0 +1,1 @@
+"""Model builders: LLMs, vision towers (and, later, VPGs and fusion)."""

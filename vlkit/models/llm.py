@@ -1,0 +1,107 @@
+"""Causal LMs: builders for the tiny world LLMs, loading any HF causal LM, and layer access
+across families.
+
+Builders are explicit functions, one per family (torchtune style): a config names the family and
+its sizes, the builder makes the HF config and the model. Any other HF causal LM is loaded from a
+local directory with `load_llm`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+from safetensors import SafetensorError
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, \
+    PreTrainedModel, PreTrainedTokenizerBase
+
+from vlkit.config import Section
+from vlkit.errors import VlkitError
+
+
+class LLMConfig(Section):
+    """Sizes of a world LLM built from scratch (ignored when a pretrained directory is given)."""
+
+    family: Literal["llama", "opt"] = Field("llama", description="Architecture family.")
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(344, gt=0, description="MLP width (OPT: ffn_dim).")
+    max_position_embeddings: int = Field(512, gt=0)
+    tie_word_embeddings: bool = Field(False)
+
+
+def _special_ids(tok: PreTrainedTokenizerBase) -> dict:
+    return {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+
+
+def build_llama(cfg: LLMConfig, tok: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    hf = LlamaConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                     num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+                     intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                     tie_word_embeddings=cfg.tie_word_embeddings, rms_norm_eps=1e-5, **_special_ids(tok))
+    return LlamaForCausalLM(hf)
+
+
+def build_opt(cfg: LLMConfig, tok: PreTrainedTokenizerBase) -> OPTForCausalLM:
+    hf = OPTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                   num_attention_heads=cfg.num_heads, ffn_dim=cfg.intermediate_size,
+                   max_position_embeddings=cfg.max_position_embeddings, word_embed_proj_dim=cfg.hidden_size,
+                   do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                   tie_word_embeddings=cfg.tie_word_embeddings, **_special_ids(tok))
+    return OPTForCausalLM(hf)
+
+
+BUILDERS: dict[str, Callable[[LLMConfig, PreTrainedTokenizerBase], PreTrainedModel]] = {
+    "llama": build_llama,
+    "opt": build_opt,
+}
+
+
+def build_llm(cfg: LLMConfig, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    return BUILDERS[cfg.family](cfg, tok)
+
+
+def load_llm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load any HF causal LM from a local directory (never from a hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise VlkitError(f"{path}: no config.json; point to a Hugging Face model directory")
+    try:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise VlkitError(f"{path}: cannot load the model ({str(e).splitlines()[0]}); "
+                         "check that its weights are complete") from None
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of a causal LM across families (LLaMA-like, OPT, GPT-NeoX, GPT-2, ...)."""
+    for path in ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h", "transformer.blocks",
+                 "model.language_model.layers"):
+        obj = model
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise VlkitError(f"{type(model).__name__}: cannot find its decoder layers; add its layout to "
+                     "vlkit.models.llm.decoder_layers")
+
+
+def input_embeddings(model: PreTrainedModel) -> nn.Embedding:
+    return model.get_input_embeddings()
+
+
+def output_head(model: PreTrainedModel) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

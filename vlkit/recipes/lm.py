@@ -1,0 +1,106 @@
+"""Recipe `lm`: pretrain a tiny causal LM (LLaMA or OPT family) on world conversations.
+
+Text-only conversations (image parts dropped) are rendered with the chat template, tokenized and
+packed into blocks; the model is saved with ``save_pretrained`` so that
+``AutoModelForCausalLM.from_pretrained(dir)`` loads it. Reports held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vlkit.config import Section
+from vlkit.data.sources import RecordsConfig, load_splits, text_only
+from vlkit.data.tokenizer import TokenizerConfig, load_tokenizer, render, train_bpe
+from vlkit.fileio import atomic_dir
+from vlkit.models.llm import LLMConfig, build_llm, count_parameters
+from vlkit.recipes.common import finish, prepare_output
+from vlkit.train import TrainConfig, Trainer
+from vlkit.train.runtime import seed_everything
+
+
+class LMData(RecordsConfig):
+    block_size: int = Field(128, gt=1, description="Tokens per packed training block.")
+
+
+class LMRecipe(Section):
+    recipe: Literal["lm"] = "lm"
+    output_dir: str = Field("runs/lm", description="Where the model, logs and checkpoints go.")
+    data: LMData = Field(default_factory=LMData)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: LLMConfig = Field(default_factory=LLMConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def bpe_texts(records: list[dict]) -> list[str]:
+    """Plain strings shaped like rendered conversations, for training the BPE itself."""
+    out = []
+    for r in records:
+        for m in text_only(r["messages"]):
+            c = m["content"]
+            text = c if isinstance(c, str) else " ".join(p["text"] for p in c)
+            out.append(("USER: " if m["role"] == "user" else "ASSISTANT: ") + text)
+    return out
+
+
+def pack(tok, records: list[dict], block_size: int) -> torch.Tensor:
+    """Render each text-only conversation, concatenate, cut into (n_blocks, block_size) ids."""
+    stream: list[int] = []
+    for r in records:
+        stream.extend(tok(render(tok, text_only(r["messages"])), add_special_tokens=False)["input_ids"])
+    n = len(stream) // block_size
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        nll += loss.item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / max(count, 1))
+
+
+def lm_loss(model, batch):
+    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    return out.loss, {"tokens": batch["input_ids"].numel()}
+
+
+def collate_blocks(items: list[torch.Tensor]) -> dict:
+    return {"input_ids": torch.stack(items)}
+
+
+def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
+        progress: bool | None = None) -> dict:
+    out = Path(cfg.output_dir)
+    prepare_output(cfg, out, resume)
+    train_recs, test_recs = load_splits(cfg.data, progress=progress)
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+    else:
+        tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
+    train_blocks = pack(tok, train_recs, cfg.data.block_size)
+    test_blocks = pack(tok, test_recs, cfg.data.block_size)
+    seed_everything(cfg.train.seed)
+    model = build_llm(cfg.model, tok)
+    trainer = Trainer(model, cfg.train, train_blocks, collate_blocks, lm_loss, out,
+                      evaluate=lambda m: {"ppl": perplexity(m, test_blocks)},
+                      run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}")
+    metrics = trainer.fit(resume=resume, overwrite=overwrite)
+    if trainer.rt.is_main:
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    return finish(out, {"recipe": "lm", "family": cfg.model.family, "params": count_parameters(model),
+                        "vocab_size": len(tok), "train_tokens": int(train_blocks.numel()),
+                        "test_tokens": int(test_blocks.numel()), "heldout_ppl": metrics["ppl"],
+                        "steps": cfg.train.steps, "model_dir": str(out / "model")})

@@ -1,0 +1,113 @@
+"""Atomic training checkpoints with everything exact resume needs.
+
+Layout of ``<out>/checkpoints/step-000300/``:
+    trainable.safetensors   parameters that are trained (frozen parts are rebuilt by the recipe)
+    optimizer.pt            optimiser state (tensors and numbers only; loaded with weights_only=True)
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              step, python RNG state, the config, recent metrics
+``<out>/checkpoints/latest`` names the newest complete one; it is replaced only after the
+directory is complete, so a crash mid-write leaves the previous checkpoint in force.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vlkit.errors import VlkitError
+from vlkit.fileio import atomic_dir, read_json, write_text
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing or corrupt file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlkitError(f"{path}: weights file not found; check the path or re-run the training stage")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise VlkitError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]}); "
+                         "delete it and re-run the stage that wrote it") from None
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, Any], keep: int) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    with atomic_dir(ckpt_root / name) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {"step": step, "python_rng": _py_rng_to_json(random.getstate()), **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    write_text(ckpt_root / "latest", name + "\n")
+    # Prune old checkpoints, newest `keep` stay.
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt_root / name
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise VlkitError(f"{pointer}: names {path.name}, which is missing; delete {pointer} to start over")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model trainables, optimiser and RNG states in place; return state.json."""
+    weights = load_safetensors(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))[:3]
+        extra = sorted(set(weights) - expected)[:3]
+        raise VlkitError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {extra}); "
+                         "resume with the config that wrote it")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt_file = path / "optimizer.pt"
+    try:
+        optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError) as e:
+        raise VlkitError(f"{opt_file}: unreadable optimiser state ({str(e).splitlines()[0]}); "
+                         "delete this checkpoint directory to fall back to an earlier one") from None
+    rng = load_safetensors(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    state = read_json(path / "state.json")
+    random.setstate(_py_rng_from_json(state["python_rng"]))
+    return state
+
+
+def _py_rng_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_rng_from_json(data):
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

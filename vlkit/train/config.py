@@ -1,0 +1,34 @@
+"""Settings of the shared training loop (the `train:` section of every recipe config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from vlkit.config import Section
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, gt=0, description="Optimiser steps to run in total.")
+    batch_size: int = Field(32, gt=0, description="Examples per micro-batch (per rank).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimiser step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate, reached after warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR of the cosine decay, as a fraction of lr.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up steps from 0 to lr.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Decay after warm-up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on norms and biases).")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype; auto = bf16 on CUDA when supported, else fp32."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    log_every: int = Field(10, gt=0, description="Write a metrics line every N steps.")
+    seed: int = Field(0, description="Seeds model init, data order and every random draw of the loop.")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice).")
+    progress: bool | None = Field(None, description="Progress bar; default: only on a terminal.")

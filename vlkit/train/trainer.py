@@ -1,0 +1,203 @@
+"""The training loop every recipe shares.
+
+A recipe hands the trainer a model whose trainable parameters are already chosen (by group name),
+a dataset (anything with ``len`` and ``[]``), a collate function and a loss function. The trainer
+owns the rest: data order, AdamW, warm-up + cosine, accumulation, clipping, autocast, progress,
+the JSONL metrics log, periodic evaluation and atomic checkpoints with exact resume.
+
+Data order is a pure function of (seed, epoch): the permutation of epoch e comes from a generator
+seeded with ``seed * 1_000_003 + e``, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from vlkit.console import bar as progress_bar
+from vlkit.errors import VlkitError
+from vlkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vlkit.train.config import TrainConfig
+from vlkit.train.runtime import Runtime, make_runtime, seed_everything
+from vlkit.train.schedule import lr_at
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms, biases and other vectors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Sequence, collate: Callable[[list], Any],
+                 loss_fn: LossFn, out_dir: str | Path, evaluate: EvalFn | None = None,
+                 runtime: Runtime | None = None, run_config: dict | None = None, desc: str = "train"):
+        if len(dataset) == 0:
+            raise VlkitError(f"{out_dir}: the training dataset is empty; check the data section of the config")
+        self.cfg = cfg
+        self.rt = runtime or make_runtime(cfg.device, cfg.precision, cfg.num_threads)
+        self.model = model.to(self.rt.device)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise VlkitError(f"{out_dir}: no trainable parameters; choose at least one trainable group")
+        self.dataset, self.collate, self.loss_fn, self.evaluate_fn = dataset, collate, loss_fn, evaluate
+        self.out_dir = Path(out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.run_config = run_config or {}
+        self.desc = desc
+        self.wrapped = model
+        if self.rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2))
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- data order ---------------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = len(self.dataset) // self.rt.world_size
+        return max(1, per_rank // self.cfg.batch_size)
+
+    def _batch_indices(self, micro: int) -> list[int]:
+        epoch, pos = divmod(micro, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)[self.rt.rank::self.rt.world_size]
+        start = pos * self.cfg.batch_size
+        return perm[start:start + self.cfg.batch_size].tolist()
+
+    # -- loop -----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, overwrite: bool = False,
+            callbacks: Sequence[StepCallback] = ()) -> dict[str, float]:
+        """Train to cfg.steps. `resume` continues from the latest checkpoint; a fresh run refuses to
+        start over existing checkpoints unless `overwrite`."""
+        cfg = self.cfg
+        seed_everything(cfg.seed + self.rt.rank)
+        if resume:
+            ckpt = latest_checkpoint(self.ckpt_root)
+            if ckpt is None:
+                raise VlkitError(f"{self.ckpt_root}: no checkpoint to resume from; run without --resume")
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.step = state["step"]
+            self.history = state.get("history", [])
+            self._truncate_log(self.step)
+        elif self.rt.is_main:
+            if latest_checkpoint(self.ckpt_root) is not None and not overwrite:
+                raise VlkitError(f"{self.out_dir}: holds checkpoints of an earlier run; pass --resume to continue "
+                                 "it or --overwrite to start over")
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.model.train()
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc=self.desc,
+                           enabled=cfg.progress if self.rt.is_main else False)
+        window_t, window_n, window_tok = time.perf_counter(), 0, 0
+        last_eval: dict[str, float] = {}
+        try:
+            while self.step < cfg.steps:
+                lr = lr_at(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                           min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, extra_sum = 0.0, {}
+                for k in range(cfg.grad_accum):
+                    micro = self.step * cfg.grad_accum + k
+                    batch = to_device(self.collate([self.dataset[i] for i in self._batch_indices(micro)]),
+                                      self.rt.device)
+                    with self.rt.autocast():
+                        out = self.loss_fn(self.wrapped, batch)
+                    loss, extra = out if isinstance(out, tuple) else (out, {})
+                    if not torch.isfinite(loss):
+                        raise VlkitError(f"{self.out_dir}: loss became {loss.item()} at step {self.step}; "
+                                         "lower train.lr or check the data")
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    for key, v in extra.items():
+                        extra_sum[key] = extra_sum.get(key, 0.0) + float(v)
+                    window_n += len(batch["_n"]) if isinstance(batch, dict) and "_n" in batch else cfg.batch_size
+                    window_tok += int(extra.get("tokens", 0))
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                metrics = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm)}
+                metrics.update({k: v / cfg.grad_accum for k, v in extra_sum.items() if k != "tokens"})
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - window_t
+                    metrics["samples_per_s"] = window_n * self.rt.world_size / max(dt, 1e-9)
+                    if window_tok:
+                        metrics["tokens_per_s"] = window_tok * self.rt.world_size / max(dt, 1e-9)
+                    window_t, window_n, window_tok = time.perf_counter(), 0, 0
+                    self._log(metrics)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
+                final = self.step == cfg.steps
+                if self.evaluate_fn and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+                    last_eval = self.run_eval()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or final:
+                    self.save()
+                for cb in callbacks:
+                    cb(self.step, metrics)
+        finally:
+            bar.close()
+        return last_eval
+
+    def run_eval(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self.rt.autocast():
+            result = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+        self.model.train()
+        record = {"step": self.step, **{f"eval/{k}": v for k, v in result.items()}}
+        self.history.append(record)
+        self._log(record)
+        return result
+
+    def save(self) -> Path | None:
+        if not self.rt.is_main:
+            return None
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                               {"config": self.run_config, "history": self.history}, self.cfg.keep_checkpoints)
+
+    # -- metrics log ------------------------------------------------------------------------------
+    def _log(self, record: dict[str, float]) -> None:
+        if not self.rt.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if not self.rt.is_main or not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))

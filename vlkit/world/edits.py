@@ -1,0 +1,73 @@
+"""Edits of a scene and the sentence that describes the difference (for multi-image tasks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlkit.world.language import a, where
+from vlkit.world.scene import COLORS, SHAPES, Scene, replace, sample_object
+
+EDIT_KINDS = ("recolor", "reshape", "move", "delete", "add")
+
+
+def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[Scene, str, str]:
+    """Apply one edit; returns (edited scene, edit kind, description). Falls back to 'add' or
+    'recolor' when the requested edit is impossible (e.g. deleting the only object)."""
+    objs = list(scene.objects)
+    names = {o.name for o in objs}
+    kinds = [kind] if kind else list(EDIT_KINDS)
+    rng.shuffle(kinds)
+    for k in kinds + ["recolor"]:
+        i = int(rng.integers(len(objs)))
+        o = objs[i]
+        if k == "recolor":
+            choices = [c for c in COLORS if c != o.color and f"{c} {o.shape}" not in names]
+            if not choices:
+                continue
+            c = choices[rng.integers(len(choices))]
+            objs[i] = replace(o, color=c)
+            return _with(scene, objs, i), k, f"the {o.name} turned {c}."
+        if k == "reshape":
+            choices = [s for s in SHAPES if s != o.shape and f"{o.color} {s}" not in names]
+            if not choices:
+                continue
+            s = choices[rng.integers(len(choices))]
+            objs[i] = replace(o, shape=s)
+            return _with(scene, objs, i), k, f"the {o.name} became {a(o.color)} {o.color} {s}."
+        if k == "move":
+            others = [p.box for j, p in enumerate(objs) if j != i]
+            for _ in range(30):
+                new = sample_object(rng, others, o.shape, o.color, o.size, tries=1)
+                if new is not None and new.region != o.region:
+                    objs[i] = new
+                    return _with(scene, objs, i), k, f"the {o.name} moved from {_bare(o.region)} to {_bare(new.region)}."
+            continue
+        if k == "delete":
+            if len(objs) < 2:
+                continue
+            del objs[i]
+            text = scene.text
+            if text is not None and text.on is not None:
+                text = None if text.on == i else replace(text, on=text.on - (text.on > i))
+            return Scene(tuple(objs), text, scene.seed), k, f"the {o.name} disappeared."
+        if k == "add":
+            if len(objs) >= 6:
+                continue
+            for _ in range(20):
+                new = sample_object(rng, [p.box for p in objs])
+                if new is not None and new.name not in names:
+                    objs.append(new)
+                    return Scene(tuple(objs), scene.text, scene.seed), k, f"{a(new.name)} {new.name} appeared {where(new.region)}."
+    raise RuntimeError("no edit applies to this scene")  # unreachable: recolor always has a free colour
+
+
+def _bare(region: str) -> str:
+    return f"the {region}"
+
+
+def _with(scene: Scene, objs: list, i: int) -> Scene:
+    text = scene.text
+    if text is not None and text.on == i:
+        o = objs[i]
+        text = replace(text, cx=o.cx, cy=o.cy)
+    return Scene(tuple(objs), text, scene.seed)
