@@ -32,7 +32,7 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     ("train: {steps: 3}\n", [], "key 'recipe' is missing"),
     ("recipe: cook\n", [], "unknown recipe 'cook'"),
     ("recipe: lm\n", ["train.steps"], "not of the form key=value"),
-    ("recipe: lm\n", ["train.steps.x=1"], "'train.steps' is not a section"),
+    ("recipe: lm\ntrain: {steps: 3}\n", ["train.steps.x=1"], "'train.steps' is not a section"),
 ])
 def test_config_errors_name_key_and_file(tmp_path, text, override, message):
     p = write(tmp_path, text)

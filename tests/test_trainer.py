@@ -23,8 +23,8 @@ def tiny_model(seed: int):
 
 def data():
     g = torch.Generator().manual_seed(0)
-    base = torch.randint(4, 50, (40, 6), generator=g)
-    return base.repeat(1, 3)  # repeated pattern: learnable
+    base = torch.randint(4, 50, (40, 3), generator=g)
+    return base.repeat(1, 6)  # a random triple repeated: learnable after its first occurrence
 
 
 def collate(items):

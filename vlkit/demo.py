@@ -61,7 +61,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     timings["total"] = time.perf_counter() - t_all
 
     table, md = summary(results, timings)
-    Console().print(table)
+    Console(width=120).print(table)
     write_text(out / "report.md", md)
     console.print(f"report: {out / 'report.md'}")
     return {"results": results, "timings": timings}

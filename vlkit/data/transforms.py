@@ -14,6 +14,8 @@ from vlkit.fileio import atomic_path, cache_root, stable_hash
 
 def normalize(pixels: torch.Tensor | np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W), scaled to [0, 1] then normalised per channel."""
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+        pixels = pixels.copy()
     x = torch.as_tensor(pixels)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)

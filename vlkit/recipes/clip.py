@@ -96,7 +96,7 @@ def clip_loss(model, batch):
 
 def model_logit_scale(model) -> float:
     m = model.module if hasattr(model, "module") else model
-    return float(m.logit_scale.exp())
+    return float(m.logit_scale.detach().exp())
 
 
 @torch.no_grad()
