@@ -1,0 +1,1 @@
+"""How visual prompts enter the LLM."""

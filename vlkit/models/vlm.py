@@ -1,0 +1,142 @@
+"""VisionLanguageModel: vision tower -> VPG -> any HF causal LM.
+
+    images -> VisionTower (B, N, C) -> VPG (B, M, D) --+
+    text   -> tokenizer -> LLM input embeddings -------+-> fused sequence -> LLM -> logits
+
+Modules declare named parameter groups (``vision``, ``vpg.queries``, ``vpg.qformer``,
+``vpg.projector``, ``llm``, ``llm.embeddings``, ``llm.head``, ``llm.norms``); recipes choose groups by
+name and everything else is frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from vlkit.config import Section
+from vlkit.errors import VlkitError
+from vlkit.models.fusion.tokens import scatter_image_tokens
+from vlkit.models.llm import load_llm
+from vlkit.models.vision.tower import TowerConfig, VisionTower
+from vlkit.models.vpg import VPGConfig, build_vpg
+
+
+class LLMSource(Section):
+    """The language model: a local HF directory, or an architecture (random weights / meta device)."""
+
+    path: str | None = Field(None, description="Local HF causal-LM directory (LLaMA, Vicuna, OPT, Qwen2, ...).")
+    arch: dict | None = Field(None, description="HF config (model_type + sizes) when not loading weights.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory; default: the LLM's directory.")
+
+
+class VLMConfig(Section):
+    tower: TowerConfig = Field(default_factory=TowerConfig)
+    vpg: VPGConfig = Field(default_factory=VPGConfig)
+    llm: LLMSource = Field(default_factory=LLMSource)
+    max_length: int = Field(256, gt=0, description="Longest token sequence (image tokens included).")
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vision: VisionTower, vpg: nn.Module, llm: PreTrainedModel, image_token_id: int,
+                 config: VLMConfig):
+        super().__init__()
+        self.vision, self.vpg, self.llm = vision, vpg, llm
+        self.image_token_id = image_token_id
+        self.config = config
+        self.trainable_groups: list[str] = []
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: VLMConfig, image_token_id: int | None = None, vocab_size: int | None = None,
+              device: str | None = None) -> "VisionLanguageModel":
+        """Build from parts: load what has a path, create what has an arch (`device="meta"`: no weights)."""
+        tower = VisionTower.build(cfg.tower, device=device)
+        if cfg.llm.path and device != "meta":
+            llm = load_llm(cfg.llm.path)
+        elif cfg.llm.arch:
+            arch = dict(cfg.llm.arch)
+            hf = AutoConfig.for_model(arch.pop("model_type"), **arch)
+            if device == "meta":
+                with torch.device("meta"):
+                    llm = AutoModelForCausalLM.from_config(hf)
+            else:
+                llm = AutoModelForCausalLM.from_config(hf)
+        else:
+            raise VlkitError("llm: set path (a local directory) or arch (an HF config)")
+        if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(vocab_size)  # a tokenizer that gained <image>
+        vpg = build_vpg(cfg.vpg, tower.hidden_size, llm.config.get_text_config().hidden_size, tower.num_features())
+        if device == "meta":
+            vpg = vpg.to("meta")
+        if image_token_id is None:
+            image_token_id = llm.get_input_embeddings().num_embeddings - 1
+        return cls(tower, vpg, llm, image_token_id, cfg)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vpg.num_tokens
+
+    # -- trainable groups ----------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"vision": list(self.vision.parameters())}
+        groups.update({f"vpg.{k}": v for k, v in self.vpg.param_groups().items()})
+        groups["vpg"] = list(self.vpg.parameters())
+        groups["llm"] = list(self.llm.parameters())
+        groups["llm.embeddings"] = list(self.llm.get_input_embeddings().parameters())
+        head = self.llm.get_output_embeddings()
+        groups["llm.head"] = list(head.parameters()) if head is not None else []
+        groups["llm.norms"] = [p for m in self.llm.modules() if "norm" in type(m).__name__.lower()
+                               for p in m.parameters(recurse=False)]
+        return groups
+
+    def set_trainable(self, groups: list[str]) -> None:
+        """Freeze everything, then unfreeze the named groups."""
+        available = self.param_groups()
+        unknown = [g for g in groups if g not in available]
+        if unknown:
+            raise VlkitError(f"trainable: unknown group(s) {unknown}; choose from {sorted(available)}")
+        self.requires_grad_(False)
+        for g in groups:
+            for p in available[g]:
+                p.requires_grad_(True)
+        self.trainable_groups = list(groups)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor | None = None,
+                      image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, H, W) pixels or (n, N, C) cached tower features -> visual tokens (n, M, D)."""
+        if image_features is None:
+            if pixel_values is None:
+                raise VlkitError("encode_images needs pixel_values or image_features")
+            image_features = self.vision(pixel_values)
+        return self.vpg(image_features.to(self.vpg_dtype))
+
+    @property
+    def vpg_dtype(self) -> torch.dtype:
+        return next(self.vpg.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        has_images = (pixel_values is not None and len(pixel_values)) or \
+            (image_features is not None and len(image_features))
+        if has_images:
+            visual = self.encode_images(pixel_values, image_features)
+        else:
+            visual = embeds.new_zeros(0, self.num_image_tokens, embeds.shape[-1])
+        return scatter_image_tokens(embeds, input_ids, self.image_token_id, visual)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, **kwargs):
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def save(self, directory: str | Path, processor=None) -> None:
+        from vlkit.models.io import save_vlm
+
+        save_vlm(self, directory, processor)
