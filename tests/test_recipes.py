@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionModel
 
 from vlkit.config import load
+from vlkit.data.sources import load_splits
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.recipes.clip import CLIPRecipe
 from vlkit.recipes.clip import run as run_clip
@@ -45,7 +46,7 @@ def check_lm(tmp_path, tiny_world, family, style):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in final.items() if k in state)
     tok = load_tokenizer(out / "model")
-    blocks = pack(tok, __import__("vlkit.data.sources", fromlist=["x"]).load_splits(cfg.data)[1], 64)
+    blocks = pack(tok, load_splits(cfg.data)[1], 64, cfg.data.describe_images)
     with torch.no_grad():
         assert abs(perplexity(model, blocks) - res["heldout_ppl"]) < 1e-4
     return tok

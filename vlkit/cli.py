@@ -85,6 +85,30 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
 
 
 @app.command()
+def chat(model: Path = typer.Argument(..., help="A vlkit model directory."),
+         image: Optional[List[Path]] = typer.Option(None, "--image", help="Image for the first turn (repeatable)."),
+         prompt: Optional[str] = typer.Option(None, help="One-shot: answer this and exit."),
+         max_new_tokens: int = typer.Option(64, help="Most tokens per answer."),
+         temperature: float = typer.Option(0.0, help="0 = greedy."),
+         top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+         seed: Optional[int] = typer.Option(None, help="Seed for sampling.")):
+    """Talk to a model in the terminal, streaming. In a session: /image PATH attaches an image to the next
+    message, /reset starts over, /quit (or Ctrl-D) leaves."""
+    from vlkit.chat import ChatSession
+
+    session = ChatSession.open(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed)
+    for path in image or []:
+        session.attach(path)
+    if prompt is not None:
+        for piece in session.ask(prompt):
+            typer.echo(piece, nl=False)
+        typer.echo()
+        return
+    session.repl()
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where stages and the report go."),
          fresh: bool = typer.Option(False, help="Retrain every stage even if cached.")):
     """Run the embedded-default pipeline on the shapes world and print a results table."""

@@ -15,6 +15,7 @@ from vlkit.errors import VlkitError
 RECIPES: dict[str, tuple[str, str]] = {
     "lm": ("vlkit.recipes.lm", "LMRecipe"),
     "clip": ("vlkit.recipes.clip", "CLIPRecipe"),
+    "vpg": ("vlkit.recipes.vpg", "VPGRecipe"),
 }
 
 

@@ -8,6 +8,7 @@ packed into blocks; the model is saved with ``save_pretrained`` so that
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,10 @@ from vlkit.train.runtime import seed_everything
 
 class LMData(RecordsConfig):
     block_size: int = Field(128, gt=1, description="Tokens per packed training block.")
+    describe_images: float = Field(
+        0.5, ge=0, le=1, description="Chance that an image in a conversation is replaced by a sentence describing "
+        "it (world records). This is how the LM learns to answer from what its context says about a scene, the "
+        "skill a frozen LLM needs to read visual prompts later; otherwise the image is dropped.")
 
 
 class LMRecipe(Section):
@@ -35,6 +40,41 @@ class LMRecipe(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: LLMConfig = Field(default_factory=LLMConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def scene_descriptions(record: dict) -> list[str]:
+    """A detailed caption per image of a world record (empty when the record has no scene)."""
+    from vlkit.world.language import caption
+    from vlkit.world.scene import Scene
+
+    meta = record.get("meta", {})
+    scenes = [meta.get("scene"), meta.get("edited")][: len(record.get("images", []))]
+    if any(s is None for s in scenes) or not scenes:
+        return []
+    return [caption(Scene.from_dict(s), "detailed") for s in scenes]
+
+
+def textualize(record: dict, p: float) -> list[dict]:
+    """The conversation with each image either described in words (chance p) or dropped."""
+    descriptions = scene_descriptions(record)
+    if not descriptions or p <= 0:
+        return text_only(record["messages"])
+    rng = random.Random(f"{record.get('id')}")
+    k, out = 0, []
+    for m in record["messages"]:
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    if rng.random() < p:
+                        parts.append({"type": "text", "text": f"({descriptions[k]}) "})
+                    k += 1
+                else:
+                    parts.append(part)
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 def bpe_texts(records: list[dict]) -> list[str]:
@@ -48,11 +88,11 @@ def bpe_texts(records: list[dict]) -> list[str]:
     return out
 
 
-def pack(tok, records: list[dict], block_size: int) -> torch.Tensor:
-    """Render each text-only conversation, concatenate, cut into (n_blocks, block_size) ids."""
+def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0) -> torch.Tensor:
+    """Render each conversation as text, concatenate, cut into (n_blocks, block_size) ids."""
     stream: list[int] = []
     for r in records:
-        stream.extend(tok(render(tok, text_only(r["messages"])), add_special_tokens=False)["input_ids"])
+        stream.extend(tok(render(tok, textualize(r, describe_images)), add_special_tokens=False)["input_ids"])
     n = len(stream) // block_size
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
@@ -88,8 +128,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
         tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
-    train_blocks = pack(tok, train_recs, cfg.data.block_size)
-    test_blocks = pack(tok, test_recs, cfg.data.block_size)
+    train_blocks = pack(tok, train_recs, cfg.data.block_size, cfg.data.describe_images)
+    test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images)
     seed_everything(cfg.train.seed)
     model = build_llm(cfg.model, tok)
     trainer = Trainer(model, cfg.train, train_blocks, collate_blocks, lm_loss, out,

@@ -1,0 +1,39 @@
+"""configs/real/*.yaml build on the meta device (no weights, no files) with the published sizes."""
+
+from pathlib import Path
+
+import pytest
+
+from vlkit.models.llm import count_parameters
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.recipes import load_config
+
+REAL = Path(__file__).resolve().parent.parent / "configs" / "real"
+
+
+def build(name):
+    cfg, _ = load_config(REAL / name)
+    model = VisionLanguageModel.build(cfg.model, device="meta")
+    model.set_trainable(cfg.trainable)
+    return model
+
+
+def test_llava15_7b_matches_published_counts():
+    m = build("llava15_7b.yaml")
+    assert count_parameters(m.llm) == 6_738_415_616          # LLaMA/Vicuna-7B
+    assert count_parameters(m.vision) == 303_507_456         # CLIP ViT-L/14-336 vision tower
+    assert count_parameters(m.vpg) == 20_979_712             # 1024->4096->4096 MLP with biases
+    assert count_parameters(m) == 7_062_902_784              # LLaVA-1.5-7B
+    assert m.num_image_tokens == 576                         # 24 x 24 patches
+    assert count_parameters(m, trainable_only=True) == 20_979_712
+
+
+@pytest.mark.parametrize("name,llm,trainable_m", [("blip2_opt2.7b.yaml", 2_651_596_800, 107),
+                                                    ("blip2_opt6.7b.yaml", 6_658_473_984, 108)])
+def test_blip2_matches_published_counts(name, llm, trainable_m):
+    m = build(name)
+    assert count_parameters(m.llm) == llm                    # OPT-2.7B / OPT-6.7B
+    assert m.num_image_tokens == 32
+    # BLIP-2 paper, Table 1: 107M / 108M trainable parameters (Q-Former + queries + projection)
+    assert round(count_parameters(m, trainable_only=True) / 1e6) == trainable_m
+    assert count_parameters(m.vision) == 985_952_256         # EVA ViT-g/14 as in transformers' Blip2VisionModel

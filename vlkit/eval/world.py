@@ -1,0 +1,118 @@
+"""Held-out evaluation of a VLM on world tasks, always beside a *blind* baseline.
+
+Tasks and metrics: caption (CIDEr, ROUGE-L against every caption style of the scene), vqa (exact
+match), grounding (IoU >= 0.5 accuracy and mean IoU), text (exact match). The blind baseline is the
+same model given a blank (black) image in place of each image: the gap is what the image adds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from vlkit.config import Section
+from vlkit.console import bar
+from vlkit.data.features import ImageBank
+from vlkit.data.transforms import normalize
+from vlkit.eval import metrics as M
+from vlkit.models.generate import GenerationConfig, generate
+
+TASKS = ("caption", "vqa", "grounding", "text")
+
+
+class EvalConfig(Section):
+    tasks: list[str] = Field(list(TASKS), description="World tasks to evaluate.")
+    max_per_task: int = Field(200, gt=0, description="Held-out records per task.")
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(64, gt=0)
+    blind: bool = Field(True, description="Also evaluate with blank images.")
+
+
+def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
+    """The conversation up to the last assistant turn, and that turn's text."""
+    msgs = record["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    content = msgs[last]["content"]
+    ref = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+    return msgs[:last], ref
+
+
+def select(records: list[dict], cfg: EvalConfig) -> dict[str, list[dict]]:
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("task") in cfg.tasks and len(by_task[r["task"]]) < cfg.max_per_task:
+            by_task[r["task"]].append(r)
+    return by_task
+
+
+@torch.no_grad()
+def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalConfig, blind: bool,
+            progress: bool | None = None) -> list[str]:
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
+    device = next(model.parameters()).device
+    blank = None
+    if blind:
+        px = normalize(np.zeros((1, processor.config.image_size, processor.config.image_size, 3), np.uint8),
+                       processor.config.image_mean, processor.config.image_std).to(device)
+        blank = model.vision(px)
+    out: list[str] = []
+    for i in bar(range(0, len(records), cfg.batch_size), desc="eval blind" if blind else "eval", enabled=progress):
+        chunk = records[i:i + cfg.batch_size]
+        prompts = [prompt_and_reference(r)[0] for r in chunk]
+        rows = [row for r in chunk for row in bank.rows(r)]
+        if blind:
+            feats = blank.expand(len(rows), -1, -1)
+        else:
+            inputs = bank.inputs(rows)
+            feats = inputs["image_features"] if "image_features" in inputs else \
+                model.vision(inputs["pixel_values"].to(device))
+        imgs = [[None] * len(r["images"]) for r in chunk]
+        out.extend(g["text"] for g in generate(model, processor, prompts, imgs, gen, image_features=feats))
+    return out
+
+
+def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
+    refs = [prompt_and_reference(r)[1] for r in records]
+    if task == "caption":
+        multi = [r.get("meta", {}).get("refs") or [ref] for r, ref in zip(records, refs)]
+        return {"caption_cider": M.cider(preds, multi), "caption_rougeL": M.rouge_l(preds, multi)}
+    if task == "grounding":
+        ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
+        return {"grounding_iou50": float(np.mean([i >= 0.5 for i in ious])), "grounding_miou": float(np.mean(ious))}
+    acc = float(np.mean([M.exact_match(p, ref) for p, ref in zip(preds, refs)]))
+    return {f"{task}_acc": acc}
+
+
+def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: ImageBank | None = None,
+                 progress: bool | None = None, examples: int = 6) -> dict:
+    """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...]}"""
+    model.eval()
+    by_task = select(records, cfg)
+    chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
+    if bank is None:
+        bank = ImageBank(chosen, processor.config.image_size, processor.config.image_mean, processor.config.image_std)
+    result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": []}
+    for mode in (["image", "blind"] if cfg.blind else ["image"]):
+        preds = answers(model, processor, chosen, bank, cfg, blind=(mode == "blind"), progress=progress)
+        metrics, k = {}, 0
+        for t in cfg.tasks:
+            recs = by_task.get(t, [])
+            if recs:
+                metrics.update(score(t, recs, preds[k:k + len(recs)]))
+                if mode == "image":
+                    for r, p in list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]:
+                        prompt, ref = prompt_and_reference(r)
+                        result["examples"].append({"id": r["id"], "task": t, "images": r["images"],
+                                                   "question": _text(prompt[-1]), "reference": ref,
+                                                   "prediction": p})
+            k += len(recs)
+        result[mode] = metrics
+    return result
+
+
+def _text(message: dict) -> str:
+    c = message["content"]
+    return c if isinstance(c, str) else " ".join(p["text"] for p in c if p["type"] == "text")

@@ -1,0 +1,132 @@
+"""Generation for VisionLanguageModels: greedy or sampled, batched with left padding, streamed.
+
+The fused prompt (text + visual tokens) is prefilled once as ``inputs_embeds``; every further token
+reuses the KV cache of that prefix (Hugging Face's ``generate`` loop on the LLM), so image features
+are computed once per request.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from transformers import TextIteratorStreamer
+
+from vlkit.data.processor import VLProcessor
+from vlkit.errors import VlkitError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise VlkitError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise VlkitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise VlkitError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
+            image_features: torch.Tensor | None = None) -> dict:
+    """Prompts (generation prompt added) left-padded, with fused input embeddings."""
+    if len(conversations) != len(images):
+        raise VlkitError(f"{len(conversations)} conversations but {len(images)} image lists")
+    encs = [processor.encode(conv, len(imgs), record_id=f"conversation {i}", add_generation_prompt=True)
+            for i, (conv, imgs) in enumerate(zip(conversations, images))]
+    batch = processor.pad(encs, side="left")
+    device = next(model.llm.parameters()).device
+    flat = [im for i, imgs in enumerate(images) for im in list(imgs)[: encs[i]["num_images"]]]
+    ids = batch["input_ids"].to(device)
+    with torch.no_grad():
+        if image_features is not None:
+            embeds = model.embed(ids, image_features=image_features.to(device))
+        else:
+            pixels = processor.pixel_values(flat).to(device) if flat else None
+            embeds = model.embed(ids, pixel_values=pixels)
+    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"].to(device)}
+
+
+def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:
+    gen.check()
+    tok = processor.tokenizer
+    kw = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    if gen.temperature > 0:
+        kw.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if gen.stop:
+        kw.update(stop_strings=list(gen.stop), tokenizer=tok)
+    return kw
+
+
+def trim(text: str, stop: Sequence[str]) -> str:
+    cut = min([text.find(s) for s in stop if s and s in text], default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.no_grad()
+def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
+             gen: GenerationConfig | None = None, image_features: torch.Tensor | None = None) -> list[dict]:
+    """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation."""
+    gen = gen or GenerationConfig()
+    kw = _generate_kwargs(processor, gen)
+    inputs = prepare(model, processor, conversations, images, image_features)
+    if gen.seed is not None:
+        torch.manual_seed(gen.seed)
+    out = model.llm.generate(**inputs, **kw)
+    tok = processor.tokenizer
+    results = []
+    for row in out:
+        ids = row.tolist()
+        n = len(ids)
+        if tok.eos_token_id in ids:
+            n = ids.index(tok.eos_token_id)
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        stopped = bool(gen.stop) and any(s in text for s in gen.stop)
+        finish = "stop" if (n < len(ids) or stopped) else ("length" if len(ids) >= gen.max_new_tokens else "stop")
+        results.append({"text": trim(text, gen.stop).strip(), "tokens": n, "finish_reason": finish})
+    return results
+
+
+def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequence,
+           gen: GenerationConfig | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is generated (one conversation)."""
+    gen = gen or GenerationConfig()
+    kw = _generate_kwargs(processor, gen)
+    inputs = prepare(model, processor, [conversation], [images])
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    error: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.llm.generate(**inputs, **kw, streamer=streamer)
+        except BaseException as e:  # surfaced in the caller's thread
+            error.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    emitted = ""
+    for piece in streamer:
+        candidate = emitted + piece
+        if gen.stop and any(s in candidate for s in gen.stop):
+            rest = trim(candidate, gen.stop)[len(emitted):]
+            if rest:
+                yield rest
+            break
+        emitted = candidate
+        if piece:
+            yield piece
+    thread.join()
+    if error:
+        raise error[0]

@@ -1,0 +1,135 @@
+"""Recipe `vpg`: VPG pretraining, BLIP-2 stage-2 style (Li et al. 2023, section 3.3).
+
+The vision tower and the LLM are frozen; the VPG (queries + Q-Former + projector, or an MLP /
+linear projector) learns to turn image features into prompts the LLM can read, from world captions
+with VQA mixed in. With ``cache_features`` the frozen tower runs once over the dataset and training
+reads its features from disk. Evaluates on held-out data beside a blind baseline and saves a vlkit
+model directory (``<out>/model``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vlkit.config import Section
+from vlkit.data.features import ImageBank
+from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.sources import RecordsConfig, load_splits
+from vlkit.data.tokenizer import load_tokenizer
+from vlkit.errors import VlkitError
+from vlkit.eval.world import EvalConfig, evaluate_vlm
+from vlkit.models.io import save_vlm
+from vlkit.models.llm import count_parameters
+from vlkit.models.vlm import VisionLanguageModel, VLMConfig
+from vlkit.recipes.common import finish, prepare_output
+from vlkit.train import TrainConfig, Trainer
+from vlkit.train.runtime import seed_everything
+
+
+class VPGData(RecordsConfig):
+    tasks: list[str] | None = Field(["caption", "vqa"], description="Training tasks (BLIP-2: captions; + VQA).")
+
+
+class VPGRecipe(Section):
+    recipe: Literal["vpg"] = "vpg"
+    output_dir: str = Field("runs/vpg")
+    model: VLMConfig = Field(default_factory=VLMConfig)
+    trainable: list[str] = Field(["vpg"], description="Parameter groups to train; everything else is frozen.")
+    data: VPGData = Field(default_factory=VPGData)
+    eval_data: RecordsConfig | None = Field(None, description="Held-out records for evaluation (default: data's "
+                                            "world with every task).")
+    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class VLDataset:
+    """Encoded records + the image rows they use."""
+
+    def __init__(self, records: list[dict], processor: VLProcessor, bank: ImageBank):
+        self.items = []
+        for r in records:
+            enc = processor.encode(r["messages"], len(r["images"]), record_id=r.get("id", "?"))
+            self.items.append((enc, bank.rows(r)[: enc["num_images"]]))
+        self.processor, self.bank = processor, bank
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+    def collate(self, items):
+        batch = self.processor.pad([e for e, _ in items])
+        batch.update(self.bank.inputs([row for _, rows in items for row in rows]))
+        return batch
+
+
+def vl_loss(model, batch):
+    out = model(**batch)
+    return out.loss, {"tokens": int((batch["labels"] != -100).sum())}
+
+
+def build_model(cfg: VPGRecipe) -> tuple[VisionLanguageModel, VLProcessor]:
+    llm_dir = cfg.model.llm.tokenizer or cfg.model.llm.path
+    if not llm_dir:
+        raise VlkitError("model.llm.path: the vpg recipe needs a trained LLM directory (with its tokenizer)")
+    tok = load_tokenizer(llm_dir)
+    seed_everything(cfg.train.seed)
+    model = VisionLanguageModel.build(cfg.model, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                      vocab_size=len(tok))
+    model.set_trainable(cfg.trainable)
+    t = model.vision
+    proc = VLProcessor(tok, ProcessorConfig(t.image_size, t.image_mean, t.image_std, model.num_image_tokens,
+                                            cfg.model.max_length))
+    return model, proc
+
+
+def run(cfg: VPGRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
+    out = Path(cfg.output_dir)
+    prepare_output(cfg, out, resume)
+    train_recs, _ = load_splits(cfg.data, progress=progress)
+    eval_src = cfg.eval_data or RecordsConfig(world=cfg.data.world, train=cfg.data.train, test=cfg.data.test)
+    _, test_recs = load_splits(eval_src, progress=progress)
+    model, proc = build_model(cfg)
+    t = model.vision
+    bank = ImageBank(train_recs, t.image_size, t.image_mean, t.image_std)
+    test_bank = ImageBank(test_recs, t.image_size, t.image_mean, t.image_std)
+    t0 = time.perf_counter()
+    if cfg.cache_features:
+        if "vision" in cfg.trainable:
+            raise VlkitError(f"{out}: cache_features needs a frozen tower; drop 'vision' from trainable or set "
+                             "cache_features=false")
+        bank.use_features(t, progress)
+        test_bank.use_features(t, progress)
+    feature_seconds = time.perf_counter() - t0
+    data = VLDataset(train_recs, proc, bank)
+    trainer = Trainer(model, cfg.train, data, data.collate, vl_loss, out, run_config=cfg.model_dump(mode="json"),
+                      desc="vpg", evaluate=lambda m: _flat(evaluate_vlm(m, proc, test_recs, _quick(cfg.eval),
+                                                                         test_bank)))
+    t0 = time.perf_counter()
+    trainer.fit(resume=resume, overwrite=overwrite)
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress)
+    if trainer.rt.is_main:
+        save_vlm(model, out / "model", proc)
+    return finish(out, {"recipe": "vpg", "vpg": cfg.model.vpg.kind, "trainable_params": count_parameters(model, True),
+                        "total_params": count_parameters(model), "num_image_tokens": model.num_image_tokens,
+                        "steps": cfg.train.steps, "train_seconds": train_seconds, "feature_seconds": feature_seconds,
+                        "eval": result, "model_dir": str(out / "model")})
+
+
+def _quick(cfg: EvalConfig) -> EvalConfig:
+    """Periodic evaluation during training: fewer records, no blind pass."""
+    return cfg.model_copy(update={"max_per_task": min(cfg.max_per_task, 50), "blind": False})
+
+
+def _flat(result: dict) -> dict[str, float]:
+    return dict(result["image"])
