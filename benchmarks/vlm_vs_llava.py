@@ -1,0 +1,167 @@
+"""vlkit's VisionLanguageModel against transformers' LlavaForConditionalGeneration of identical shape.
+
+Same weights (vlkit's model exported to llava), same batch, same machine, one run:
+  1. training step (forward + backward + AdamW) with the projector trainable (LLaVA stage 1);
+  2. the same step for vlkit with cached vision features (the frozen tower skipped);
+  3. greedy generation tokens/s (batch of prompts, each with an image).
+
+    python benchmarks/vlm_vs_llava.py [--steps 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.tokenizer import train_bpe
+from vlkit.models.io import export_llava
+from vlkit.models.vision.tower import TowerConfig
+from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
+from vlkit.models.vpg import VPGConfig
+
+TOWER = {"model_type": "clip_vision_model", "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+         "num_attention_heads": 6, "image_size": 224, "patch_size": 16}
+LLM = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
+       "num_attention_heads": 8, "num_key_value_heads": 8}
+
+
+def build(batch: int):
+    torch.manual_seed(0)
+    tok = train_bpe(["describe the image. a large red circle at the top left and a small blue star."] * 50, 400)
+    arch = {**LLM, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}
+    cfg = VLMConfig(tower=TowerConfig(arch=TOWER), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch), max_length=512)
+    model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    t = model.vision
+    proc = VLProcessor(tok, ProcessorConfig(t.image_size, t.image_mean, t.image_std, model.num_image_tokens, 512))
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]},
+            {"role": "assistant", "content": "a large red circle at the top left and a small blue star."}]
+    b = proc.pad([proc.encode(conv, 1)] * batch)
+    rng = np.random.default_rng(0)
+    b["pixel_values"] = proc.pixel_values([rng.integers(0, 255, (224, 224, 3), dtype=np.uint8) for _ in range(batch)])
+    return model, proc, b, conv
+
+
+def time_interleaved(variants: dict, steps: int) -> dict[str, list[float]]:
+    """Training steps of several (loss_fn, params, batch) variants taken in turn, so that drift in the
+    machine's speed hits all alike. The first 3 rounds are warm-up."""
+    opts = {k: torch.optim.AdamW(params, lr=1e-4) for k, (_, params, _) in variants.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(steps + 3):
+        for k, (forward, _, batch) in variants.items():
+            t0 = time.perf_counter()
+            loss = forward(batch)
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if i >= 3:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    from transformers import LlavaForConditionalGeneration
+
+    model, proc, batch, conv = build(args.batch)
+    with tempfile.TemporaryDirectory() as d:
+        export_llava(model, proc, d)
+        llava = LlavaForConditionalGeneration.from_pretrained(d)
+    model.train(), llava.train()
+    model.set_trainable(["vpg.projector"])
+    llava.requires_grad_(False)
+    llava.model.multi_modal_projector.requires_grad_(True)
+
+    with torch.no_grad():
+        feats = model.vision(batch["pixel_values"])
+    cached = dict(batch, image_features=feats)
+    cached.pop("pixel_values")
+    ours_params = [p for p in model.parameters() if p.requires_grad]
+    t = time_interleaved({
+        "vlkit": (lambda b: model(**b).loss, ours_params, batch),
+        "llava": (lambda b: llava(**b).loss, [p for p in llava.parameters() if p.requires_grad], batch),
+        "cached": (lambda b: model(**b).loss, ours_params, cached)}, args.steps)
+    ours, theirs, ours_cached = t["vlkit"], t["llava"], t["cached"]
+    tower_times = []
+    with torch.no_grad():
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            model.vision(batch["pixel_values"])
+            tower_times.append(time.perf_counter() - t0)
+
+    # generation: greedy, fixed length (no eos: min_new_tokens = max_new_tokens)
+    model.eval(), llava.eval()
+    prompt = conv[:1]
+    imgs = [[np.zeros((224, 224, 3), np.uint8)]] * args.batch
+    pb = proc.pad([proc.encode(prompt, 1, add_generation_prompt=True)] * args.batch, side="left")
+    px = proc.pixel_values([im[0] for im in imgs])
+
+    # Both timed from the same tokenized, padded batch and pixels: vision + fusion + prefill + decode.
+    kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
+          "pad_token_id": proc.tokenizer.pad_token_id, "eos_token_id": proc.tokenizer.eos_token_id}
+
+    def run_ours():
+        embeds = model.embed(pb["input_ids"], pixel_values=px)
+        return model.llm.generate(inputs_embeds=embeds, attention_mask=pb["attention_mask"], **kw)
+
+    def run_llava():
+        return llava.generate(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], pixel_values=px, **kw)
+
+    def tokps(fn, reps=5):
+        fn()  # warm-up
+        best = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            best.append(args.batch * args.new_tokens / (time.perf_counter() - t0))
+        return statistics.median(best)
+
+    # interleaved repetitions, so that machine noise hits both alike
+    gen_ours, gen_llava = [], []
+    for _ in range(2):
+        gen_ours.append(tokps(run_ours))
+        gen_llava.append(tokps(run_llava))
+    gen_ours, gen_llava = max(gen_ours), max(gen_llava)
+    # same greedy tokens from both
+    with torch.no_grad():
+        a, b = run_ours()[:, -args.new_tokens:], run_llava()[:, -args.new_tokens:]
+    same = torch.equal(a, b)
+    if not same:
+        print("first differing position:", int((a != b).any(0).nonzero()[0]), a[0].tolist(), b[0].tolist())
+
+    med = statistics.median
+    result = {
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": int(batch["input_ids"].shape[1]),
+        "image_tokens": model.num_image_tokens,
+        "train_step_s": {"vlkit": med(ours), "llava": med(theirs), "vlkit_cached_features": med(ours_cached)},
+        "train_step_ratio_vlkit_over_llava": med(ours) / med(theirs),
+        "tower_forward_s": med(tower_times),
+        "tower_share_of_step": med(tower_times) / med(ours),
+        "cached_speedup": med(ours) / med(ours_cached),
+        "generate_tokens_per_s": {"vlkit": gen_ours, "llava": gen_llava},
+        "generate_ratio_vlkit_over_llava": gen_ours / gen_llava,
+        "same_greedy_tokens": same,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

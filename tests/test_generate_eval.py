@@ -1,0 +1,198 @@
+"""Generation, feature caching, metrics and the vpg recipe end to end on a tiny world."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vlkit.data.features import ImageBank
+from vlkit.eval import metrics as M
+from vlkit.errors import VlkitError
+from vlkit.models.generate import GenerationConfig, generate, stream
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from test_vlm import CONV, images, make  # noqa: E402
+
+
+def test_batched_generation_equals_one_by_one_and_streaming(tiny_tokenizer):
+    model, proc = make(tiny_tokenizer)
+    convs, imgs = [CONV[:1], CONV[:3]], [images(1), images(2)]
+    gen = GenerationConfig(max_new_tokens=8)
+    both = generate(model, proc, convs, imgs, gen)
+    alone = [generate(model, proc, [c], [i], gen)[0] for c, i in zip(convs, imgs)]
+    assert both == alone
+    assert "".join(stream(model, proc, convs[1], imgs[1], gen)).strip() == both[1]["text"]
+    assert all(r["tokens"] <= 8 for r in both)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny_tokenizer):
+    model, proc = make(tiny_tokenizer)
+    args = ([CONV[:1]], [images(1)])
+    s1 = generate(model, proc, *args, GenerationConfig(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=3))
+    s2 = generate(model, proc, *args, GenerationConfig(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=3))
+    greedy = generate(model, proc, *args, GenerationConfig(max_new_tokens=12))
+    assert s1 == s2 and s1 != greedy
+
+
+def test_stop_strings_cut_the_answer(tiny_tokenizer):
+    model, proc = make(tiny_tokenizer)
+    full = generate(model, proc, [CONV[:1]], [images(1)], GenerationConfig(max_new_tokens=12))[0]["text"]
+    stop = full[3:5]
+    assert stop and stop in full
+    cut = generate(model, proc, [CONV[:1]], [images(1)], GenerationConfig(max_new_tokens=12, stop=[stop]))[0]
+    assert cut["text"] == full[: full.index(stop)].strip() and cut["finish_reason"] == "stop"
+    streamed = "".join(stream(model, proc, CONV[:1], images(1), GenerationConfig(max_new_tokens=12, stop=[stop])))
+    assert streamed.strip() == cut["text"]
+
+
+def test_bad_generation_settings_are_errors(tiny_tokenizer):
+    model, proc = make(tiny_tokenizer)
+    for bad in (GenerationConfig(max_new_tokens=0), GenerationConfig(temperature=-1), GenerationConfig(top_p=0)):
+        with pytest.raises(VlkitError):
+            generate(model, proc, [CONV[:1]], [images(1)], bad)
+
+
+def test_cached_features_give_the_same_loss(tiny_tokenizer, tiny_world):
+    from vlkit.data.records import load_records
+    from vlkit.recipes.vpg import VLDataset
+
+    model, proc = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 2,
+                                              "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
+    proc.config.image_size = 64
+    _, root = tiny_world
+    recs = [r for r in load_records(root / "train.jsonl") if r["task"] in ("caption", "edit")][:12]
+    t = model.vision
+    pixels = VLDataset(recs, proc, ImageBank(recs, 64, t.image_mean, t.image_std))
+    feats = VLDataset(recs, proc, ImageBank(recs, 64, t.image_mean, t.image_std).use_features(t))
+    b1, b2 = pixels.collate(pixels.items), feats.collate(feats.items)
+    assert "pixel_values" in b1 and "image_features" in b2
+    with torch.no_grad():
+        assert torch.allclose(model(**b1).loss, model(**b2).loss, atol=1e-6)
+    again = ImageBank(recs, 64, t.image_mean, t.image_std).use_features(t)  # served from the disk cache
+    assert np.array_equal(np.asarray(again.features), np.asarray(feats.bank.features))
+
+
+def test_metrics():
+    refs = [["a red circle at the top left.", "a red circle."], ["a blue star in the center."]]
+    assert M.cider(["a red circle at the top left.", "a blue star in the center."], refs) > \
+        M.cider(["a blue star.", "a red circle."], refs)
+    assert M.rouge_l(["a red circle."], [refs[0]]) == pytest.approx(1.0)
+    assert M.exact_match("Red.", "red") == 1.0 and M.exact_match("blue", "red") == 0.0
+    assert M.box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+    assert M.box_iou((0, 0, 0.5, 1), (0.5, 0, 1, 1)) == 0.0
+    assert M.grounding_iou("[0.00,0.00,0.50,0.50]", (0, 0, 0.5, 1)) == pytest.approx(0.5)
+    assert M.grounding_iou("no box", (0, 0, 1, 1)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, tiny_world):
+    from vlkit.config import load
+    from vlkit.recipes.lm import LMRecipe, run
+
+    cfg_w, _ = tiny_world
+    out = tmp_path_factory.mktemp("lm")
+    cfg = load(LMRecipe, None, [f"output_dir={out}", f"data.world.seed={cfg_w.seed}",
+                                f"data.world.train_scenes={cfg_w.train_scenes}",
+                                f"data.world.test_scenes={cfg_w.test_scenes}", "data.block_size=64",
+                                "tokenizer.vocab_size=400", "model.hidden_size=48", "model.num_layers=2",
+                                "model.num_heads=2", "model.intermediate_size=96", "train.steps=30",
+                                "train.batch_size=16", "train.lr=5e-3", "train.progress=false"])
+    run(cfg)
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_tower(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from vlkit.models.vision.clip import ViTConfig, image_processor
+
+    out = tmp_path_factory.mktemp("tower")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=64, patch_size=16)).save_pretrained(out)
+    image_processor(ViTConfig()).save_pretrained(out)
+    return out
+
+
+def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_tower):
+    from vlkit.config import load
+    from vlkit.models.io import load_vlm
+    from vlkit.recipes.vpg import VPGRecipe, run
+
+    cfg_w, root = tiny_world
+    out = tmp_path / "vpg"
+    cfg = load(VPGRecipe, None, [
+        f"output_dir={out}", f"model.tower.path={tiny_tower}", f"model.llm.path={tiny_lm}", "model.vpg.num_queries=4",
+        "trainable=[vpg,llm]",
+        "model.vpg.qformer.hidden_size=32", "model.vpg.qformer.intermediate_size=64", "model.vpg.qformer.num_heads=2",
+        f"data.world.seed={cfg_w.seed}", f"data.world.train_scenes={cfg_w.train_scenes}",
+        f"data.world.test_scenes={cfg_w.test_scenes}", "eval.max_per_task=8", "eval.max_new_tokens=12",
+        "train.steps=40", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=5", "train.log_every=2",
+        "train.progress=false"])
+    res = run(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(loss[-5:]) < 0.9 * np.mean(loss[:5])
+    assert set(res["eval"]["image"]) == {"caption_cider", "caption_rougeL", "vqa_acc", "grounding_iou50",
+                                         "grounding_miou", "text_acc"}
+    assert set(res["eval"]["blind"]) == set(res["eval"]["image"])
+    model, proc = load_vlm(out / "model")
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"vpg", "llm"}
+    tower = {k: v for k, v in model.vision.model.state_dict().items()}
+    source = __import__("transformers").CLIPVisionModel.from_pretrained(tiny_tower).state_dict()
+    assert all(torch.equal(tower[k], source[k]) for k in source)  # the frozen tower is untouched
+    img = next((root / "img").glob("test-*.png"))
+    cli = subprocess.run([sys.executable, "-m", "vlkit.cli", "chat", str(out / "model"), "--image", str(img),
+                          "--prompt", "describe the image.", "--max-new-tokens", "8"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    direct = generate(model, proc, [[{"role": "user", "content": [{"type": "image"},
+                                                                  {"type": "text", "text": "describe the image."}]}]],
+                      [[str(img)]], GenerationConfig(max_new_tokens=8))[0]["text"]
+    assert cli.stdout.strip() == direct
+    bad = subprocess.run([sys.executable, "-m", "vlkit.cli", "chat", str(out / "model"), "--image",
+                          str(tmp_path / "none.png"), "--prompt", "hi"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.png: image not found" in bad.stderr
+
+
+def test_training_moves_only_the_chosen_groups(tiny_tokenizer, tmp_path):
+    from vlkit.recipes.vpg import vl_loss
+    from vlkit.train import TrainConfig, Trainer
+
+    model, proc = make(tiny_tokenizer)
+    model.set_trainable(["vpg.projector"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    enc = proc.encode(CONV, 2)
+    px = proc.pixel_values(images(2))
+    data = [(enc, px)] * 4
+
+    def collate(items):
+        b = proc.pad([e for e, _ in items])
+        b["pixel_values"] = torch.cat([p for _, p in items])
+        return b
+
+    Trainer(model, TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=0, progress=False), data, collate,
+            vl_loss, tmp_path).fit()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith("vpg.projector"), n
+
+
+def test_chat_repl_multi_turn(tiny_tokenizer, tmp_path):
+    import io
+
+    from vlkit.chat import ChatSession
+    from PIL import Image
+
+    model, proc = make(tiny_tokenizer)
+    Image.fromarray(images(1)[0]).save(tmp_path / "a.png")
+    session = ChatSession(model, proc, GenerationConfig(max_new_tokens=4))
+    out = io.StringIO()
+    session.repl(io.StringIO(f"/image {tmp_path / 'a.png'}\nwhat is this?\nand now?\n/image nope.png\n/quit\n"), out)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[0]["content"][0] == {"type": "image"} and len(session.images) == 1
+    assert "nope.png: image not found" in out.getvalue()
