@@ -131,7 +131,7 @@ def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_t
         "trainable=[vpg,llm]",
         "model.vpg.qformer.hidden_size=32", "model.vpg.qformer.intermediate_size=64", "model.vpg.qformer.num_heads=2",
         f"data.world.seed={cfg_w.seed}", f"data.world.train_scenes={cfg_w.train_scenes}",
-        f"data.world.test_scenes={cfg_w.test_scenes}", "eval.max_per_task=8", "eval.max_new_tokens=12",
+        f"data.world.test_scenes={cfg_w.test_scenes}", "eval.max_per_task=8",
         "train.steps=40", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=5", "train.log_every=2",
         "train.progress=false"])
     res = run(cfg)
@@ -155,6 +155,10 @@ def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_t
                                                                   {"type": "text", "text": "describe the image."}]}]],
                       [[str(img)]], GenerationConfig(max_new_tokens=8))[0]["text"]
     assert cli.stdout.strip() == direct
+    ev = subprocess.run([sys.executable, "-m", "vlkit.cli", "eval", str(out / "model"), "--seed", str(cfg_w.seed),
+                         "--test-scenes", str(cfg_w.test_scenes), "--max-per-task", "8"], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["image"] == res["eval"]["image"]  # the saved model scores as the trained one
     bad = subprocess.run([sys.executable, "-m", "vlkit.cli", "chat", str(out / "model"), "--image",
                           str(tmp_path / "none.png"), "--prompt", "hi"], capture_output=True, text=True)
     assert bad.returncode == 2 and "none.png: image not found" in bad.stderr

@@ -75,13 +75,16 @@ def train(config: Path = typer.Argument(..., help="Recipe config (YAML)."),
 @app.command("eval")
 def evaluate(model: Path = typer.Argument(..., help="A model directory written by vlkit train."),
              seed: int = typer.Option(0, help="World dataset seed of the held-out split."),
-             test_scenes: int = typer.Option(500, help="Held-out scenes.")):
-    """Evaluate a trained model on held-out world data (LM: perplexity; CLIP: retrieval R@1)."""
+             test_scenes: int = typer.Option(500, help="Held-out scenes."),
+             max_per_task: int = typer.Option(200, help="VLM: held-out records per task.")):
+    """Evaluate on held-out world data (LM: perplexity; CLIP: retrieval R@1; VLM: captioning, VQA,
+    grounding and text reading, beside the blind baseline)."""
     import json
 
     from vlkit.eval.simple import evaluate_dir
 
-    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes), indent=2))
+    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes, max_per_task=max_per_task),
+                          indent=2))
 
 
 @app.command()

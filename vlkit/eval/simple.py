@@ -1,4 +1,4 @@
-"""`vlkit eval DIR` for the foundation models: LM perplexity and CLIP retrieval on held-out world data."""
+"""`vlkit eval DIR` on held-out world data: LM perplexity, CLIP retrieval, VLM tasks beside the blind baseline."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ from vlkit.fileio import read_json
 from vlkit.world.dataset import WorldData
 
 
-def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500) -> dict:
+def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, max_per_task: int = 200) -> dict:
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
     arch = (config.get("architectures") or [""])[0]
     data = RecordsConfig(world=WorldData(seed=seed, train_scenes=0, test_scenes=test_scenes))
     _, test = load_splits(data)
+    if config.get("model_type") == "vlkit_vlm":
+        from vlkit.eval.world import EvalConfig, evaluate_vlm
+        from vlkit.models.io import load_vlm
+
+        model, processor = load_vlm(model_dir)
+        result = evaluate_vlm(model, processor, test, EvalConfig(max_per_task=max_per_task))
+        return {"model": str(model_dir), "image": result["image"], "blind": result["blind"],
+                "counts": result["counts"]}
     tok = load_tokenizer(model_dir)
     if arch == "CLIPModel":
         from transformers import CLIPModel

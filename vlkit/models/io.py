@@ -107,12 +107,7 @@ def export_llava(model: VisionLanguageModel, processor: VLProcessor, directory: 
     else:
         lm.load_state_dict(_base(model.llm).state_dict())
         llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        llava.save_pretrained(tmp, safe_serialization=True)
-        processor.tokenizer.save_pretrained(tmp)
-        _image_processor(processor).save_pretrained(tmp)
-    return directory
+    return _write_export(llava, processor, directory)
 
 
 def export_blip2(model: VisionLanguageModel, processor: VLProcessor, directory: str | Path) -> Path:
@@ -139,9 +134,14 @@ def export_blip2(model: VisionLanguageModel, processor: VLProcessor, directory: 
     blip.qformer.load_state_dict(model.vpg.qformer.state_dict())
     blip.language_projection.load_state_dict(model.vpg.projector.state_dict())
     blip.language_model.load_state_dict(model.llm.state_dict())
+    return _write_export(blip, processor, directory)
+
+
+def _write_export(hf_model, processor: VLProcessor, directory: str | Path) -> Path:
+    """A stock transformers directory: weights, tokenizer and image processor, written atomically."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        blip.save_pretrained(tmp, safe_serialization=True)
+        hf_model.save_pretrained(tmp, safe_serialization=True)
         processor.tokenizer.save_pretrained(tmp)
         _image_processor(processor).save_pretrained(tmp)
     return directory
