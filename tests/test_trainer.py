@@ -120,3 +120,33 @@ def test_empty_dataset_and_frozen_model_are_errors(tmp_path):
     m = tiny_model(0).requires_grad_(False)
     with pytest.raises(VlkitError, match="no trainable parameters"):
         Trainer(m, cfg, data(), collate, loss_fn, tmp_path)
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    """DDP on CPU (gloo): both ranks train, only rank 0 writes, and the result loads."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+from test_trainer import tiny_model, data, collate, loss_fn
+from vlkit.train import TrainConfig, Trainer
+cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, seed=5)
+t = Trainer(tiny_model(0), cfg, data(), collate, loss_fn, {str(tmp_path / 'out')!r})
+t.fit()
+w = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+gathered = [torch.zeros_like(w) for _ in range(2)]
+dist.all_gather(gathered, w)
+assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
+print("rank", dist.get_rank(), "ok")
+dist.destroy_process_group()
+""")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count(" ok") == 2
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
