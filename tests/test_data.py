@@ -8,7 +8,7 @@ from PIL import Image
 from vlkit.data.images import load_image
 from vlkit.data.records import load_records, validate_record
 from vlkit.data.tokenizer import (IGNORE_INDEX, IMAGE_TOKEN, encode_chat, image_token_id, load_tokenizer,
-                                  prepare_tokenizer, render)
+                                  render)
 from vlkit.errors import VlkitError
 
 CONV = [

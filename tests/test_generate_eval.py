@@ -13,8 +13,7 @@ from vlkit.eval import metrics as M
 from vlkit.errors import VlkitError
 from vlkit.models.generate import GenerationConfig, generate, stream
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from test_vlm import CONV, images, make  # noqa: E402
+from test_vlm import CONV, images, make  # shared tiny-model builders (tests/ is on sys.path under pytest)
 
 
 def test_batched_generation_equals_one_by_one_and_streaming(tiny_tokenizer):

@@ -8,7 +8,6 @@ forward pass entirely (it is frozen, so the numbers are the same).
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,7 +76,3 @@ class ImageBank:
         if self.features is not None:
             return {"image_features": torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))}
         return {"pixel_values": normalize(self.pixels[rows], self.mean, self.std)}
-
-
-def bank_path_key(paths: list[str]) -> str:
-    return stable_hash([str(Path(p)) for p in paths])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlkit.data.images import load_image
+from vlkit.data.images import load_image, to_rgb
 from vlkit.data.records import count_image_parts
 from vlkit.data.tokenizer import IGNORE_INDEX, encode_chat, image_token_id, load_tokenizer, render
 from vlkit.data.transforms import normalize
@@ -55,7 +55,7 @@ class VLProcessor:
                 arr = im
             else:
                 img = im if isinstance(im, Image.Image) else load_image(im)
-                img = img.convert("RGB") if img.mode != "RGB" else img
+                img = to_rgb(img)
                 arr = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC) if img.size != (s, s) else img)
             arrays.append(arr)
         if not arrays:

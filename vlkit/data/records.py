@@ -90,8 +90,3 @@ def message_text(message: dict, image_token: str | None = None) -> str:
         elif image_token is not None:
             out.append(image_token)
     return "".join(out) if image_token is not None else " ".join(out)
-
-
-def record_text(record: dict) -> str:
-    """The words of a record (image parts dropped), turns joined by spaces: LM pretraining text."""
-    return " ".join(message_text(m) for m in record["messages"] if m["role"] != "system")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +44,3 @@ def unique_paths(records: list[dict], position: int = 0) -> tuple[list[str], lis
         p = r["images"][position]
         rows.append(index.setdefault(p, len(index)))
     return list(index), rows
-
-
-def path_exists(p: str) -> bool:
-    return Path(p).is_file()

@@ -16,7 +16,7 @@ from pydantic import Field
 from vlkit.config import Section
 from vlkit.console import bar
 from vlkit.data.features import ImageBank
-from vlkit.data.transforms import normalize
+from vlkit.data.records import message_text
 from vlkit.eval import metrics as M
 from vlkit.models.generate import GenerationConfig, generate
 
@@ -55,9 +55,7 @@ def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalCon
     device = next(model.parameters()).device
     blank = None
     if blind:
-        px = normalize(np.zeros((1, processor.config.image_size, processor.config.image_size, 3), np.uint8),
-                       processor.config.image_mean, processor.config.image_std).to(device)
-        blank = model.vision(px)
+        blank = model.vision(processor.pixel_values([processor.blank_image()]).to(device))
     out: list[str] = []
     for i in bar(range(0, len(records), cfg.batch_size), desc="eval blind" if blind else "eval", enabled=progress):
         chunk = records[i:i + cfg.batch_size]
@@ -106,13 +104,8 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
                     for r, p in list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]:
                         prompt, ref = prompt_and_reference(r)
                         result["examples"].append({"id": r["id"], "task": t, "images": r["images"],
-                                                   "question": _text(prompt[-1]), "reference": ref,
+                                                   "question": message_text(prompt[-1]), "reference": ref,
                                                    "prediction": p})
             k += len(recs)
         result[mode] = metrics
     return result
-
-
-def _text(message: dict) -> str:
-    c = message["content"]
-    return c if isinstance(c, str) else " ".join(p["text"] for p in c if p["type"] == "text")

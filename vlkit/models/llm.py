@@ -95,13 +95,5 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
                      "vlkit.models.llm.decoder_layers")
 
 
-def input_embeddings(model: PreTrainedModel) -> nn.Embedding:
-    return model.get_input_embeddings()
-
-
-def output_head(model: PreTrainedModel) -> nn.Module:
-    return model.get_output_embeddings()
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

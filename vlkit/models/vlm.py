@@ -21,7 +21,7 @@ from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion.tokens import scatter_image_tokens
 from vlkit.models.llm import load_llm
-from vlkit.models.vision.tower import TowerConfig, VisionTower
+from vlkit.models.vision.tower import TowerConfig, VisionTower, on_device
 from vlkit.models.vpg import VPGConfig, build_vpg
 
 
@@ -60,10 +60,7 @@ class VisionLanguageModel(nn.Module):
         elif cfg.llm.arch:
             arch = dict(cfg.llm.arch)
             hf = AutoConfig.for_model(arch.pop("model_type"), **arch)
-            if device == "meta":
-                with torch.device("meta"):
-                    llm = AutoModelForCausalLM.from_config(hf)
-            else:
+            with on_device(device):
                 llm = AutoModelForCausalLM.from_config(hf)
         else:
             raise VlkitError("llm: set path (a local directory) or arch (an HF config)")

@@ -130,8 +130,8 @@ class Trainer:
                 loss_sum, extra_sum = 0.0, {}
                 for k in range(cfg.grad_accum):
                     micro = self.step * cfg.grad_accum + k
-                    batch = to_device(self.collate([self.dataset[i] for i in self._batch_indices(micro)]),
-                                      self.rt.device)
+                    indices = self._batch_indices(micro)
+                    batch = to_device(self.collate([self.dataset[i] for i in indices]), self.rt.device)
                     with self.rt.autocast():
                         out = self.loss_fn(self.wrapped, batch)
                     loss, extra = out if isinstance(out, tuple) else (out, {})
@@ -142,7 +142,7 @@ class Trainer:
                     loss_sum += loss.item() / cfg.grad_accum
                     for key, v in extra.items():
                         extra_sum[key] = extra_sum.get(key, 0.0) + float(v)
-                    window_n += len(batch["_n"]) if isinstance(batch, dict) and "_n" in batch else cfg.batch_size
+                    window_n += len(indices)
                     window_tok += int(extra.get("tokens", 0))
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

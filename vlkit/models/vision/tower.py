@@ -8,6 +8,7 @@ architecture config (on the meta device for shape checks). Features are the hidd
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +33,11 @@ class TowerConfig(Section):
     select: Literal["patch", "full"] = Field("patch", description="patch: drop CLS/register tokens; full: keep.")
     image_mean: list[float] | None = Field(None, description="Override the tower's normalisation mean.")
     image_std: list[float] | None = Field(None, description="Override the tower's normalisation std.")
+
+
+def on_device(device) -> contextlib.AbstractContextManager:
+    """Create modules on the meta device (no memory, no weights) when asked, else as usual."""
+    return torch.device("meta") if device == "meta" else contextlib.nullcontext()
 
 
 def _model_class(model_type: str):
@@ -83,10 +89,7 @@ class VisionTower(nn.Module):
         elif cfg.arch:
             hf = vision_config_from(cfg.arch)
             cls_ = _model_class(hf.model_type)
-            if device == "meta":
-                with torch.device("meta"):
-                    model = cls_.from_config(hf) if cls_ is AutoModel else cls_._from_config(hf)
-            else:
+            with on_device(device):
                 model = cls_.from_config(hf) if cls_ is AutoModel else cls_._from_config(hf)
         else:
             raise VlkitError("tower: set path (a local directory) or arch (an HF vision config)")
