@@ -8,20 +8,28 @@ forward pass entirely (it is frozen, so the numbers are the same).
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlkit.console import bar
 from vlkit.data.transforms import cached_image_array, normalize
-from vlkit.fileio import atomic_path, cache_root, stable_hash
+from vlkit.fileio import atomic_path, cache_root, file_hash, stable_hash
 
 
 def tower_fingerprint(tower) -> str:
+    """Identity of a tower's features: its weight files when loaded from a directory (streamed, constant
+    memory), else its tensors; plus the feature layer, selection and normalisation."""
     h = hashlib.sha256()
-    for name, t in sorted(tower.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    files = sorted(Path(tower.cfg.path).glob("*.safetensors")) if tower.cfg.path else []
+    if files:
+        for f in files:
+            h.update(file_hash(f).encode())
+    else:
+        for name, t in sorted(tower.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
     h.update(f"{tower.cfg.feature_layer}/{tower.cfg.select}/{tower.image_mean}/{tower.image_std}".encode())
     return h.hexdigest()[:16]
 
