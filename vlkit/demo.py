@@ -28,7 +28,11 @@ STAGES = (
     ("lm_opt_small", "tiny OPT"),
     ("clip_vit", "world ViT (CLIP)"),
     ("vpg_qformer", "VLM: Q-Former VPG"),
+    ("vlm_instruct", "VLM: instruction tuning"),
 )
+
+# a stage is retrained whenever a stage it reads from was retrained in this run
+DEPENDS = {"vpg_qformer": ("lm_llama_small", "clip_vit"), "vlm_instruct": ("vpg_qformer",)}
 
 VLM_METRICS = (("caption_cider", "caption CIDEr"), ("caption_rougeL", "caption ROUGE-L"), ("vqa_acc", "VQA accuracy"),
                ("grounding_iou50", "grounding IoU@0.5"), ("text_acc", "text reading accuracy"))
@@ -38,6 +42,8 @@ def stage_overrides(name: str, out: Path) -> list[str]:
     over = [f"output_dir={out / name}"]
     if name == "vpg_qformer":  # wire the VLM to this demo's own stages
         over += [f"model.tower.path={out / 'clip_vit' / 'vision'}", f"model.llm.path={out / 'lm_llama_small' / 'model'}"]
+    if name == "vlm_instruct":
+        over += [f"init={out / 'vpg_qformer' / 'model'}"]
     return over
 
 
@@ -59,20 +65,23 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     preview_records(load_records(world_dir / "test.jsonl")[:6], out / "world_preview.png",
                     title="shapes world: held-out samples")
 
+    trained: set[str] = set()
     for name, label in STAGES:
         cfg, run = load_config(config_dir / f"{name}.yaml", stage_overrides(name, out))
         t0 = time.perf_counter()
-        cached = None if fresh else cached_results(cfg, out / name)
+        stale = fresh or any(d in trained for d in DEPENDS.get(name, ()))
+        cached = None if stale else cached_results(cfg, out / name)
         if cached is not None:
             console.print(f"[bold]{label}[/bold]: cached in {out / name}")
             results[name] = cached
         else:
             console.print(f"[bold]{label}[/bold]: training ({cfg.train.steps} steps) -> {out / name}")
             results[name] = run(cfg, overwrite=True, progress=progress)
+            trained.add(name)
         timings[name] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
-    samples = write_samples(results["vpg_qformer"]["eval"]["examples"], out / "vlm_samples.png")
+    samples = write_samples(results["vlm_instruct"]["eval"]["examples"], out / "vlm_samples.png")
     tables, md = summary(results, timings, samples.name)
     wide = Console(width=120)
     for table in tables:
@@ -85,7 +94,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 def write_samples(examples: list[dict], path: Path) -> Path:
     rows = [(ex["images"], [f"[{ex['task']}] {ex['question']}", f"model: {ex['prediction']}",
                             f"reference: {ex['reference']}"]) for ex in examples]
-    return contact_sheet(rows, path, title="held-out answers of the demo VLM (Q-Former VPG, frozen tower + LLM)")
+    return contact_sheet(rows, path, title="held-out answers of the demo VLM (Q-Former VPG + tiny LLaMA, instruction tuned)")
 
 
 def summary(results: dict[str, dict], timings: dict[str, float], samples_png: str) -> tuple[list[Table], str]:
@@ -103,18 +112,18 @@ def summary(results: dict[str, dict], timings: dict[str, float], samples_png: st
                          f"chance: {r['heldout_chance']:.4f}", f"{timings[name]:.0f}s"))
     for row in rows:
         stages.add_row(*row)
-    v = results["vpg_qformer"]
-    vlm = Table(title=f"vlkit demo: VLM on held-out world tasks ({v['trainable_params']:,} trainable of "
-                      f"{v['total_params']:,} parameters, {timings['vpg_qformer']:.0f}s)")
-    for col in ("metric", "with the image", "blind (blank image)", "n"):
+    v, t = results["vpg_qformer"], results["vlm_instruct"]
+    vlm = Table(title="vlkit demo: the VLM on held-out world tasks, with the image and blind (blank image)")
+    for col in ("metric", "VPG pretrained: image", "blind", "+ instruction tuned: image", "blind", "n"):
         vlm.add_column(col)
-    counts = v["eval"]["counts"]
     vrows = []
-    for key, label in VLM_METRICS:
-        if key in v["eval"]["image"]:
-            task = key.split("_")[0]
-            vrows.append((label, f"{v['eval']['image'][key]:.3f}", f"{v['eval']['blind'][key]:.3f}",
-                          str(counts.get(task, ""))))
+    kinds = sorted(k for k in t["eval"]["image"] if k.startswith("vqa_acc_"))
+    labels = list(VLM_METRICS) + [(k, f"  VQA: {k[8:]}") for k in kinds]
+    for key, label in labels:
+        if key not in t["eval"]["image"]:
+            continue
+        cells = [f"{r['eval'][m][key]:.3f}" if key in r["eval"][m] else "-" for r in (v, t) for m in ("image", "blind")]
+        vrows.append((label, *cells, str(t["eval"]["counts"].get(key.split("_")[0], ""))))
     for row in vrows:
         vlm.add_row(*row)
     md = ["# vlkit demo report", "", "Every figure below was measured by this run on held-out shapes-world data.", "",
@@ -122,11 +131,15 @@ def summary(results: dict[str, dict], timings: dict[str, float], samples_png: st
           "| stage | model | parameters | metric | value | reference | time |", "|---|---|---|---|---|---|---|"]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     md += ["", "## The vision-language model", "",
-           f"World ViT (frozen) -> Q-Former VPG ({v['num_image_tokens']} visual tokens per image) -> tiny LLaMA "
-           f"(frozen); {v['trainable_params']:,} trainable of {v['total_params']:,} parameters, {v['steps']} steps "
-           "on captions + VQA. The blind baseline is the same model given a blank image: the gap is what the "
-           "image contributes. CIDEr is CIDEr-D as pycocoevalcap reports it (x1).", "",
-           "| metric | with the image | blind (blank image) | n |", "|---|---|---|---|"]
+           f"World ViT (frozen) -> Q-Former VPG ({v['num_image_tokens']} visual tokens per image) -> tiny LLaMA. "
+           f"**VPG pretrained** (BLIP-2 stage 2): tower and LLaMA frozen, {v['trainable_params']:,} trainable of "
+           f"{v['total_params']:,} parameters, {v['steps']} steps on captions + VQA ({timings['vpg_qformer']:.0f}s). "
+           f"**+ instruction tuned** (LLaVA stage 2): from there, VPG and LLaMA trained together, "
+           f"{t['trainable_params']:,} trainable, {t['steps']} steps on VQA and captions mixed 2:1 "
+           f"({timings['vlm_instruct']:.0f}s). The blind baseline is the same model given a blank image: the gap is "
+           "what the image contributes. CIDEr is CIDEr-D as pycocoevalcap reports it (x1); `-` = not evaluated.", "",
+           "| metric | VPG pretrained: image | blind | + instruction tuned: image | blind | n |",
+           "|---|---|---|---|---|---|"]
     md += ["| " + " | ".join(row) + " |" for row in vrows]
     md += ["", f"![held-out answers]({samples_png})", "",
            f"Total time: {timings['total']:.0f}s (world generation {timings['world']:.1f}s).", "",

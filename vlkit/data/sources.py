@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 from pydantic import Field
 
 from vlkit.config import Section
 from vlkit.data.records import load_records
+from vlkit.errors import VlkitError
 from vlkit.world.dataset import WorldData, build
 
 
@@ -18,6 +21,8 @@ class RecordsConfig(Section):
     tasks: list[str] | None = Field(None, description="Keep only records of these tasks.")
     max_train: int | None = Field(None, gt=0, description="Use at most this many train records.")
     max_test: int | None = Field(None, gt=0, description="Use at most this many held-out records.")
+    mix: dict[str, float] | None = Field(None, description="Task mixing: task -> weight; train records are "
+                                         "resampled so each task makes up its share (same total).")
 
 
 def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[dict], list[dict]]:
@@ -27,7 +32,10 @@ def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[
     if cfg.tasks is not None:
         train = [r for r in train if r.get("task") in cfg.tasks]
         test = [r for r in test if r.get("task") in cfg.tasks]
-    return train[: cfg.max_train], test[: cfg.max_test]
+    train = train[: cfg.max_train]
+    if cfg.mix:
+        train = mix_tasks(train, cfg.mix, seed=cfg.world.seed)
+    return train, test[: cfg.max_test]
 
 
 def text_only(messages: list[dict]) -> list[dict]:
@@ -38,4 +46,30 @@ def text_only(messages: list[dict]) -> list[dict]:
         if not isinstance(content, str):
             content = [p for p in content if p.get("type") != "image"]
         out.append({"role": m["role"], "content": content})
+    return out
+
+
+def mix_tasks(records: list[dict], weights: dict[str, float], seed: int = 0) -> list[dict]:
+    """Resample records so that task t makes up weights[t] / sum(weights) of them (same total count).
+
+    Tasks not named are dropped; a task with fewer records than its share is repeated (whole passes,
+    then a seeded sample), one with more is subsampled. Deterministic for a seed."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r.get("task"), []).append(r)
+    missing = [t for t, w in weights.items() if w > 0 and t not in by_task]
+    if missing:
+        raise VlkitError(f"data.mix: no records of task(s) {missing}; the records have {sorted(map(str, by_task))}")
+    total_w = sum(w for w in weights.values() if w > 0)
+    if total_w <= 0:
+        raise VlkitError("data.mix: give at least one task a positive weight")
+    kept = sum(len(v) for t, v in by_task.items() if weights.get(t, 0) > 0)
+    rng = random.Random(seed)
+    out: list[dict] = []
+    for task, w in weights.items():
+        if w <= 0:
+            continue
+        pool, n = by_task[task], round(kept * w / total_w)
+        out += pool * (n // len(pool)) + rng.sample(pool, n % len(pool))
+    rng.shuffle(out)
     return out

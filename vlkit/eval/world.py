@@ -29,6 +29,8 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(64, gt=0)
     blind: bool = Field(True, description="Also evaluate with blank images.")
+    during_training: int = Field(50, gt=0, description="Records per task for evaluations during training "
+                                 "(train.eval_every); no blind pass there.")
 
 
 def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
@@ -80,8 +82,15 @@ def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
     if task == "grounding":
         ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
         return {"grounding_iou50": float(np.mean([i >= 0.5 for i in ious])), "grounding_miou": float(np.mean(ious))}
-    acc = float(np.mean([M.exact_match(p, ref) for p, ref in zip(preds, refs)]))
-    return {f"{task}_acc": acc}
+    hits = [M.exact_match(p, ref) for p, ref in zip(preds, refs)]
+    out = {f"{task}_acc": float(np.mean(hits))}
+    if task == "vqa":  # per question kind (color, shape, count, position, exist), where records say it
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for r, h in zip(records, hits):
+            if r.get("meta", {}).get("kind"):
+                by_kind[r["meta"]["kind"]].append(h)
+        out.update({f"vqa_acc_{k}": float(np.mean(v)) for k, v in sorted(by_kind.items())})
+    return out
 
 
 def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: ImageBank | None = None,

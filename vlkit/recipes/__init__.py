@@ -16,6 +16,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "lm": ("vlkit.recipes.lm", "LMRecipe"),
     "clip": ("vlkit.recipes.clip", "CLIPRecipe"),
     "vpg": ("vlkit.recipes.vpg", "VPGRecipe"),
+    "instruct": ("vlkit.recipes.instruct", "InstructRecipe"),
+    "transfer": ("vlkit.recipes.transfer", "TransferRecipe"),
 }
 
 

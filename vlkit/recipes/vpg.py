@@ -93,42 +93,69 @@ def build_model(cfg: VPGRecipe) -> tuple[VisionLanguageModel, VLProcessor]:
 def run(cfg: VPGRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
     prepare_output(cfg, out, resume)
-    train_recs, _ = load_splits(cfg.data, progress=progress)
-    eval_src = cfg.eval_data or RecordsConfig(world=cfg.data.world, train=cfg.data.train, test=cfg.data.test)
-    _, test_recs = load_splits(eval_src, progress=progress)
+    train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     model, proc = build_model(cfg)
+    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress)
+    return finish(out, {"recipe": "vpg", "vpg": cfg.model.vpg.kind, **result})
+
+
+def splits(data: RecordsConfig, eval_data: RecordsConfig | None, progress: bool | None = None):
+    """Train records of `data`; held-out records of `eval_data` (default: data's world, every task)."""
+    train_recs, _ = load_splits(data, progress=progress)
+    eval_src = eval_data or RecordsConfig(world=data.world, train=data.train, test=data.test)
+    _, test_recs = load_splits(eval_src, progress=progress)
+    return train_recs, test_recs
+
+
+def image_banks(model: VisionLanguageModel, train_recs: list[dict], test_recs: list[dict], cache: bool, out: Path,
+                progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
+    """Pixel banks for both splits; with `cache`, the frozen tower's features instead (seconds spent)."""
     t = model.vision
     bank = ImageBank(train_recs, t.image_size, t.image_mean, t.image_std)
     test_bank = ImageBank(test_recs, t.image_size, t.image_mean, t.image_std)
     t0 = time.perf_counter()
-    if cfg.cache_features:
-        if "vision" in cfg.trainable:
+    if cache:
+        if "vision" in model.trainable_groups:
             raise VlkitError(f"{out}: cache_features needs a frozen tower; drop 'vision' from trainable or set "
                              "cache_features=false")
         bank.use_features(t, progress)
         test_bank.use_features(t, progress)
-    feature_seconds = time.perf_counter() - t0
+    return bank, test_bank, time.perf_counter() - t0
+
+
+def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train_recs: list[dict],
+                       test_recs: list[dict], out: Path, resume: bool = False, overwrite: bool = False,
+                       progress: bool | None = None, save: bool = True,
+                       banks: tuple[ImageBank, ImageBank] | None = None) -> dict:
+    """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
+    (cfg.eval), save the model to <out>/model. `cfg` has train, eval, cache_features and model_dump();
+    `banks` (train, held-out) are reused when given."""
+    if banks is None:
+        bank, test_bank, feature_seconds = image_banks(model, train_recs, test_recs, cfg.cache_features, out,
+                                                       progress)
+    else:
+        (bank, test_bank), feature_seconds = banks, 0.0
     data = VLDataset(train_recs, proc, bank)
+    periodic = None
+    if cfg.train.eval_every:
+        periodic = lambda m: _flat(evaluate_vlm(m, proc, test_recs, quick(cfg.eval), test_bank))  # noqa: E731
     trainer = Trainer(model, cfg.train, data, data.collate, vl_loss, out, run_config=cfg.model_dump(mode="json"),
-                      desc="vpg", evaluate=lambda m: _flat(evaluate_vlm(m, proc, test_recs, _quick(cfg.eval),
-                                                                         test_bank)))
-    t0 = time.perf_counter()
+                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic)
     trainer.fit(resume=resume, overwrite=overwrite)
-    train_seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
         result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress)
-    if trainer.rt.is_main:
+    if save and trainer.rt.is_main:
         save_vlm(model, out / "model", proc)
-    return finish(out, {"recipe": "vpg", "vpg": cfg.model.vpg.kind, "trainable_params": count_parameters(model, True),
-                        "total_params": count_parameters(model), "num_image_tokens": model.num_image_tokens,
-                        "steps": cfg.train.steps, "train_seconds": train_seconds, "feature_seconds": feature_seconds,
-                        "eval": result, "model_dir": str(out / "model")})
+    return {"trainable_params": count_parameters(model, True), "total_params": count_parameters(model),
+            "num_image_tokens": model.num_image_tokens, "steps": cfg.train.steps,
+            "train_seconds": trainer.train_seconds, "feature_seconds": feature_seconds, "eval": result,
+            "history": trainer.history, "model_dir": str(out / "model")}
 
 
-def _quick(cfg: EvalConfig) -> EvalConfig:
-    """Periodic evaluation during training: fewer records, no blind pass."""
-    return cfg.model_copy(update={"max_per_task": min(cfg.max_per_task, 50), "blind": False})
+def quick(cfg: EvalConfig) -> EvalConfig:
+    """Evaluation during training: `during_training` records per task, no blind pass."""
+    return cfg.model_copy(update={"max_per_task": min(cfg.max_per_task, cfg.during_training), "blind": False})
 
 
 def _flat(result: dict) -> dict[str, float]:

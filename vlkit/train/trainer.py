@@ -81,6 +81,7 @@ class Trainer:
                                            betas=(cfg.beta1, cfg.beta2))
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0  # optimisation time only (no evaluation, no checkpointing)
 
     # -- data order ---------------------------------------------------------------------------
     @property
@@ -109,6 +110,7 @@ class Trainer:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.step = state["step"]
             self.history = state.get("history", [])
+            self.train_seconds = state.get("train_seconds", 0.0)
             self._truncate_log(self.step)
         elif self.rt.is_main:
             if latest_checkpoint(self.ckpt_root) is not None and not overwrite:
@@ -123,6 +125,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         try:
             while self.step < cfg.steps:
+                t_step = time.perf_counter()
                 lr = lr_at(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                            min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
                 for group in self.optimizer.param_groups:
@@ -149,6 +152,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.train_seconds += time.perf_counter() - t_step
                 metrics = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm)}
                 metrics.update({k: v / cfg.grad_accum for k, v in extra_sum.items() if k != "tokens"})
                 bar.update(1)
@@ -176,7 +180,9 @@ class Trainer:
         with torch.no_grad(), self.rt.autocast():
             result = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
         self.model.train()
-        record = {"step": self.step, **{f"eval/{k}": v for k, v in result.items()}}
+        samples = self.step * self.cfg.batch_size * self.cfg.grad_accum * self.rt.world_size
+        record = {"step": self.step, "samples": samples, "train_seconds": round(self.train_seconds, 3),
+                  **{f"eval/{k}": v for k, v in result.items()}}
         self.history.append(record)
         self._log(record)
         return result
@@ -185,7 +191,8 @@ class Trainer:
         if not self.rt.is_main:
             return None
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                               {"config": self.run_config, "history": self.history}, self.cfg.keep_checkpoints)
+                               {"config": self.run_config, "history": self.history,
+                                "train_seconds": self.train_seconds}, self.cfg.keep_checkpoints)
 
     # -- metrics log ------------------------------------------------------------------------------
     def _log(self, record: dict[str, float]) -> None:

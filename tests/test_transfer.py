@@ -1,0 +1,193 @@
+"""VPGTrans: word converter, projector composition, token pairing across tokenizers, stage switches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vlkit.errors import VlkitError
+from vlkit.models.vpg.converter import compose_projector, token_pairs, train_converter
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: whitespace words, some of them split into fixed pieces."""
+
+    def __init__(self, words: list[str], pieces: dict[str, list[str]] | None = None):
+        self.pieces = pieces or {}
+        self.vocab = {t: i for i, t in enumerate(dict.fromkeys(p for w in words for p in self.pieces.get(w, [w])))}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab[p] for w in text.split() for p in self.pieces.get(w, [w])]}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_composed_projector_equals_converter_after_projector():
+    torch.manual_seed(0)
+    src, conv = nn.Linear(6, 4), nn.Linear(4, 9)
+    new = compose_projector(src, conv)
+    x = torch.randn(5, 6)
+    assert torch.allclose(new(x), conv(src(x)), atol=1e-6)
+    with torch.no_grad():
+        w = conv.weight.double() @ src.weight.double()
+        b = conv.weight.double() @ src.bias.double() + conv.bias.double()
+    assert torch.equal(new.weight, w.float()) and torch.equal(new.bias, b.float())
+    with pytest.raises(VlkitError, match="width 5"):
+        compose_projector(src, nn.Linear(5, 9))
+
+
+def test_cross_tokenizer_pairs_only_equal_length_texts_by_position():
+    texts = ["a red square", "a red circle", "two blue square", ""]
+    words = " ".join(texts).split()
+    a = WordTokenizer(words)
+    b = WordTokenizer(words[::-1], {"circle": ["cir", "cle"]})
+    pairs = token_pairs(a, b, texts)
+    assert (pairs.texts, pairs.aligned_texts, pairs.same_tokenizer) == (4, 2, False)
+    va, vb = a.get_vocab(), b.get_vocab()
+    expect = {(va[w], vb[w]): 1 for w in ("a", "red", "two", "blue")}
+    expect[(va["square"], vb["square"])] = 2
+    assert dict(pairs.pairs) == expect
+    assert pairs.summary()["pairs"] == 6 and pairs.summary()["unique_pairs"] == 5
+
+
+def test_same_tokenizer_pairs_by_id(tiny_tokenizer):
+    pairs = token_pairs(tiny_tokenizer, tiny_tokenizer, ["a red square at the top.", "a small cyan cross."])
+    assert pairs.same_tokenizer and pairs.aligned_texts == 2
+    assert all(s == t for s, t in pairs.pairs)
+
+
+def test_converter_recovers_a_linear_map():
+    torch.manual_seed(0)
+    src = torch.randn(50, 8)
+    true = torch.randn(12, 8)
+    tgt = src @ true.T
+    words = [f"w{i}" for i in range(50)]
+    pairs = token_pairs(WordTokenizer(words), WordTokenizer(words), [" ".join(words)])
+    conv, stats = train_converter(src, tgt, pairs, steps=400, lr=0.05)
+    assert stats["mean_cosine"] > 0.99 and stats["unique_pairs"] == 50
+    with pytest.raises(VlkitError, match="no token pairs"):
+        train_converter(src, tgt, token_pairs(WordTokenizer(["x"]), WordTokenizer(["x"], {"x": ["x", "y"]}), ["x"]))
+
+
+@pytest.fixture(scope="module")
+def source_vlm(tmp_path_factory, tiny_world, tiny_lm, tiny_tower):
+    from vlkit.config import load
+    from vlkit.recipes.vpg import VPGRecipe, run
+
+    cfg_w, _ = tiny_world
+    out = tmp_path_factory.mktemp("src")
+    run(load(VPGRecipe, None, [
+        f"output_dir={out}", f"model.tower.path={tiny_tower}", f"model.llm.path={tiny_lm}", "model.vpg.num_queries=4",
+        "model.vpg.qformer.hidden_size=32", "model.vpg.qformer.intermediate_size=64", "model.vpg.qformer.num_heads=2",
+        f"data.world.seed={cfg_w.seed}", f"data.world.train_scenes={cfg_w.train_scenes}",
+        f"data.world.test_scenes={cfg_w.test_scenes}", "eval.max_per_task=4", "eval.tasks=[caption,vqa]",
+        "train.steps=10", "train.batch_size=16", "train.lr=1e-2", "train.progress=false"]))
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def wide_lm(tmp_path_factory, tiny_lm):
+    """A wider LLaMA with the same tokenizer (random weights): the 'large' target."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from vlkit.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_lm)
+    out = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=128)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def transfer_cfg(tmp_path, tiny_world, source, target, *extra):
+    from vlkit.config import load
+    from vlkit.recipes.transfer import TransferRecipe
+
+    cfg_w, _ = tiny_world
+    return load(TransferRecipe, None, [
+        f"output_dir={tmp_path}", f"source={source}", f"target.path={target}", f"data.world.seed={cfg_w.seed}",
+        f"data.world.train_scenes={cfg_w.train_scenes}", f"data.world.test_scenes={cfg_w.test_scenes}",
+        "eval.max_per_task=4", "eval.during_training=4", "eval.tasks=[caption,vqa]", "eval.max_new_tokens=8",
+        "converter.steps=50", "train.steps=4", "train.eval_every=2", "train.batch_size=16",
+        "train.progress=false", *extra])
+
+
+def test_initialise_inherits_the_body_and_composes_the_projector(tmp_path, tiny_world, source_vlm, wide_lm):
+    from vlkit.data.sources import load_splits
+    from vlkit.data.tokenizer import load_tokenizer
+    from vlkit.models.vpg.converter import token_pairs as pairs_of
+    from vlkit.recipes.transfer import build_target, corpus, initialise
+
+    cfg = transfer_cfg(tmp_path, tiny_world, source_vlm, wide_lm)
+    model, proc, source = build_target(cfg)
+    assert model.llm.config.hidden_size == 64 and source.llm.config.hidden_size == 48
+    texts = corpus(load_splits(cfg.data)[0], ["caption"])
+    info = initialise(model, proc.tokenizer, source, load_tokenizer(source_vlm), cfg, texts)
+    s, t = source.vpg.state_dict(), model.vpg.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s if not k.startswith("projector."))
+    conv = info["converter"]
+    assert conv["same_tokenizer"] and conv["aligned_texts"] == len(texts) == pairs_of(
+        proc.tokenizer, proc.tokenizer, texts).aligned_texts
+    # projector == converter o source projector: check on the converter refitted with the same seed
+    refit, _ = train_converter(source.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight,
+                               pairs_of(proc.tokenizer, proc.tokenizer, texts), steps=50)
+    x = torch.randn(3, 32)
+    assert torch.allclose(model.vpg.projector(x), refit(source.vpg.projector(x)), atol=1e-5)
+
+    fresh = transfer_cfg(tmp_path, tiny_world, source_vlm, wide_lm, "inherit=false")
+    model2, proc2, source2 = build_target(fresh)
+    assert initialise(model2, proc2.tokenizer, source2, proc2.tokenizer, fresh, texts)["converter"] is None
+    assert not torch.equal(model2.vpg.query_tokens, source2.vpg.query_tokens)
+
+
+@pytest.mark.parametrize("switches,warm", [([], True), (["warmup.enabled=false"], False),
+                                           (["inherit=false"], False), (["converter.enabled=false"], True)])
+def test_transfer_stages(tmp_path, tiny_world, source_vlm, wide_lm, switches, warm):
+    from vlkit.recipes.transfer import run
+
+    cfg = transfer_cfg(tmp_path, tiny_world, source_vlm, wide_lm, "warmup.max_records=40", *switches)
+    res = run(cfg)
+    assert ("warmup" in res["stages"]) == warm
+    assert (res["init"]["converter"] is not None) == ("converter.enabled=false" not in switches
+                                                     and "inherit=false" not in switches)
+    steps = [p["step"] for p in res["curve"]]
+    w = math.ceil(40 / 16) if warm else 0
+    assert steps == ([0, w] if warm else [0]) + [w + 2, w + 4]
+    assert res["steps"] == w + 4 and res["samples"] == 16 * (w + 4)
+    if warm:  # stage 1 trains the projector only
+        assert res["stages"]["warmup"]["trainable_params"] == 32 * 64 + 64
+    assert {"caption_cider", "vqa_acc"} <= set(res["curve"][-1])
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_cross_family_transfer_reports_pairs(tmp_path, tiny_world, source_vlm, tiny_world_opt_lm):
+    from vlkit.recipes.transfer import run
+
+    res = run(transfer_cfg(tmp_path, tiny_world, source_vlm, tiny_world_opt_lm, "warmup.max_records=16",
+                           "converter.unit=word"))
+    conv = res["init"]["converter"]
+    assert not conv["same_tokenizer"] and 0 < conv["aligned_texts"] < conv["texts"] and conv["pairs"] > 0
+    assert res["eval"]["image"]["caption_cider"] >= 0
+
+
+@pytest.fixture(scope="module")
+def tiny_world_opt_lm(tmp_path_factory, tiny_world):
+    from vlkit.config import load
+    from vlkit.recipes.lm import LMRecipe, run
+
+    cfg_w, _ = tiny_world
+    out = tmp_path_factory.mktemp("opt")
+    run(load(LMRecipe, None, [f"output_dir={out}", f"data.world.seed={cfg_w.seed}",
+                              f"data.world.train_scenes={cfg_w.train_scenes}",
+                              f"data.world.test_scenes={cfg_w.test_scenes}", "data.block_size=64",
+                              "tokenizer.vocab_size=300", "tokenizer.style=opt", "model.family=opt",
+                              "model.hidden_size=40", "model.num_layers=2", "model.num_heads=2",
+                              "model.intermediate_size=80", "train.steps=2", "train.batch_size=8",
+                              "train.progress=false"]))
+    return out / "model"

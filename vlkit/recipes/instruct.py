@@ -1,0 +1,47 @@
+"""Recipe `instruct`: multi-task, multi-turn instruction tuning of an existing VLM (LLaVA stage 2).
+
+Starts from a vlkit model directory (typically a VPG-pretrained one, recipe `vpg`) and trains the
+parameter groups named in `trainable` (the VPG only, the VPG + the LLM, ...) on records of any mix of
+tasks (`data.mix`: task -> weight). Evaluates on held-out data beside the blind baseline and saves a
+vlkit model directory (``<out>/model``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from vlkit.config import Section
+from vlkit.data.sources import RecordsConfig
+from vlkit.eval.world import EvalConfig
+from vlkit.models.io import load_vlm
+from vlkit.recipes.common import finish, prepare_output
+from vlkit.recipes.vpg import splits, train_and_evaluate
+from vlkit.train import TrainConfig
+from vlkit.train.runtime import seed_everything
+
+
+class InstructRecipe(Section):
+    recipe: Literal["instruct"] = "instruct"
+    output_dir: str = Field("runs/instruct")
+    init: str = Field(..., description="vlkit model directory to start from (e.g. <vpg run>/model).")
+    trainable: list[str] = Field(["vpg", "llm"], description="Parameter groups to train; everything else is frozen.")
+    data: RecordsConfig = Field(default_factory=RecordsConfig)
+    eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: data's world, every task).")
+    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
+    out = Path(cfg.output_dir)
+    prepare_output(cfg, out, resume)
+    train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
+    seed_everything(cfg.train.seed)
+    model, proc = load_vlm(cfg.init)
+    model.set_trainable(cfg.trainable)
+    model.train()
+    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress)
+    return finish(out, {"recipe": "instruct", "init": cfg.init, "trainable": cfg.trainable, **result})
