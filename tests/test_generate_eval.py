@@ -126,7 +126,8 @@ def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_t
                       [[str(img)]], GenerationConfig(max_new_tokens=8))[0]["text"]
     assert cli.stdout.strip() == direct
     ev = subprocess.run([sys.executable, "-m", "vlkit.cli", "eval", str(out / "model"), "--seed", str(cfg_w.seed),
-                         "--test-scenes", str(cfg_w.test_scenes), "--max-per-task", "8"], capture_output=True, text=True)
+                         "--test-scenes", str(cfg_w.test_scenes), "--max-per-task", "8"],
+                        capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["image"] == res["eval"]["image"]  # the saved model scores as the trained one
     bad = subprocess.run([sys.executable, "-m", "vlkit.cli", "chat", str(out / "model"), "--image",

@@ -37,3 +37,34 @@ def test_blip2_matches_published_counts(name, llm, trainable_m):
     # BLIP-2 paper, Table 1: 107M / 108M trainable parameters (Q-Former + queries + projection)
     assert round(count_parameters(m, trainable_only=True) / 1e6) == trainable_m
     assert count_parameters(m.vision) == 985_952_256         # EVA ViT-g/14 as in transformers' Blip2VisionModel
+
+
+@pytest.mark.parametrize("name,source_width,same_family", [("vpgtrans_opt2.7b_to_opt6.7b.yaml", 2560, True),
+                                                            ("vpgtrans_opt2.7b_to_vicuna7b.yaml", 2560, False)])
+def test_vpgtrans_real_configs_compose_on_meta(name, source_width, same_family):
+    """Source BLIP-2 OPT-2.7B + target LLM on meta: the converted projector has the target's width and the
+    target VPG keeps BLIP-2's trainable size."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlkit.models.vision.tower import on_device
+    from vlkit.models.vpg import build_vpg
+    from vlkit.models.vpg.converter import compose_projector
+    from vlkit.recipes.transfer import projector_of
+
+    cfg, _ = load_config(REAL / name)
+    assert cfg.warmup.lr_scale == 5.0 and cfg.warmup.epochs == 1.0 and cfg.train.lr == 1e-4
+    source = build("blip2_opt2.7b.yaml")
+    arch = dict(cfg.target.arch)
+    with on_device("meta"):
+        target = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+    width = target.config.hidden_size
+    assert source.llm.get_input_embeddings().weight.shape[1] == source_width
+    assert (target.config.model_type == "opt") == same_family
+    vpg = build_vpg(source.config.vpg, source.vision.hidden_size, width, source.vision.num_features()).to("meta")
+    converter = nn.Linear(source_width, width, device="meta")
+    new = compose_projector(projector_of(source.vpg), converter)
+    assert tuple(new.weight.shape) == tuple(projector_of(vpg).weight.shape) == (width, 768)
+    assert new.weight.device == torch.device("meta")
+    assert round(count_parameters(vpg) / 1e6) == 108              # BLIP-2 with a 4096-wide LLM: 108M trainable

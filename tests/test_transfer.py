@@ -191,3 +191,17 @@ def tiny_world_opt_lm(tmp_path_factory, tiny_world):
                               "model.intermediate_size=80", "train.steps=2", "train.batch_size=8",
                               "train.progress=false"]))
     return out / "model"
+
+
+def test_speedup_follows_the_paper_definition():
+    from vlkit.experiments.vpgtrans import speedup
+
+    def curve(points):
+        return [{"step": s, "samples": 32 * s, "train_seconds": 0.5 * s, "m": v} for s, v in points]
+
+    scratch = curve([(0, 0.0), (100, 0.3), (200, 0.5), (300, 0.45)])
+    trans = curve([(0, 0.1), (10, 0.4), (20, 0.55), (30, 0.6)])
+    sp = speedup(scratch, trans, "m")
+    assert sp["reached"] and sp["scratch_best_step"] == 200 and sp["transfer_step"] == 20
+    assert sp["speedup_steps"] == sp["speedup_samples"] == sp["speedup_seconds"] == 10.0
+    assert not speedup(scratch, curve([(0, 0.1), (10, 0.5)]), "m")["reached"]  # equal is not exceeding

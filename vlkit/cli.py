@@ -120,6 +120,19 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where stages and the 
     run_demo(out, fresh=fresh)
 
 
+@app.command()
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans."),
+               out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
+               demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused."),
+               only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
+    """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
+    experiments = {"vpgtrans": "vlkit.experiments.vpgtrans"}
+    if name not in experiments:
+        raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
+    module = __import__(experiments[name], fromlist=["run_experiment"])
+    module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None)
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 

@@ -41,7 +41,8 @@ VLM_METRICS = (("caption_cider", "caption CIDEr"), ("caption_rougeL", "caption R
 def stage_overrides(name: str, out: Path) -> list[str]:
     over = [f"output_dir={out / name}"]
     if name == "vpg_qformer":  # wire the VLM to this demo's own stages
-        over += [f"model.tower.path={out / 'clip_vit' / 'vision'}", f"model.llm.path={out / 'lm_llama_small' / 'model'}"]
+        over += [f"model.tower.path={out / 'clip_vit' / 'vision'}",
+                 f"model.llm.path={out / 'lm_llama_small' / 'model'}"]
     if name == "vlm_instruct":
         over += [f"init={out / 'vpg_qformer' / 'model'}"]
     return over
@@ -94,7 +95,8 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 def write_samples(examples: list[dict], path: Path) -> Path:
     rows = [(ex["images"], [f"[{ex['task']}] {ex['question']}", f"model: {ex['prediction']}",
                             f"reference: {ex['reference']}"]) for ex in examples]
-    return contact_sheet(rows, path, title="held-out answers of the demo VLM (Q-Former VPG + tiny LLaMA, instruction tuned)")
+    return contact_sheet(rows, path,
+                         title="held-out answers of the demo VLM (Q-Former VPG + tiny LLaMA, instruction tuned)")
 
 
 def summary(results: dict[str, dict], timings: dict[str, float], samples_png: str) -> tuple[list[Table], str]:
@@ -123,7 +125,8 @@ def summary(results: dict[str, dict], timings: dict[str, float], samples_png: st
         if key not in t["eval"]["image"]:
             continue
         cells = [f"{r['eval'][m][key]:.3f}" if key in r["eval"][m] else "-" for r in (v, t) for m in ("image", "blind")]
-        vrows.append((label, *cells, str(t["eval"]["counts"].get(key.split("_")[0], ""))))
+        n = "" if key.startswith("vqa_acc_") else str(t["eval"]["counts"].get(key.split("_")[0], ""))
+        vrows.append((label, *cells, n))
     for row in vrows:
         vlm.add_row(*row)
     md = ["# vlkit demo report", "", "Every figure below was measured by this run on held-out shapes-world data.", "",

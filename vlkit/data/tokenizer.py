@@ -9,6 +9,8 @@ prefix-consistently, which is checked.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -86,7 +88,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise VlkitError(f"{path}: tokenizer directory not found; train one or fix the path")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        cls = AutoTokenizer
+        tcfg = path / "tokenizer_config.json"
+        if tcfg.is_file() and json.loads(tcfg.read_text()).get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            cls = PreTrainedTokenizerFast  # skips AutoConfig (a vlkit model's config.json is no HF model type)
+        tok = cls.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise VlkitError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     return prepare_tokenizer(tok)

@@ -93,8 +93,8 @@ def compose_projector(source: nn.Linear, converter: nn.Linear) -> nn.Linear:
         raise VlkitError(f"word converter: it maps width {converter.in_features}, but the source projector outputs "
                          f"{source.out_features}")
     w_s, w_w = source.weight.double(), converter.weight.double()
-    b_s = source.bias.double() if source.bias is not None else torch.zeros(source.out_features, dtype=torch.float64)
-    out = nn.Linear(source.in_features, converter.out_features, dtype=source.weight.dtype)
+    b_s = source.bias.double() if source.bias is not None else torch.zeros_like(w_s[:, 0])
+    out = nn.Linear(source.in_features, converter.out_features, dtype=source.weight.dtype, device=source.weight.device)
     out.weight.copy_(w_w @ w_s)
     out.bias.copy_(w_w @ b_s + converter.bias.double())
     return out

@@ -1,0 +1,227 @@
+"""VPGTrans in miniature: transfer a VPG to another LLM against training it from scratch.
+
+    vlkit experiment vpgtrans [--out runs/vpgtrans] [--demo runs/demo]
+
+Reuses the demo's stages (tiny LLaMA, tiny OPT, world ViT, the source VLM: a Q-Former VPG on the
+frozen small LLaMA) and trains what is missing (the large LLaMA). Then, every run evaluated at the
+same interval on the same held-out captions (CIDEr) and questions (VQA accuracy):
+  small -> large LLaMA (same tokenizer): from scratch, VPGTrans, and the ablations
+      no converter (random projector), no warm-up, warm-up lr x1 / x10 (VPGTrans: x5);
+  LLaMA -> OPT (different tokenizers): from scratch, VPGTrans; and large LLaMA -> OPT, the
+      larger source, to compare with the small one.
+Speed-up as the paper defines it: the step at which from-scratch reaches its best score, divided by
+the first step at which VPGTrans exceeds that score (stage 1 counted in full); also the same ratio
+in training samples and in optimisation seconds. Writes <out>/report.md, results.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from vlkit.demo import CONFIG_DIR, DEPENDS, stage_overrides
+from vlkit.fileio import atomic_path, write_json, write_text
+from vlkit.recipes import load_config
+from vlkit.recipes.common import cached_results
+
+METRICS = (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy"))
+
+# name -> (target LM stage, source VLM: "small" = the demo's VPG, "large" = scratch_large's), overrides
+RUNS: dict[str, tuple[str, str, list[str]]] = {
+    "scratch_large": ("lm_llama_large", "small", ["inherit=false"]),
+    "vpgtrans_large": ("lm_llama_large", "small", []),
+    "no_converter": ("lm_llama_large", "small", ["converter.enabled=false"]),
+    "no_warmup": ("lm_llama_large", "small", ["warmup.enabled=false"]),
+    "warmup_lr_x1": ("lm_llama_large", "small", ["warmup.lr_scale=1"]),
+    "warmup_lr_x10": ("lm_llama_large", "small", ["warmup.lr_scale=10"]),
+    "scratch_opt": ("lm_opt_small", "small", ["inherit=false"]),
+    "vpgtrans_opt": ("lm_opt_small", "small", []),
+    "vpgtrans_opt_from_large": ("lm_opt_small", "large", []),
+}
+
+
+def run_stage(name: str, overrides: list[str], console: Console, config: str | None = None,
+              force: bool = False, progress: bool | None = None) -> tuple[dict, bool]:
+    """Results of a config (cached when this exact config already finished in its output_dir)."""
+    cfg, run = load_config(CONFIG_DIR / f"{config or name}.yaml", overrides)
+    cached = None if force else cached_results(cfg, Path(cfg.output_dir))
+    if cached is not None:
+        console.print(f"[bold]{name}[/bold]: cached in {cfg.output_dir}")
+        return cached, False
+    console.print(f"[bold]{name}[/bold]: training -> {cfg.output_dir}")
+    t0 = time.perf_counter()
+    res = run(cfg, overwrite=True, progress=progress)
+    console.print(f"[bold]{name}[/bold]: done in {time.perf_counter() - t0:.0f}s")
+    return res, True
+
+
+def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
+    """The paper's speed-up on one metric, in steps, samples and optimisation seconds."""
+    best = max(scratch, key=lambda p: (p[metric], -p["step"]))
+    beat = next((p for p in trans if p[metric] > best[metric]), None)
+    out = {"metric": metric, "scratch_best": best[metric], "scratch_best_step": best["step"],
+           "scratch_final": scratch[-1][metric], "transfer_final": trans[-1][metric],
+           "transfer_best": max(p[metric] for p in trans)}
+    if beat is None:
+        return {**out, "reached": False}
+    ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
+    return {**out, "reached": True, "transfer_step": beat["step"], "speedup_steps": ratio["step"],
+            "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
+
+
+def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/demo",
+                   progress: bool | None = None, only: list[str] | None = None) -> dict:
+    console = Console(stderr=True)
+    out, demo = Path(out), Path(demo)
+    t_all = time.perf_counter()
+    trained: set[str] = set()
+    for name in ("lm_llama_small", "lm_opt_small", "clip_vit", "vpg_qformer"):
+        stale = any(d in trained for d in DEPENDS.get(name, ()))
+        _, did = run_stage(name, stage_overrides(name, demo), console, force=stale, progress=progress)
+        if did:
+            trained.add(name)
+    _, did = run_stage("lm_llama_large", [f"output_dir={out / 'lm_llama_large'}"], console, progress=progress)
+    if did:
+        trained.add("lm_llama_large")
+    sources = {"small": demo / "vpg_qformer" / "model", "large": out / "scratch_large" / "model"}
+    runs: dict[str, dict] = {}
+    for name, (target, source, extra) in RUNS.items():
+        if only and name not in only:
+            continue
+        target_dir = (out if target == "lm_llama_large" else demo) / target / "model"
+        over = [f"output_dir={out / name}", f"source={sources[source]}", f"target.path={target_dir}",
+                "eval.tasks=[caption,vqa]", *extra]
+        upstream = {"vpg_qformer", target} | ({"scratch_large"} if source == "large" else set())
+        res, did = run_stage(name, over, console, config="transfer_llama_small_to_large" if "large" in target
+                             else "transfer_llama_to_opt", force=bool(upstream & trained), progress=progress)
+        if did:
+            trained.add(name)
+        runs[name] = res
+    summary = summarize(runs)
+    summary["total_seconds"] = time.perf_counter() - t_all
+    write_json(out / "results.json", summary)
+    plots = plot(runs, out)
+    write_text(out / "report.md", report(summary, plots))
+    console.print(f"report: {out / 'report.md'} ({summary['total_seconds']:.0f}s)")
+    return summary
+
+
+def summarize(runs: dict[str, dict]) -> dict:
+    s: dict = {"runs": {n: {"curve": r["curve"], "init": r.get("init"), "stages": r.get("stages"),
+                            "final": {m: r["eval"]["image"].get(m) for m, _ in METRICS},
+                            "steps": r["steps"], "train_seconds": r["train_seconds"]} for n, r in runs.items()}}
+    pairs = {"small_to_large": ("scratch_large", "vpgtrans_large"), "llama_to_opt": ("scratch_opt", "vpgtrans_opt"),
+             "large_llama_to_opt": ("scratch_opt", "vpgtrans_opt_from_large")}
+    pairs.update({f"ablation_{n}": ("scratch_large", n) for n in
+                  ("no_converter", "no_warmup", "warmup_lr_x1", "warmup_lr_x10")})
+    s["speedups"] = {k: {m: speedup(runs[a]["curve"], runs[b]["curve"], m) for m, _ in METRICS}
+                     for k, (a, b) in pairs.items() if a in runs and b in runs}
+    s["findings"] = findings(runs, s["speedups"])
+    return s
+
+
+def _first(runs, name, metric, i=0):
+    return runs[name]["curve"][i][metric] if name in runs else None
+
+
+def findings(runs: dict[str, dict], sp: dict) -> list[dict]:
+    """The paper's qualitative findings, each checked on this run's numbers."""
+    out = []
+    if {"no_converter", "scratch_large"} <= set(runs):
+        start, scratch0 = _first(runs, "no_converter", "vqa_acc"), _first(runs, "scratch_large", "vqa_acc")
+        after1 = _first(runs, "no_converter", "vqa_acc", 1)
+        out.append({"claim": "an inherited VPG with a random projector can start worse on VQA than from scratch",
+                    "holds": start < scratch0 or (after1 is not None and after1 < _first(runs, "scratch_large",
+                                                                                          "vqa_acc", 1)),
+                    "evidence": f"VQA at step 0: {start:.3f} (inherited, random projector) vs {scratch0:.3f} "
+                                f"(scratch); first evaluation after it: {after1:.3f}"})
+    if {"vpgtrans_large", "no_converter"} <= set(runs):
+        a, b = runs["vpgtrans_large"]["curve"], runs["no_converter"]["curve"]
+        out.append({"claim": "the word-converter init shortens warm-up (better right after stage 1)",
+                    "holds": a[1]["caption_cider"] > b[1]["caption_cider"],
+                    "evidence": f"CIDEr after warm-up: {a[1]['caption_cider']:.3f} with the converter vs "
+                                f"{b[1]['caption_cider']:.3f} with a random projector; at step 0: "
+                                f"{a[0]['caption_cider']:.3f} vs {b[0]['caption_cider']:.3f}"})
+    if {"vpgtrans_large", "warmup_lr_x1"} <= set(runs):
+        a, b = runs["vpgtrans_large"]["curve"], runs["warmup_lr_x1"]["curve"]
+        out.append({"claim": "warm-up at 5x the learning rate beats 1x",
+                    "holds": a[1]["caption_cider"] > b[1]["caption_cider"],
+                    "evidence": f"CIDEr after warm-up: {a[1]['caption_cider']:.3f} (5x) vs {b[1]['caption_cider']:.3f} "
+                                f"(1x); final {a[-1]['caption_cider']:.3f} vs {b[-1]['caption_cider']:.3f}"})
+    if "llama_to_opt" in sp and "large_llama_to_opt" in sp:
+        a, b = sp["llama_to_opt"]["caption_cider"], sp["large_llama_to_opt"]["caption_cider"]
+        out.append({"claim": "a smaller source transfers at least as well as a larger one",
+                    "holds": a["transfer_final"] >= b["transfer_final"] - 0.01,
+                    "evidence": f"to OPT, final CIDEr from the small LLaMA's VPG {a['transfer_final']:.3f} vs "
+                                f"from the large LLaMA's {b['transfer_final']:.3f}; speed-up "
+                                f"{_fmt(a)} vs {_fmt(b)}"})
+    return out
+
+
+def _fmt(sp: dict) -> str:
+    return f"{sp['speedup_steps']:.1f}x" if sp.get("reached") else "not reached"
+
+
+def plot(runs: dict[str, dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"small_to_large": ["scratch_large", "vpgtrans_large", "no_converter", "no_warmup", "warmup_lr_x1",
+                                 "warmup_lr_x10"],
+              "llama_to_opt": ["scratch_opt", "vpgtrans_opt", "vpgtrans_opt_from_large"]}
+    names = []
+    for group, members in groups.items():
+        members = [m for m in members if m in runs]
+        if not members:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, (metric, label) in zip(axes, METRICS):
+            for m in members:
+                c = runs[m]["curve"]
+                ax.plot([p["step"] for p in c], [p[metric] for p in c], marker="o", ms=3, label=m,
+                        lw=2.2 if m.startswith(("scratch", "vpgtrans")) else 1.0,
+                        ls="--" if m.startswith("scratch") else "-")
+            ax.set_xlabel("training steps (VPGTrans: warm-up included)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"VPGTrans vs from scratch: {group.replace('_', ' ')} (held-out)")
+        fig.tight_layout()
+        name = f"{group}.png"
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def report(s: dict, plots: list[str]) -> str:
+    md = ["# VPGTrans in miniature (shapes world)", "",
+          "Every figure was measured by `vlkit experiment vpgtrans` on held-out data. Speed-up (the paper's "
+          "definition): the step at which training from scratch reaches its best score, divided by the first step "
+          "at which VPGTrans exceeds that score, warm-up steps included; also the ratio of samples seen and of "
+          "optimisation seconds (converter fitting included).", "",
+          "| transfer | metric | scratch best (step) | VPGTrans passes it at | speed-up steps | samples | seconds "
+          "| final scratch | final VPGTrans |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, per in s["speedups"].items():
+        for metric, label in METRICS:
+            sp = per[metric]
+            passed = f"step {sp['transfer_step']}" if sp["reached"] else "never"
+            cells = [f"{sp[k]:.1f}x" if sp["reached"] else "-" for k in ("speedup_steps", "speedup_samples",
+                                                                           "speedup_seconds")]
+            md.append(f"| {name} | {label} | {sp['scratch_best']:.3f} ({sp['scratch_best_step']}) | {passed} | "
+                      + " | ".join(cells) + f" | {sp['scratch_final']:.3f} | {sp['transfer_final']:.3f} |")
+    md += ["", "## The paper's findings, checked", "", "| claim | holds here | evidence |", "|---|---|---|"]
+    md += [f"| {f['claim']} | {'yes' if f['holds'] else 'no'} | {f['evidence']} |" for f in s["findings"]]
+    conv = [(n, r["init"]["converter"]) for n, r in s["runs"].items() if r.get("init") and r["init"].get("converter")]
+    if conv:
+        md += ["", "## Word converter", "", "| run | same tokenizer | texts | aligned texts | pairs | unique pairs | "
+               "mean cosine |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {n} | {c['same_tokenizer']} | {c['texts']} | {c['aligned_texts']} | {c['pairs']} | "
+               f"{c['unique_pairs']} | {c['mean_cosine']:.3f} |" for n, c in conv]
+    md += [""] + [f"![{p}]({p})" for p in plots] + ["", f"Total time: {s['total_seconds']:.0f}s.", ""]
+    return "\n".join(md)
