@@ -49,6 +49,7 @@ def check_lm(tmp_path, tiny_world, family, style):
     blocks = pack(tok, load_splits(cfg.data)[1], 64, cfg.data.describe_images)
     with torch.no_grad():
         assert abs(perplexity(model, blocks) - res["heldout_ppl"]) < 1e-4
+    assert 0 <= res["context_vqa_acc"] <= 1  # questions answered with the scene written in the context
     return tok
 
 

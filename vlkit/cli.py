@@ -121,12 +121,62 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where stages and the 
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans."),
+def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Llama Guard or recipe `guard`)."),
+          prompt: Optional[str] = typer.Option(None, help="A user prompt to classify."),
+          response: Optional[str] = typer.Option(None, help="With --prompt: the reply to classify (Agent)."),
+          jsonl: Optional[Path] = typer.Option(None, help="Conversations {id, messages, role?} to classify."),
+          taxonomy: Optional[str] = typer.Option(None, help="Built-in name or YAML file (default: the model's)."),
+          version: Optional[int] = typer.Option(None, help="Prompt layout 1, 2 or 3 (default: the model's, else 3)."),
+          template: Optional[str] = typer.Option(None, help="inst or chat (default: the model's, else inst)."),
+          threshold: Optional[float] = typer.Option(None, help="P(unsafe) at or above this is unsafe."),
+          out: Optional[Path] = typer.Option(None, help="Write JSONL here instead of standard output.")):
+    """Classify a prompt, a response, or a JSONL of conversations; JSONL out: verdict, categories, score."""
+    import json
+
+    from vlkit.fileio import atomic_path, read_jsonl
+    from vlkit.guard import Guard
+
+    if (prompt is None) == (jsonl is None):
+        raise VlkitError("guard: give either --prompt (with an optional --response) or --jsonl")
+    if response is not None and prompt is None:
+        raise VlkitError("guard: --response needs the --prompt it answers")
+    kwargs = {k: v for k, v in {"taxonomy": taxonomy, "version": version, "template": template,
+                                "threshold": threshold}.items() if v is not None}
+    g = Guard.from_pretrained(model, **kwargs)
+    if prompt is not None:
+        conv = [{"role": "user", "content": prompt}]
+        if response is not None:
+            conv.append({"role": "assistant", "content": response})
+        items = [("prompt", conv, "Agent" if response is not None else "User")]
+    else:
+        items = []
+        for i, r in enumerate(read_jsonl(jsonl)):
+            if not isinstance(r.get("messages"), list) or not r["messages"]:
+                raise VlkitError(f"{jsonl}: record {r.get('id', i)}: 'messages' must be a non-empty list")
+            role = r.get("role") or ("Agent" if r["messages"][-1].get("role") == "assistant" else "User")
+            items.append((r.get("id", i), r["messages"], role))
+    lines = []
+    for role in ("User", "Agent"):
+        chosen = [(rid, conv) for rid, conv, r in items if r == role]
+        verdicts = g.classify([c for _, c in chosen], role) if chosen else []
+        lines += [(rid, role, v) for (rid, _), v in zip(chosen, verdicts)]
+    order = {rid: k for k, (rid, _, _) in enumerate(items)}
+    text = "".join(json.dumps({"id": rid, "role": role, **v.to_dict()}) + "\n"
+                   for rid, role, v in sorted(lines, key=lambda x: order[x[0]]))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(text)
+
+
+@app.command()
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
                demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
-    experiments = {"vpgtrans": "vlkit.experiments.vpgtrans"}
+    experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

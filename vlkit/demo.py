@@ -109,6 +109,9 @@ def summary(results: dict[str, dict], timings: dict[str, float], samples_png: st
         if r["recipe"] == "lm":
             rows.append((name, label, f"{r['params']:,}", "perplexity", f"{r['heldout_ppl']:.3f}",
                          f"uniform: {r['vocab_size']}", f"{timings[name]:.0f}s"))
+            if r.get("context_vqa_acc") is not None:
+                rows.append(("", "", "", "VQA, scene told in words", f"{r['context_vqa_acc']:.3f}",
+                             "ceiling of a frozen-LLM VLM", ""))
         else:
             rows.append((name, label, f"{r['vision_params']:,}", "image->caption R@1", f"{r['heldout_i2t_r1']:.3f}",
                          f"chance: {r['heldout_chance']:.4f}", f"{timings[name]:.0f}s"))

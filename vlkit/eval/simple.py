@@ -50,11 +50,12 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
             return {"model": str(model_dir), **retrieval(model, px, g["input_ids"], g["attention_mask"], texts)}
     if arch.endswith("ForCausalLM"):
         from vlkit.models.llm import load_llm
-        from vlkit.recipes.lm import LMData, pack, perplexity
+        from vlkit.recipes.lm import LMData, context_vqa, pack, perplexity
 
         model = load_llm(model_dir).eval()
         blocks = pack(tok, test, 128, LMData().describe_images)
         with torch.no_grad():
-            return {"model": str(model_dir), "heldout_ppl": perplexity(model, blocks), "tokens": int(blocks.numel())}
+            return {"model": str(model_dir), "heldout_ppl": perplexity(model, blocks), "tokens": int(blocks.numel()),
+                    "context_vqa_acc": context_vqa(model, tok, test, limit=max_per_task)}
     raise VlkitError(f"{model_dir}: don't know how to evaluate a {arch or 'model without architectures'}; "
                      "pass an LM directory or a CLIP directory (<run>/clip)")

@@ -18,6 +18,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "vpg": ("vlkit.recipes.vpg", "VPGRecipe"),
     "instruct": ("vlkit.recipes.instruct", "InstructRecipe"),
     "transfer": ("vlkit.recipes.transfer", "TransferRecipe"),
+    "guard": ("vlkit.recipes.guard", "GuardRecipe"),
 }
 
 

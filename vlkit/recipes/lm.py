@@ -110,6 +110,34 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
     return math.exp(nll / max(count, 1))
 
 
+@torch.no_grad()
+def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50) -> float | None:
+    """Exact-match accuracy on held-out world questions with the scene written out in the context: what the
+    LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen."""
+    from vlkit.eval.metrics import exact_match
+    from vlkit.eval.world import prompt_and_reference
+
+    recs = [r for r in records if r.get("task") == "vqa" and scene_descriptions(r)][:limit]
+    if not recs:
+        return None
+    model.eval()
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    hits = []
+    try:
+        for i in range(0, len(recs), batch_size):
+            chunk = recs[i:i + batch_size]
+            pairs = [prompt_and_reference({"messages": textualize(r, 1.0)}) for r in chunk]
+            texts = [render(tok, prompt, add_generation_prompt=True) for prompt, _ in pairs]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            for (_, ref), ids in zip(pairs, out[:, enc["input_ids"].shape[1]:]):
+                hits.append(exact_match(tok.decode(ids, skip_special_tokens=True), ref))
+    finally:
+        tok.padding_side = side
+    return sum(hits) / len(hits)
+
+
 def lm_loss(model, batch):
     out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
     return out.loss, {"tokens": batch["input_ids"].numel()}
@@ -143,4 +171,5 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     return finish(out, {"recipe": "lm", "family": cfg.model.family, "params": count_parameters(model),
                         "vocab_size": len(tok), "train_tokens": int(train_blocks.numel()),
                         "test_tokens": int(test_blocks.numel()), "heldout_ppl": metrics["ppl"],
+                        "context_vqa_acc": context_vqa(model, tok, test_recs),
                         "steps": cfg.train.steps, "model_dir": str(out / "model")})

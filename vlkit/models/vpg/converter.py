@@ -1,9 +1,9 @@
 """VPGTrans word converter (Zhang et al. 2023, section 4): a linear map from one LLM's input-embedding
 space to another's, learned from pairs of tokens, and its composition with a VPG's projector.
 
-Pairs: with the same tokenizer a token pairs with itself (same id); with different tokenizers, the
-tokens of a text that both tokenizers split into the same number of pieces pair by position (the
-paper's rule). The converter is trained with loss 1 - cos(W e_s + b, e_t), each pair weighted by how
+Pairs: with the same tokenizer a token pairs with itself (same id, the whole vocabulary); with
+different tokenizers, the tokens of a text that both tokenizers split into the same number of pieces
+pair by position (the paper's rule). The converter is trained with loss 1 - cos(W e_s + b, e_t), each pair weighted by how
 often it occurs. The target projector then starts as converter after source projector:
 W_t = W_w W_s, b_t = W_w b_s + b_w.
 """
@@ -41,9 +41,14 @@ def same_vocabulary(tok_a, tok_b) -> bool:
 
 
 def token_pairs(source_tok, target_tok, texts: list[str]) -> TokenPairs:
-    """Pair source and target token ids over `texts` (same tokenizer: by id; else by position)."""
+    """Pair source and target token ids. Same tokenizer: every ordinary token of the vocabulary with itself
+    (once), plus the tokens of `texts` by frequency; different tokenizers: by position in the texts that
+    both split into the same number of tokens."""
     same = same_vocabulary(source_tok, target_tok)
     pairs: Counter = Counter()
+    if same:
+        special = set(getattr(source_tok, "all_special_ids", []))
+        pairs.update((i, i) for i in sorted(source_tok.get_vocab().values()) if i not in special)
     aligned = 0
     for text in texts:
         s = source_tok(text, add_special_tokens=False)["input_ids"]

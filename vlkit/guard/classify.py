@@ -1,0 +1,157 @@
+"""A Llama Guard-style classifier around any HF causal LM.
+
+score   = P(first generated token is the first token of "unsafe") after the prompt, a softmax over the
+          whole vocabulary at the last prompt position (one forward pass per batch);
+verdict = "unsafe" if score >= threshold else "safe", unless the generated answer is malformed, which
+          is the explicit verdict "error" (never "safe");
+categories = the codes on the answer's second line, parsed tolerantly ("S1, s2", "O3 ,O1").
+Batched with left padding; generation reuses the prompt's KV cache (HF generate).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vlkit.data.tokenizer import load_tokenizer
+from vlkit.errors import VlkitError
+from vlkit.guard.prompt import Role, build_prompt
+from vlkit.guard.taxonomy import Taxonomy, load_taxonomy
+from vlkit.models.llm import load_llm
+
+
+@dataclass
+class Verdict:
+    verdict: Literal["safe", "unsafe", "error"]
+    score: float
+    categories: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    raw: str = ""
+    error: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict != "safe"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_answer(text: str, taxonomy: Taxonomy) -> tuple[str, list[str], str | None]:
+    """("safe"|"unsafe"|"error", codes, error message). Tolerant of case, spaces and separators."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "error", [], "empty answer"
+    first = lines[0].lower().rstrip(".")
+    if first == "safe":
+        return "safe", [], None
+    if first != "unsafe":
+        return "error", [], f"first line is {lines[0][:40]!r}, not 'safe' or 'unsafe'"
+    if len(lines) < 2:
+        return "unsafe", [], None
+    codes = [c for c in re.split(r"[\s,;]+", lines[1].upper()) if c]
+    known = {c.upper(): c for c in taxonomy.codes()}
+    unknown = [c for c in codes if c not in known]
+    if unknown:
+        return "error", [], f"unknown category code(s) {unknown[:3]}"
+    return "unsafe", list(dict.fromkeys(known[c] for c in codes)), None
+
+
+def first_token(tokenizer, prompt: str, word: str) -> int:
+    """The first token the model would generate to start `word` right after `prompt`."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(base), len(full)) and base[k] == full[k]:
+        k += 1
+    if k >= len(full):
+        raise VlkitError(f"guard: the tokenizer cannot express {word!r} after the prompt")
+    return full[k]
+
+
+class Guard:
+    def __init__(self, model, tokenizer, taxonomy: Taxonomy | str = "llama-guard-3", version: int = 3,
+                 template: Literal["inst", "chat"] = "inst", threshold: float = 0.5, max_new_tokens: int = 16):
+        self.model, self.tok = model.eval(), tokenizer
+        self.taxonomy = load_taxonomy(taxonomy) if isinstance(taxonomy, (str, Path)) else taxonomy
+        self.version, self.template, self.threshold = version, template, threshold
+        self.max_new_tokens = max_new_tokens
+        probe = self.prompt([{"role": "user", "content": "hello"}], "User")
+        self.unsafe_id = first_token(tokenizer, probe, "unsafe")
+        self.safe_id = first_token(tokenizer, probe, "safe")
+        if self.unsafe_id == self.safe_id:
+            raise VlkitError("guard: 'safe' and 'unsafe' start with the same token for this tokenizer, so P(unsafe) "
+                             "cannot be read from the first token; use a checkpoint whose tokenizer splits them apart")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "Guard":
+        """A guard from a local directory: a real Llama Guard checkpoint or one trained with recipe `guard`
+        (its guard_config.json gives taxonomy, version and template defaults)."""
+        from vlkit.fileio import read_json
+
+        path = Path(path)
+        settings = read_json(path / "guard_config.json") if (path / "guard_config.json").is_file() else {}
+        if "taxonomy" in settings and "taxonomy" not in kwargs:
+            kwargs["taxonomy"] = Taxonomy.model_validate(settings["taxonomy"])
+        for k in ("version", "template", "threshold"):
+            if k in settings and k not in kwargs:
+                kwargs[k] = settings[k]
+        return cls(load_llm(path), load_tokenizer(path), **kwargs)
+
+    def prompt(self, conversation: list[dict], role: Role = "User") -> str:
+        return build_prompt(conversation, self.taxonomy, role, self.version, self.template, self.tok)
+
+    @torch.no_grad()
+    def classify(self, conversations: list[list[dict]], role: Role = "User", batch_size: int = 8,
+                 generate: bool = True) -> list[Verdict]:
+        """Verdicts for conversations judged at `role` ("User": the prompt; "Agent": the last reply)."""
+        out: list[Verdict] = []
+        for i in range(0, len(conversations), batch_size):
+            prompts = [self.prompt(c, role) for c in conversations[i:i + batch_size]]
+            out.extend(self._batch(prompts, generate))
+        return out
+
+    def _batch(self, prompts: list[str], generate: bool) -> list[Verdict]:
+        device = next(self.model.parameters()).device
+        side, self.tok.padding_side = self.tok.padding_side, "left"
+        try:
+            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        finally:
+            self.tok.padding_side = side
+        if not generate:
+            logits = self.model(**enc).logits[:, -1].float()
+            scores = torch.softmax(logits, -1)[:, self.unsafe_id].tolist()
+            return [Verdict("unsafe" if s >= self.threshold else "safe", s) for s in scores]
+        gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
+        scores = torch.softmax(gen.scores[0].float(), -1)[:, self.unsafe_id].tolist()
+        texts = self.tok.batch_decode(gen.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        verdicts = []
+        for s, text in zip(scores, texts):
+            said, codes, err = parse_answer(text, self.taxonomy)
+            if err:
+                verdicts.append(Verdict("error", s, raw=text, error=err))
+                continue
+            verdict = "unsafe" if s >= self.threshold else "safe"
+            codes = codes if verdict == "unsafe" else []
+            verdicts.append(Verdict(verdict, s, codes, [self.taxonomy.by_code(c).name for c in codes], text))
+        return verdicts
+
+
+class GuardMiddleware:
+    """What serving calls around generation: check the user's input, then the model's reply."""
+
+    def __init__(self, guard: Guard, check_inputs: bool = True, check_outputs: bool = True):
+        self.guard, self.check_inputs, self.check_outputs = guard, check_inputs, check_outputs
+
+    def check_input(self, conversation: list[dict]) -> Verdict | None:
+        return self.guard.classify([conversation], "User")[0] if self.check_inputs else None
+
+    def check_output(self, conversation: list[dict], reply: str) -> Verdict | None:
+        if not self.check_outputs:
+            return None
+        return self.guard.classify([conversation + [{"role": "assistant", "content": reply}]], "Agent")[0]
