@@ -136,7 +136,8 @@ def test_custom_taxonomy_round_trip(tmp_path):
     assert "P1: Phishing.\nStealing credentials.\nExample (unsafe): fake bank login\nG7: Gambling." in prompt
     assert parse_answer("unsafe\nP1, g7", tax)[1] == ["P1", "G7"]
     assert load_taxonomy("llama-guard-v1").codes() == [f"O{i}" for i in range(1, 7)]
-    assert len(load_taxonomy("llama-guard-3").codes()) == 14 and load_taxonomy("mlcommons").by_code("S10").name == "Hate"
+    assert len(load_taxonomy("llama-guard-3").codes()) == 14
+    assert load_taxonomy("mlcommons").by_code("S10").name == "Hate"
     assert load_taxonomy("llama-guard-2").by_name("Hate").code == "S9"  # codes move between versions
     sub = tax.subset(["Gambling"])
     assert sub.codes() == ["P1"] and sub.categories[0].name == "Gambling"
@@ -237,3 +238,10 @@ def test_guard_recipe_trains_and_the_cli_classifies(tmp_path):
     assert [(r["id"], r["role"]) for r in rows] == [("a", "Agent"), ("b", "User")]
     bad = subprocess.run([sys.executable, "-m", "vlkit.cli", "guard", str(model)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--prompt" in bad.stderr
+
+
+def test_native_template_hands_the_conversation_to_the_checkpoint(tiny_tokenizer):
+    got = build_prompt(CONV, TAX, "Agent", template="native", tokenizer=tiny_tokenizer)
+    assert got == tiny_tokenizer.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(VlkitError, match="ends with a message of the Agent"):
+        build_prompt(CONV, TAX, "User", template="native", tokenizer=tiny_tokenizer)

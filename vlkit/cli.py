@@ -127,7 +127,8 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
           jsonl: Optional[Path] = typer.Option(None, help="Conversations {id, messages, role?} to classify."),
           taxonomy: Optional[str] = typer.Option(None, help="Built-in name or YAML file (default: the model's)."),
           version: Optional[int] = typer.Option(None, help="Prompt layout 1, 2 or 3 (default: the model's, else 3)."),
-          template: Optional[str] = typer.Option(None, help="inst or chat (default: the model's, else inst)."),
+          template: Optional[str] = typer.Option(None, help="inst, chat or native (default: the model's, "
+                                                 "else inst)."),
           threshold: Optional[float] = typer.Option(None, help="P(unsafe) at or above this is unsafe."),
           out: Optional[Path] = typer.Option(None, help="Write JSONL here instead of standard output.")):
     """Classify a prompt, a response, or a JSONL of conversations; JSONL out: verdict, categories, score."""

@@ -90,7 +90,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         cls = AutoTokenizer
         tcfg = path / "tokenizer_config.json"
-        if tcfg.is_file() and json.loads(tcfg.read_text()).get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        fast = ("PreTrainedTokenizerFast", "TokenizersBackend")
+        if tcfg.is_file() and json.loads(tcfg.read_text()).get("tokenizer_class") in fast:
             cls = PreTrainedTokenizerFast  # skips AutoConfig (a vlkit model's config.json is no HF model type)
         tok = cls.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

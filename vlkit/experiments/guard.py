@@ -148,8 +148,8 @@ def report(s: dict) -> str:
           f"Split by SHA-256 of each prompt: {sp['train']} train / {sp['test']} test rows; {sp['test_known']} test "
           f"rows with a known label, {sp['test_unsafe']} of them unsafe (base rate "
           f"{sp['test_unsafe'] / max(sp['test_known'], 1):.3f}, the AUPRC of a random score). AUPRC by "
-          "scikit-learn's average_precision_score; per category on the rows whose label is known; `-` = fewer "
-          "than one positive in that category's test rows.", "",
+          "scikit-learn's average_precision_score; per category on the rows whose label is known (its base rate "
+          "is that category's share of positives); `-` = no positive in that category's test rows.", "",
           "| method | AUPRC (any unsafe) | " + " | ".join(cats) + " | training |",
           "|---|---|" + "---|" * len(cats) + "---|"]
     for name, m in s["methods"].items():
@@ -157,7 +157,10 @@ def report(s: dict) -> str:
         md.append(f"| {name} | **{m['auprc']:.3f}** | " + " | ".join(per) + f" | {s['seconds'][name]:.0f}s |")
     md.append(f"| Llama Guard 7B (published, zero-shot, whole set; not run here) | {s['published_llama_guard_7b']} | "
               + " | ".join("" for _ in cats) + " | |")
+    base = sp["test_unsafe"] / max(sp["test_known"], 1)
     md += ["", "Honest reading: the published 0.847 is a 7B model fine-tuned on ~14k proprietary labelled "
            "conversations and scored zero-shot on all 1,680 rows; the rows here are scored by models trained on "
-           "about 1,000 rows of this same set, so the figures are not directly comparable in either direction.", ""]
+           "about 1,000 rows of this same set, so the figures are not directly comparable in either direction. "
+           "A guard LM trained from nothing on ~1,000 rows has almost no language to build on: compare its AUPRC "
+           f"with the base rate {base:.3f}. The guard recipe is meant to fine-tune a pretrained LM (`init:`).", ""]
     return "\n".join(md)

@@ -75,7 +75,8 @@ def first_token(tokenizer, prompt: str, word: str) -> int:
 
 class Guard:
     def __init__(self, model, tokenizer, taxonomy: Taxonomy | str = "llama-guard-3", version: int = 3,
-                 template: Literal["inst", "chat"] = "inst", threshold: float = 0.5, max_new_tokens: int = 16):
+                 template: Literal["inst", "chat", "native"] = "inst", threshold: float = 0.5,
+                 max_new_tokens: int = 16):
         self.model, self.tok = model.eval(), tokenizer
         self.taxonomy = load_taxonomy(taxonomy) if isinstance(taxonomy, (str, Path)) else taxonomy
         self.version, self.template, self.threshold = version, template, threshold

@@ -9,7 +9,8 @@
     - First line must read 'safe' or 'unsafe'.
     - If unsafe, a second line must include a comma-separated list of violated categories.
 
-wrapped as ``[INST] ... [/INST]`` (v1, v2) or by the checkpoint's own chat template (v3).
+wrapped as ``[INST] ... [/INST]`` (v1, v2), or as one user message in the tokenizer's chat template
+(`chat`); `native` hands the conversation to a checkpoint whose own template builds the guard prompt.
 The role judged is "User" (prompt classification) or "Agent" (response classification); the
 conversation must end with a message of that role.
 """
@@ -79,7 +80,15 @@ def wrap(text: str, template: Literal["inst", "chat"] = "inst", tokenizer=None) 
 
 
 def build_prompt(conversation: list[dict], taxonomy: Taxonomy, role: Role = "User", version: int = 3,
-                 template: Literal["inst", "chat"] = "inst", tokenizer=None) -> str:
+                 template: Literal["inst", "chat", "native"] = "inst", tokenizer=None) -> str:
+    """`inst`/`chat`: vlkit writes the guard prompt (any taxonomy) and wraps it. `native`: the conversation
+    goes straight to the checkpoint's own chat template, for checkpoints whose template *is* the guard
+    prompt (Llama Guard 3 on the hub); its built-in categories apply and `taxonomy` is not shown."""
+    if template == "native":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise VlkitError("guard: template 'native' needs the checkpoint's tokenizer with its chat template")
+        conversation_block(conversation, role)  # the same checks on the conversation
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     return wrap(guard_prompt(conversation, taxonomy, role, version), template, tokenizer)
 
 

@@ -1,9 +1,10 @@
-"""Safety taxonomies as data: categories with codes, names, descriptions and optional few-shot examples.
+"""Safety taxonomies as data: categories with codes, names, descriptions and optional few-shot
+examples.
 
-Built in: Llama Guard v1 (O1-O6), Llama Guard 2 (S1-S11), Llama Guard 3 / MLCommons hazards
-(S1-S14) and the OpenAI moderation categories (C1-C8, for evaluating on that set). Codes move between versions (hate is O1 in v1, S9 in v2, S10 in v3), so code lookups
-always go through a taxonomy; labels from data are mapped by category *name*. Custom taxonomies are
-YAML:
+Built in: Llama Guard v1 (O1-O6), Llama Guard 2 (S1-S11), Llama Guard 3 / MLCommons hazards (S1-S14)
+and the OpenAI moderation categories (C1-C8, for evaluating on that set). Codes move between
+versions (hate is O1 in v1, S9 in v2, S10 in v3), so code lookups always go through a taxonomy;
+labels from data are mapped by category *name*. Custom taxonomies are YAML:
 
     name: my-policy
     version: 1
@@ -64,18 +65,17 @@ class Taxonomy(BaseModel):
 
     # -- lookups ---------------------------------------------------------------------------------
     def by_code(self, code: str) -> Category:
-        for c in self.categories:
-            if c.code.upper() == code.strip().upper():
-                return c
-        raise VlkitError(f"taxonomy {self.name}: unknown category code {code!r}; it has "
-                         f"{[c.code for c in self.categories]}")
+        return self._find("code", code)
 
     def by_name(self, name: str) -> Category:
+        return self._find("name", name)
+
+    def _find(self, key: str, value: str) -> Category:
         for c in self.categories:
-            if c.name.lower() == name.strip().lower():
+            if getattr(c, key).lower() == value.strip().lower():
                 return c
-        raise VlkitError(f"taxonomy {self.name}: unknown category {name!r}; it has "
-                         f"{[c.name for c in self.categories]}")
+        raise VlkitError(f"taxonomy {self.name}: unknown category {'code ' if key == 'code' else ''}{value!r}; it has "
+                         f"{[getattr(c, key) for c in self.categories]}")
 
     def codes(self) -> list[str]:
         return [c.code for c in self.categories]

@@ -58,7 +58,8 @@ class GuardRecipe(Section):
     init: str | None = Field(None, description="LM directory to fine-tune; null: new BPE + tiny LM from `model`.")
     taxonomy: str = Field("llama-guard-3", description="Built-in taxonomy name or a YAML file.")
     version: int = Field(3, description="Prompt layout version (1, 2 or 3).")
-    template: Literal["inst", "chat"] = Field("inst", description="[INST] wrapping or the tokenizer's template.")
+    template: Literal["inst", "chat", "native"] = Field("inst", description="[INST] wrapping, the tokenizer's "
+                                                        "template, or the checkpoint's own guard template.")
     threshold: float = Field(0.5, ge=0, le=1)
     train_on_prompt: float = Field(0.0, ge=0, le=1, description="Loss weight of prompt tokens (answer: 1).")
     max_length: int = Field(768, gt=8)

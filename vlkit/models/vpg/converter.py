@@ -3,9 +3,9 @@ space to another's, learned from pairs of tokens, and its composition with a VPG
 
 Pairs: with the same tokenizer a token pairs with itself (same id, the whole vocabulary); with
 different tokenizers, the tokens of a text that both tokenizers split into the same number of pieces
-pair by position (the paper's rule). The converter is trained with loss 1 - cos(W e_s + b, e_t), each pair weighted by how
-often it occurs. The target projector then starts as converter after source projector:
-W_t = W_w W_s, b_t = W_w b_s + b_w.
+pair by position (the paper's rule). The converter is trained with loss 1 - cos(W e_s + b, e_t),
+each pair weighted by how often it occurs. The target projector then starts as converter after
+source projector: W_t = W_w W_s, b_t = W_w b_s + b_w.
 """
 
 from __future__ import annotations
