@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vlkit.data.images import load_image
+from vlkit.errors import VlkitError
 from vlkit.models.generate import GenerationConfig, stream
 
 
@@ -45,33 +46,82 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]})
 
     def repl(self, inp=None, out=None) -> None:
-        inp, out = inp or sys.stdin, out or sys.stdout
-        out.write("vlkit chat: /image PATH, /reset, /quit\n")
-        while True:
-            out.write("> ")
-            out.flush()
-            line = inp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if line in ("/quit", "/exit"):
-                break
-            if line == "/reset":
-                self.reset()
-                out.write("(conversation cleared)\n")
-                continue
-            if line.startswith("/image "):
-                from vlkit.errors import VlkitError
+        repl(self, inp, out)
 
-                try:
-                    self.attach(line[len("/image "):].strip())
-                    out.write(f"(image attached: {len(self.pending)} pending)\n")
-                except VlkitError as e:
-                    out.write(f"error: {e}\n")
-                continue
-            for piece in self.ask(line):
-                out.write(piece)
-                out.flush()
-            out.write("\n")
+
+class RemoteChatSession(ChatSession):
+    """The same conversation against a running OpenAI-compatible server (`vlkit serve`, vLLM, ...)."""
+
+    def __init__(self, url: str, gen: GenerationConfig, model: str | None = None, api_key: str | None = None):
+        import openai
+
+        self.client = openai.OpenAI(base_url=url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1"),
+                                    api_key=api_key or "none", max_retries=0)
+        try:
+            self.model_name = model or self.client.models.list().data[0].id
+        except openai.OpenAIError as e:
+            raise VlkitError(f"{url}: no OpenAI-compatible server answers there ({type(e).__name__})") from None
+        self.gen = gen
+        self.reset()
+
+    def attach(self, path: str | Path) -> None:
+        import base64
+        import io
+
+        buf = io.BytesIO()
+        load_image(path).save(buf, format="PNG")  # checked and normalised here, sent as a data URL
+        self.pending.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+
+    def ask(self, text: str) -> Iterator[str]:
+        import openai
+
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in self.pending] + \
+            [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.pending = []
+        answer = ""
+        try:
+            chunks = self.client.chat.completions.create(
+                model=self.model_name, messages=self.messages, stream=True, max_tokens=self.gen.max_new_tokens,
+                temperature=self.gen.temperature, top_p=self.gen.top_p, stop=self.gen.stop or None)
+            for c in chunks:
+                piece = c.choices[0].delta.content if c.choices else None
+                if piece:
+                    answer += piece
+                    yield piece
+        except openai.APIStatusError as e:
+            raise VlkitError(f"server: {e.message}") from None
+        finally:
+            self.messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def repl(session: ChatSession, inp=None, out=None) -> None:
+    """The terminal loop: /image PATH, /reset, /quit."""
+    inp, out = inp or sys.stdin, out or sys.stdout
+    out.write("vlkit chat: /image PATH, /reset, /quit\n")
+    while True:
+        out.write("> ")
+        out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+            continue
+        if line.startswith("/image "):
+            try:
+                session.attach(line[len("/image "):].strip())
+                out.write(f"(image attached: {len(session.pending)} pending)\n")
+            except VlkitError as e:
+                out.write(f"error: {e}\n")
+            continue
+        for piece in session.ask(line):
+            out.write(piece)
+            out.flush()
+        out.write("\n")

@@ -88,7 +88,8 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
 
 
 @app.command()
-def chat(model: Path = typer.Argument(..., help="A vlkit model directory."),
+def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model directory (or use --url)."),
+         url: Optional[str] = typer.Option(None, help="Talk to a running OpenAI-compatible server instead."),
          image: Optional[List[Path]] = typer.Option(None, "--image", help="Image for the first turn (repeatable)."),
          prompt: Optional[str] = typer.Option(None, help="One-shot: answer this and exit."),
          max_new_tokens: int = typer.Option(64, help="Most tokens per answer."),
@@ -97,10 +98,17 @@ def chat(model: Path = typer.Argument(..., help="A vlkit model directory."),
          seed: Optional[int] = typer.Option(None, help="Seed for sampling.")):
     """Talk to a model in the terminal, streaming. In a session: /image PATH attaches an image to the next
     message, /reset starts over, /quit (or Ctrl-D) leaves."""
-    from vlkit.chat import ChatSession
+    from vlkit.chat import ChatSession, RemoteChatSession
+    from vlkit.models.generate import GenerationConfig
 
-    session = ChatSession.open(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               seed=seed)
+    if (model is None) == (url is None):
+        raise VlkitError("chat: give a model directory or --url of a server, not both")
+    if url is not None:
+        session = RemoteChatSession(url, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          top_p=top_p, seed=seed))
+    else:
+        session = ChatSession.open(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed)
     for path in image or []:
         session.attach(path)
     if prompt is not None:
@@ -169,6 +177,39 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
     else:
         with atomic_path(out) as tmp:
             Path(tmp).write_text(text)
+
+
+@app.command()
+def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
+          guard: Optional[Path] = typer.Option(None, help="Guard checkpoint: checks inputs and replies."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port."),
+          max_batch: int = typer.Option(16, help="Most requests in one batched generate call."),
+          batch_window_ms: float = typer.Option(10.0, help="How long the batcher waits for more requests."),
+          no_batching: bool = typer.Option(False, help="Answer requests one at a time."),
+          max_tokens: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
+          max_images: int = typer.Option(4, help="Images per request."),
+          max_pixels: int = typer.Option(4096 * 4096, help="Pixels per image."),
+          max_body_bytes: int = typer.Option(8 * 1024 * 1024, help="Request body size."),
+          max_in_flight: int = typer.Option(64, help="Requests in flight; more get HTTP 429."),
+          timeout: float = typer.Option(120.0, help="Seconds a request may take (HTTP 504 after)."),
+          allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs (SSRF risk)."),
+          allow_local_images: bool = typer.Option(False, help="Read image paths on this machine.")):
+    """Serve a model with an OpenAI-compatible API (POST /v1/chat/completions), a chat page at /."""
+    import uvicorn
+
+    from vlkit.serve import Engine, ServeLimits, create_app
+
+    engine = Engine.load(model, max_batch=max_batch, batch_window_ms=batch_window_ms, batching=not no_batching)
+    middleware = None
+    if guard is not None:
+        from vlkit.guard import Guard, GuardMiddleware
+
+        middleware = GuardMiddleware(Guard.from_pretrained(guard))
+    limits = ServeLimits(max_body_bytes=max_body_bytes, max_images=max_images, max_pixels=max_pixels,
+                         max_tokens=max_tokens, max_in_flight=max_in_flight, timeout_s=timeout,
+                         allow_remote_images=allow_remote_images, allow_local_images=allow_local_images)
+    uvicorn.run(create_app(engine, limits, middleware), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -80,8 +80,9 @@ class VLProcessor:
         return out_ids, out_labels
 
     def encode(self, messages: list[dict], num_images: int, record_id: str = "conversation",
-               add_generation_prompt: bool = False) -> dict:
-        """-> {"input_ids", "labels", "num_images"} with image placeholders expanded.
+               add_generation_prompt: bool = False, truncate: bool = True) -> dict:
+        """-> {"input_ids", "labels", "num_images"} with image placeholders expanded (cut to max_length with a
+        warning, unless `truncate` is false).
 
         `num_images` is the number of images supplied; a mismatch with the placeholders is an error
         naming the record."""
@@ -99,6 +100,8 @@ class VLProcessor:
         if ids.count(self.image_token_id) != expected:
             raise VlkitError(f"{record_id}: the text itself contains '<image>'; remove it from the message text")
         ids, labels = self.expand(ids, labels)
+        if not truncate:
+            return {"input_ids": ids, "labels": labels, "num_images": expected}
         return self._truncate(ids, labels, expected, record_id)
 
     def _truncate(self, ids, labels, n_images, record_id) -> dict:

@@ -75,8 +75,10 @@ def trim(text: str, stop: Sequence[str]) -> str:
 
 @torch.no_grad()
 def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
-             gen: GenerationConfig | None = None, image_features: torch.Tensor | None = None) -> list[dict]:
-    """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation."""
+             gen: GenerationConfig | None = None, image_features: torch.Tensor | None = None,
+             return_ids: bool = False) -> list[dict]:
+    """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation
+    (+ "ids", the generated token ids before the end-of-sequence token, with `return_ids`)."""
     gen = gen or GenerationConfig()
     kw = _generate_kwargs(processor, gen)
     inputs = prepare(model, processor, conversations, images, image_features)
@@ -94,6 +96,8 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
         stopped = bool(gen.stop) and any(s in text for s in gen.stop)
         finish = "stop" if (n < len(ids) or stopped) else ("length" if len(ids) >= gen.max_new_tokens else "stop")
         results.append({"text": trim(text, gen.stop).strip(), "tokens": n, "finish_reason": finish})
+        if return_ids:
+            results[-1]["ids"] = ids[:n]
     return results
 
 

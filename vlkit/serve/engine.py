@@ -1,0 +1,143 @@
+"""The serving engine: a vlkit model, one worker thread, and dynamic batching.
+
+Requests wait in a bounded queue; the worker takes what has arrived within `batch_window_ms` (up to
+`max_batch`), groups requests that sample alike (temperature, top_p), and answers each group in ONE
+batched generate call (left padding). Per-request limits are applied to each answer afterwards:
+its own max_tokens and stop strings cut its text, so requests with different settings still share the
+forward passes. Streaming requests run alone, token by token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vlkit.models.generate import GenerationConfig, generate, stream, trim
+from vlkit.models.io import load_vlm
+
+
+@dataclass
+class Request:
+    conversation: list[dict]
+    images: list
+    gen: GenerationConfig
+    streaming: bool = False
+    future: Future = field(default_factory=Future)
+    pieces: "queue.Queue[str | None | BaseException]" = field(default_factory=queue.Queue)
+
+
+class Engine:
+    def __init__(self, model, processor, name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
+                 batching: bool = True):
+        self.model, self.processor, self.name = model.eval(), processor, name
+        self.max_batch = max_batch if batching else 1
+        self.window = batch_window_ms / 1000 if batching else 0.0
+        self.inbox: "queue.Queue[Request]" = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run (for tests and benchmarks)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> "Engine":
+        model, processor = load_vlm(path)
+        return cls(model, processor, Path(path).name, **kwargs)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, conversation: list[dict], n_images: int) -> int:
+        return len(self.processor.encode(conversation, n_images, add_generation_prompt=True,
+                                         truncate=False)["input_ids"])
+
+    # -- API ---------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        self.inbox.put(req)
+        return req
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # -- worker ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if first.future.cancelled():
+                continue
+            if first.streaming:
+                self._stream(first)
+                continue
+            batch, deadline = [first], time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    nxt = self.inbox.get(timeout=max(left, 0)) if left > 0 else self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt.streaming:
+                    self.inbox.put(nxt)  # after this batch
+                    break
+                batch.append(nxt)
+            groups: dict[tuple, list[Request]] = {}
+            for r in batch:
+                groups.setdefault((r.gen.temperature, r.gen.top_p), []).append(r)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group: list[Request]) -> None:
+        self.batches.append(len(group))
+        longest = max(r.gen.max_new_tokens for r in group)
+        shared = GenerationConfig(max_new_tokens=longest, temperature=group[0].gen.temperature,
+                                  top_p=group[0].gen.top_p, seed=group[0].gen.seed)
+        try:
+            with torch.no_grad():
+                outs = generate(self.model, self.processor, [r.conversation for r in group],
+                                [r.images for r in group], shared, return_ids=True)
+        except BaseException as e:  # every waiting request learns of it
+            for r in group:
+                if not r.future.done():  # a request that timed out was cancelled by its waiter
+                    r.future.set_exception(e)
+            return
+        tok = self.processor.tokenizer
+        for r, out in zip(group, outs):
+            ids = out["ids"]
+            if len(ids) > r.gen.max_new_tokens:  # this request's own budget
+                ids, finish = ids[: r.gen.max_new_tokens], "length"
+            else:  # without stop strings, the shared call says "stop" only at the end-of-sequence token
+                finish = out["finish_reason"]
+            text = tok.decode(ids, skip_special_tokens=True)
+            if any(s and s in text for s in r.gen.stop):
+                text, finish = trim(text, r.gen.stop), "stop"
+            if not r.future.done():
+                r.future.set_result({"text": text.strip(), "tokens": len(ids), "finish_reason": finish})
+
+    def _stream(self, r: Request) -> None:
+        self.batches.append(1)
+        try:
+            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen):
+                r.pieces.put(piece)
+            r.pieces.put(None)
+        except BaseException as e:
+            r.pieces.put(e)
+
+    def iterate(self, r: Request, timeout: float) -> Iterator[str]:
+        """The pieces of a streaming request, as they come."""
+        end = time.monotonic() + timeout
+        while True:
+            item = r.pieces.get(timeout=max(end - time.monotonic(), 0.001))
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
