@@ -83,8 +83,8 @@ def live(tiny_tokenizer):
 
 
 def ask(client, content, **kw):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                          max_tokens=kw.pop("max_tokens", 8), **kw)
+    return client.chat.completions.create(model=kw.pop("model", "tiny"), max_tokens=kw.pop("max_tokens", 8),
+                                          messages=[{"role": "user", "content": content}], **kw)
 
 
 def test_text_image_usage_models_and_health(live):
@@ -241,3 +241,17 @@ def _png_of(path) -> str:
     buf = io.BytesIO()
     Image.open(path).convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_plain_hf_causal_lm_is_served_text_only(tiny_lm):
+    engine = Engine.load(tiny_lm)
+    srv = Live(create_app(engine, ServeLimits(max_tokens=8)))
+    try:
+        r = srv.client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=6)
+        assert r.usage.completion_tokens > 0 and not engine.takes_images
+        with pytest.raises(openai.BadRequestError, match="text-only"):
+            ask(srv.client, [{"type": "image_url", "image_url": {"url": png_url()}}], model=engine.name)
+    finally:
+        srv.close()
+        engine.close()

@@ -244,6 +244,8 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
 
     async def _complete(body: dict):
         conv, images = parse_messages(body, limits)
+        if images and not engine.takes_images:
+            raise APIError(400, f"model {engine.name!r} is a text-only LM: it takes no images", param="messages")
         gen = generation_settings(body, limits)
         try:
             prompt_tokens = engine.prompt_tokens(conv, len(images))

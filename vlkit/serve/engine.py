@@ -18,9 +18,37 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 
+from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.tokenizer import load_tokenizer
+from vlkit.errors import VlkitError
+from vlkit.fileio import read_json
 from vlkit.models.generate import GenerationConfig, generate, stream, trim
 from vlkit.models.io import load_vlm
+from vlkit.models.llm import load_llm
+
+
+class TextOnlyLM(nn.Module):
+    """A plain HF causal LM behind the interface vlkit's generation uses (`llm`, `embed`); no images."""
+
+    num_image_tokens = 1
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+
+    def embed(self, input_ids, pixel_values=None, image_features=None):
+        if pixel_values is not None or image_features is not None:
+            raise VlkitError("this model is a text-only LM: it takes no images")
+        return self.llm.get_input_embeddings()(input_ids)
+
+
+def text_only(path: Path):
+    tok = load_tokenizer(path)
+    llm = load_llm(path)
+    ctx = getattr(llm.config, "max_position_embeddings", None) or 2048
+    return TextOnlyLM(llm), VLProcessor(tok, ProcessorConfig(224, [0.5] * 3, [0.5] * 3, 1, ctx))
 
 
 @dataclass
@@ -47,8 +75,17 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "Engine":
-        model, processor = load_vlm(path)
-        return cls(model, processor, Path(path).name, **kwargs)
+        """A vlkit model directory, or a plain HF causal-LM directory (text only)."""
+        path = Path(path)
+        if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "vlkit_vlm":
+            model, processor = load_vlm(path)
+        else:
+            model, processor = text_only(path)
+        return cls(model, processor, path.name, **kwargs)
+
+    @property
+    def takes_images(self) -> bool:
+        return not isinstance(self.model, TextOnlyLM)
 
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
