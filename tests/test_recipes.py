@@ -86,3 +86,29 @@ def test_clip_vision_encoder(tmp_path, tiny_world):
     theirs = proc(images=img, return_tensors="pt")["pixel_values"]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert vision(pixel_values=ours).last_hidden_state.shape == (1, 65, 48)
+
+
+def test_instruct_with_lora_trains_adapters_and_saves_them_merged(tmp_path, tiny_world, tiny_tokenizer):
+    from test_vlm import make
+    from vlkit.models.io import load_vlm, save_vlm
+    from vlkit.recipes.instruct import InstructRecipe, run as run_instruct
+
+    model, proc = make(tiny_tokenizer)
+    save_vlm(model, tmp_path / "base", proc)
+    before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    cfg_w, _ = tiny_world
+    cfg = load(InstructRecipe, None, [
+        f"output_dir={tmp_path / 'run'}", f"init={tmp_path / 'base'}", "trainable=[vpg.projector,lora]",
+        "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"data.world.seed={cfg_w.seed}",
+        f"data.world.train_scenes={cfg_w.train_scenes}", f"data.world.test_scenes={cfg_w.test_scenes}",
+        "data.tasks=[caption,vqa]", "data.mix={caption: 1, vqa: 1}", "eval.max_per_task=4", "eval.tasks=[vqa]",
+        "cache_features=false", "train.steps=6", "train.batch_size=8", "train.lr=1e-2", "train.progress=false"])
+    res = run_instruct(cfg)
+    q = sum(4 * (m.in_features + m.out_features) for n, m in model.llm.named_modules()
+            if n.endswith(("q_proj", "v_proj")))  # rank 4: A is (4 x in), B is (out x 4)
+    assert res["trainable_params"] == q + sum(p.numel() for p in model.vpg.projector.parameters())
+    merged, _ = load_vlm(tmp_path / "run" / "model")
+    after = merged.llm.state_dict()
+    assert set(after) == set(before)  # a plain HF LLM again: the adapters are folded in
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) and k.endswith("weight") for k in changed)

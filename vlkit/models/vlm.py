@@ -40,6 +40,20 @@ class VLMConfig(Section):
     max_length: int = Field(256, gt=0, description="Longest token sequence (image tokens included).")
 
 
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The adapter weights of peft LoRA layers (found by module type, not by parameter name)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    out = []
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            for d in (m.lora_A, m.lora_B):
+                out += [p for sub in d.values() for p in sub.parameters()]
+    return out
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vision: VisionTower, vpg: nn.Module, llm: PreTrainedModel, image_token_id: int,
                  config: VLMConfig):
@@ -88,7 +102,29 @@ class VisionLanguageModel(nn.Module):
         groups["llm.head"] = list(head.parameters()) if head is not None else []
         groups["llm.norms"] = [p for m in self.llm.modules() if "norm" in type(m).__name__.lower()
                                for p in m.parameters(recurse=False)]
+        groups["lora"] = lora_parameters(self.llm)
         return groups
+
+    # -- LoRA (peft) -------------------------------------------------------------------------------
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                 target_modules: list[str] | None = None) -> None:
+        """Wrap the LLM with LoRA adapters (peft); their parameters form the group `lora`."""
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise VlkitError("lora: needs peft; pip install 'vlkit[lora]'") from None
+
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                         task_type="CAUSAL_LM")
+        try:
+            self.llm = get_peft_model(self.llm, cfg)
+        except ValueError as e:
+            raise VlkitError(f"lora: {str(e).splitlines()[0][:200]}; set lora.target_modules") from None
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the LLM's weights and drop peft (a plain HF model again)."""
+        if hasattr(self.llm, "merge_and_unload"):
+            self.llm = self.llm.merge_and_unload()
 
     def set_trainable(self, groups: list[str]) -> None:
         """Freeze everything, then unfreeze the named groups."""

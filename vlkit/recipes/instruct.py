@@ -1,7 +1,8 @@
 """Recipe `instruct`: multi-task, multi-turn instruction tuning of an existing VLM (LLaVA stage 2).
 
 Starts from a vlkit model directory (typically a VPG-pretrained one, recipe `vpg`) and trains the
-parameter groups named in `trainable` (the VPG only, the VPG + the LLM, ...) on records of any mix of
+parameter groups named in `trainable` (the VPG only, the VPG + the LLM, LoRA adapters on the LLM
+through `peft`, ...) on records of any mix of
 tasks (`data.mix`: task -> weight). Evaluates on held-out data beside the blind baseline and saves a
 vlkit model directory (``<out>/model``).
 """
@@ -23,11 +24,22 @@ from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 
 
+class LoraSettings(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="LLM modules to adapt (default: peft's for the "
+                                             "model type, e.g. q_proj and v_proj for LLaMA).")
+
+
 class InstructRecipe(Section):
     recipe: Literal["instruct"] = "instruct"
     output_dir: str = Field("runs/instruct")
     init: str = Field(..., description="vlkit model directory to start from (e.g. <vpg run>/model).")
-    trainable: list[str] = Field(["vpg", "llm"], description="Parameter groups to train; everything else is frozen.")
+    trainable: list[str] = Field(["vpg", "llm"], description="Parameter groups to train; everything else is frozen "
+                                 "(with `lora`, name the group `lora`).")
+    lora: LoraSettings | None = Field(None, description="Add LoRA adapters to the LLM (peft); merged into its "
+                                      "weights before evaluation and saving.")
     data: RecordsConfig = Field(default_factory=RecordsConfig)
     eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: data's world, every task).")
     cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
@@ -41,7 +53,10 @@ def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, prog
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     seed_everything(cfg.train.seed)
     model, proc = load_vlm(cfg.init)
+    if cfg.lora:
+        model.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     model.set_trainable(cfg.trainable)
     model.train()
-    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress)
+    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress,
+                                before_eval=model.merge_lora if cfg.lora else None)
     return finish(out, {"recipe": "instruct", "init": cfg.init, "trainable": cfg.trainable, **result})

@@ -126,7 +126,7 @@ def image_banks(model: VisionLanguageModel, train_recs: list[dict], test_recs: l
 def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train_recs: list[dict],
                        test_recs: list[dict], out: Path, resume: bool = False, overwrite: bool = False,
                        progress: bool | None = None, save: bool = True,
-                       banks: tuple[ImageBank, ImageBank] | None = None) -> dict:
+                       banks: tuple[ImageBank, ImageBank] | None = None, before_eval=None) -> dict:
     """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
     (cfg.eval), save the model to <out>/model. `cfg` has train, eval, cache_features and model_dump();
     `banks` (train, held-out) are reused when given."""
@@ -142,12 +142,15 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     trainer = Trainer(model, cfg.train, data, data.collate, vl_loss, out, run_config=cfg.model_dump(mode="json"),
                       desc=getattr(cfg, "recipe", "train"), evaluate=periodic)
     trainer.fit(resume=resume, overwrite=overwrite)
+    trainable_params = count_parameters(model, True)
+    if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
+        before_eval()
     model.eval()
     with torch.no_grad():
         result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress)
     if save and trainer.rt.is_main:
         save_vlm(model, out / "model", proc)
-    return {"trainable_params": count_parameters(model, True), "total_params": count_parameters(model),
+    return {"trainable_params": trainable_params, "total_params": count_parameters(model),
             "num_image_tokens": model.num_image_tokens, "steps": cfg.train.steps,
             "train_seconds": trainer.train_seconds, "feature_seconds": feature_seconds, "eval": result,
             "history": trainer.history, "model_dir": str(out / "model")}
