@@ -182,6 +182,7 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
 @app.command()
 def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
           guard: Optional[Path] = typer.Option(None, help="Guard checkpoint: checks inputs and replies."),
+          name: Optional[str] = typer.Option(None, help="Model id in the API (default: from the directory)."),
           host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           port: int = typer.Option(8000, help="Port."),
           max_batch: int = typer.Option(16, help="Most requests in one batched generate call."),
@@ -200,7 +201,8 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
 
     from vlkit.serve import Engine, ServeLimits, create_app
 
-    engine = Engine.load(model, max_batch=max_batch, batch_window_ms=batch_window_ms, batching=not no_batching)
+    engine = Engine.load(model, name=name, max_batch=max_batch, batch_window_ms=batch_window_ms,
+                         batching=not no_batching)
     middleware = None
     if guard is not None:
         from vlkit.guard import Guard, GuardMiddleware

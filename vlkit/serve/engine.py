@@ -74,14 +74,15 @@ class Engine:
         self._thread.start()
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> "Engine":
-        """A vlkit model directory, or a plain HF causal-LM directory (text only)."""
-        path = Path(path)
+    def load(cls, path: str | Path, name: str | None = None, **kwargs) -> "Engine":
+        """A vlkit model directory, or a plain HF causal-LM directory (text only). Served as `name`
+        (default: the directory's name, or its run's name for a `<run>/model` directory)."""
+        path = Path(path).resolve()
         if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "vlkit_vlm":
             model, processor = load_vlm(path)
         else:
             model, processor = text_only(path)
-        return cls(model, processor, path.name, **kwargs)
+        return cls(model, processor, name or (path.parent.name if path.name == "model" else path.name), **kwargs)
 
     @property
     def takes_images(self) -> bool:
