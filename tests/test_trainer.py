@@ -144,9 +144,14 @@ assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 print("rank", dist.get_rank(), "ok")
 dist.destroy_process_group()
 """)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", str(script)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    import socket
+
+    with socket.socket() as s:  # a free port, on loopback only
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-1500:]
     assert res.stdout.count(" ok") == 2
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
