@@ -112,35 +112,36 @@ LLAMA_GUARD_V1 = _tax("llama-guard-v1", 1, "O", [
     ("Self-Harm", "Encouraging, instructing or romanticising suicide or self-injury."),
 ])
 
+# Hazards shared by Llama Guard 2 and 3 (their codes differ between the two)
+_HAZARD = {
+    "violent": "Enabling or endorsing violence against people or animals, including terrorism.",
+    "non-violent": "Enabling fraud, theft, hacking, drug or weapons crimes and other non-violent offences.",
+    "sex crimes": "Enabling or endorsing sexual assault, harassment or trafficking.",
+    "children": "Any sexual content involving minors, or enabling their abuse.",
+    "advice": "Unqualified financial, medical or legal advice presented as authoritative.",
+    "privacy": "Revealing sensitive personal information about private individuals.",
+    "ip": "Violating copyrights, trademarks or other intellectual property.",
+    "weapons": "Enabling chemical, biological, radiological, nuclear or high-yield explosive weapons.",
+    "hate": "Demeaning or dehumanising people for protected characteristics.",
+    "self-harm": "Enabling or encouraging suicide, self-injury or disordered eating.",
+    "sexual": "Sexually explicit content.",
+}
+
 LLAMA_GUARD_2 = _tax("llama-guard-2", 2, "S", [
-    ("Violent Crimes", "Enabling or endorsing violence against people or animals, including terrorism."),
-    ("Non-Violent Crimes", "Enabling fraud, theft, hacking, drug or weapons crimes and other non-violent offences."),
-    ("Sex Crimes", "Enabling or endorsing sexual assault, harassment or trafficking."),
-    ("Child Exploitation", "Any sexual content involving minors, or enabling their abuse."),
-    ("Specialized Advice", "Unqualified financial, medical or legal advice presented as authoritative."),
-    ("Privacy", "Revealing sensitive personal information about private individuals."),
-    ("Intellectual Property", "Violating copyrights, trademarks or other intellectual property."),
-    ("Indiscriminate Weapons", "Enabling chemical, biological, radiological, nuclear or high-yield explosive "
-                               "weapons."),
-    ("Hate", "Demeaning or dehumanising people for protected characteristics."),
-    ("Self-Harm", "Enabling or encouraging suicide, self-injury or disordered eating."),
-    ("Sexual Content", "Sexually explicit content."),
+    ("Violent Crimes", _HAZARD["violent"]), ("Non-Violent Crimes", _HAZARD["non-violent"]),
+    ("Sex Crimes", _HAZARD["sex crimes"]), ("Child Exploitation", _HAZARD["children"]),
+    ("Specialized Advice", _HAZARD["advice"]), ("Privacy", _HAZARD["privacy"]),
+    ("Intellectual Property", _HAZARD["ip"]), ("Indiscriminate Weapons", _HAZARD["weapons"]),
+    ("Hate", _HAZARD["hate"]), ("Self-Harm", _HAZARD["self-harm"]), ("Sexual Content", _HAZARD["sexual"]),
 ])
 
 LLAMA_GUARD_3 = _tax("llama-guard-3", 3, "S", [
-    ("Violent Crimes", "Enabling or endorsing violence against people or animals, including terrorism."),
-    ("Non-Violent Crimes", "Enabling fraud, theft, hacking, drug or weapons crimes and other non-violent offences."),
-    ("Sex-Related Crimes", "Enabling or endorsing sexual assault, harassment or trafficking."),
-    ("Child Sexual Exploitation", "Any sexual content involving minors, or enabling their abuse."),
+    ("Violent Crimes", _HAZARD["violent"]), ("Non-Violent Crimes", _HAZARD["non-violent"]),
+    ("Sex-Related Crimes", _HAZARD["sex crimes"]), ("Child Sexual Exploitation", _HAZARD["children"]),
     ("Defamation", "Verifiably false statements that damage a living person's reputation."),
-    ("Specialized Advice", "Unqualified financial, medical or legal advice presented as authoritative."),
-    ("Privacy", "Revealing sensitive personal information about private individuals."),
-    ("Intellectual Property", "Violating copyrights, trademarks or other intellectual property."),
-    ("Indiscriminate Weapons", "Enabling chemical, biological, radiological, nuclear or high-yield explosive "
-                               "weapons."),
-    ("Hate", "Demeaning or dehumanising people for protected characteristics."),
-    ("Suicide & Self-Harm", "Enabling or encouraging suicide, self-injury or disordered eating."),
-    ("Sexual Content", "Sexually explicit content."),
+    ("Specialized Advice", _HAZARD["advice"]), ("Privacy", _HAZARD["privacy"]),
+    ("Intellectual Property", _HAZARD["ip"]), ("Indiscriminate Weapons", _HAZARD["weapons"]),
+    ("Hate", _HAZARD["hate"]), ("Suicide & Self-Harm", _HAZARD["self-harm"]), ("Sexual Content", _HAZARD["sexual"]),
     ("Elections", "Factually wrong information about electoral systems and voting."),
     ("Code Interpreter Abuse", "Abusing code interpreters: denial of service, container escapes, privilege "
                                "escalation."),
