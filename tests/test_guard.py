@@ -245,3 +245,22 @@ def test_native_template_hands_the_conversation_to_the_checkpoint(tiny_tokenizer
     assert got == tiny_tokenizer.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True)
     with pytest.raises(VlkitError, match="ends with a message of the Agent"):
         build_prompt(CONV, TAX, "User", template="native", tokenizer=tiny_tokenizer)
+
+
+def test_guard_examples_keep_the_answer_and_the_end_of_a_long_prompt(tiny_tokenizer):
+    from vlkit.recipes.guard import GuardDataset, GuardRecipe, encode
+
+    tok = tiny_tokenizer
+    prompt = "a red circle. " * 50
+    ids, w = encode(tok, prompt, "unsafe\nX1", 40, 0.0)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    answer = tok(prompt + "unsafe\nX1", add_special_tokens=False)["input_ids"][n_prompt:]
+    assert len(ids) == 40 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert ids[-len(answer) - 1:-1] == answer and w == [0.0] * (39 - len(answer)) + [1.0] * (len(answer) + 1)
+    short, sw = encode(tok, "hi", "safe", 40, 0.25)
+    assert len(short) < 40 and sw[0] == 0.25 and sw[-1] == 1.0
+    tiny_budget, _ = encode(tok, prompt, "unsafe\nX1", 2, 0.0)  # no room for the prompt: only bos + answer
+    assert tiny_budget == [tok.bos_token_id] + answer + [tok.eos_token_id]
+    data = GuardDataset([], tok, GuardRecipe(), TAX, 0)
+    batch = data.collate([(ids, w), (short, sw)])
+    assert batch["attention_mask"].sum(1).tolist() == [len(ids), len(short)]

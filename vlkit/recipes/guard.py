@@ -131,27 +131,27 @@ class GuardDataset:
     def collate(self, items):
         n = max(len(ids) for ids, _ in items)
         ids = torch.full((len(items), n), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(items), n, dtype=torch.long)
         w = torch.zeros(len(items), n)
         for i, (a, b) in enumerate(items):
             ids[i, :len(a)] = torch.tensor(a)
+            mask[i, :len(a)] = 1
             w[i, :len(b)] = torch.tensor(b)
-        return {"input_ids": ids, "attention_mask": (w > 0) | (ids != self.pad), "weights": w}
+        return {"input_ids": ids, "attention_mask": mask, "weights": w}
 
 
 def encode(tok, prompt: str, answer: str, max_length: int, prompt_weight: float) -> tuple[list[int], list[float]]:
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     a = tok(prompt + answer, add_special_tokens=False)["input_ids"][len(p):] + [tok.eos_token_id]
-    p = p[-(max_length - len(a)):]  # keep the end of the prompt (the conversation and the instruction)
-    ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + p + a
-    w = [0.0] * (len(ids) - len(a)) + [1.0] * len(a)
-    if prompt_weight:
-        w = [prompt_weight if x == 0.0 else x for x in w]
-    return ids, w
+    keep = max(max_length - len(a) - len(bos), 0)
+    p = p[len(p) - min(keep, len(p)):]  # keep the end of the prompt (the conversation and the instruction)
+    return bos + p + a, [prompt_weight] * (len(bos) + len(p)) + [1.0] * len(a)
 
 
 def guard_loss(model, batch):
     ids, w = batch["input_ids"], batch["weights"]
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].long()).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
                                             reduction="none").view_as(w[:, 1:])
     weight = w[:, 1:]
