@@ -255,3 +255,15 @@ def test_a_plain_hf_causal_lm_is_served_text_only(tiny_lm):
     finally:
         srv.close()
         engine.close()
+
+
+def test_system_messages_open_the_next_user_turn():
+    from vlkit.serve.app import APIError, parse_messages
+
+    conv, images = parse_messages({"messages": [{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "hi"}]}, ServeLimits())
+    assert images == [] and conv == [{"role": "user", "content": [
+        {"type": "text", "text": "be brief"}, {"type": "text", "text": "\n"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(APIError, match="last message must come from the user"):
+        parse_messages({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
+                       ServeLimits())

@@ -116,7 +116,9 @@ def parse_messages(body: dict, limits: ServeLimits) -> tuple[list[dict], list[Im
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    conv, images = [], []
+    conv: list[dict] = []
+    images: list[Image.Image] = []
+    system: list[dict] = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise APIError(400, f"messages[{i}]: role must be system, user or assistant", param=f"messages[{i}]")
@@ -145,20 +147,16 @@ def parse_messages(body: dict, limits: ServeLimits) -> tuple[list[dict], list[Im
         else:
             raise APIError(400, f"messages[{i}]: content must be a string or a list of parts",
                            param=f"messages[{i}]")
-        if m["role"] == "system":  # the world chat template has no system turn: prepend it to the next user turn
-            conv.append({"role": "user", "content": parts, "system": True})
+        if m["role"] == "system":  # the world chat template has no system turn: it opens the next user turn
+            system += parts + [{"type": "text", "text": "\n"}]
+        elif m["role"] == "user":
+            conv.append({"role": "user", "content": system + parts})
+            system = []
         else:
-            conv.append({"role": m["role"], "content": parts})
-    merged: list[dict] = []
-    for m in conv:
-        if merged and merged[-1].get("system") and m["role"] == "user":
-            merged[-1] = {"role": "user", "content": merged[-1]["content"] + [{"type": "text", "text": "\n"}]
-                          + m["content"]}
-        else:
-            merged.append({k: v for k, v in m.items() if k != "system"})
-    if merged[-1]["role"] != "user":
+            conv.append({"role": "assistant", "content": parts})
+    if not conv or conv[-1]["role"] != "user" or system:
         raise APIError(400, "the last message must come from the user", param="messages")
-    return merged, images
+    return conv, images
 
 
 def generation_settings(body: dict, limits: ServeLimits) -> GenerationConfig:
@@ -190,6 +188,10 @@ def text_of(conversation: list[dict]) -> list[dict]:
     """The conversation as plain text (for the guard): image parts become "[image]"."""
     return [{"role": m["role"], "content": "".join(p["text"] if p["type"] == "text" else "[image] "
                                                   for p in m["content"])} for m in conversation]
+
+
+def _include_usage(body: dict) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
@@ -313,16 +315,14 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
         n = engine.count_tokens(text)
         finish = "length" if n >= req.gen.max_new_tokens else "stop"
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        include = (body.get("stream_options") or {}).get("include_usage")
-        yield _chunk(rid, stamp, {}, finish, usage if include else None)
+        yield _chunk(rid, stamp, {}, finish, usage if _include_usage(body) else None)
         yield "data: [DONE]\n\n"
 
     async def _replay(text, finish, rid, stamp, usage, body):
         yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
         for word in re.findall(r"\S+\s*|\s+", text):
             yield _chunk(rid, stamp, {"content": word})
-        include = (body.get("stream_options") or {}).get("include_usage")
-        yield _chunk(rid, stamp, {}, finish, usage if include else None)
+        yield _chunk(rid, stamp, {}, finish, usage if _include_usage(body) else None)
         yield "data: [DONE]\n\n"
 
     app.state.engine, app.state.limits = engine, limits
