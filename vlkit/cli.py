@@ -164,14 +164,13 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
                 raise VlkitError(f"{jsonl}: record {r.get('id', i)}: 'messages' must be a non-empty list")
             role = r.get("role") or ("Agent" if r["messages"][-1].get("role") == "assistant" else "User")
             items.append((r.get("id", i), r["messages"], role))
-    lines = []
-    for role in ("User", "Agent"):
-        chosen = [(rid, conv) for rid, conv, r in items if r == role]
-        verdicts = g.classify([c for _, c in chosen], role) if chosen else []
-        lines += [(rid, role, v) for (rid, _), v in zip(chosen, verdicts)]
-    order = {rid: k for k, (rid, _, _) in enumerate(items)}
+    verdicts: list = [None] * len(items)
+    for role in ("User", "Agent"):  # one batched pass per role judged; output in input order
+        where = [k for k, (_, _, r) in enumerate(items) if r == role]
+        for k, v in zip(where, g.classify([items[k][1] for k in where], role) if where else []):
+            verdicts[k] = v
     text = "".join(json.dumps({"id": rid, "role": role, **v.to_dict()}) + "\n"
-                   for rid, role, v in sorted(lines, key=lambda x: order[x[0]]))
+                   for (rid, _, role), v in zip(items, verdicts))
     if out is None:
         typer.echo(text, nl=False)
     else:
