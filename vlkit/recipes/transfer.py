@@ -121,12 +121,14 @@ def initialise(model: VisionLanguageModel, target_tok, source: VisionLanguageMod
     info: dict = {"inherit": cfg.inherit, "converter": None}
     if not cfg.inherit:
         return info
-    skip = "projector." if isinstance(source.vpg, QFormerVPG) else "linear_2."
+    head = projector_of(source.vpg)
+    skip = next(name for name, m in source.vpg.named_modules() if m is head) + "."
     body = {k: v for k, v in source.vpg.state_dict().items() if not k.startswith(skip)}
     try:
         missing, unexpected = model.vpg.load_state_dict(body, strict=False)
     except RuntimeError as e:
-        raise VlkitError(f"{cfg.source}: the source VPG does not fit the target's ({str(e).splitlines()[1][:160]})")
+        reason = " ".join(str(e).split())[:200]
+        raise VlkitError(f"{cfg.source}: the source VPG does not fit the target's ({reason})") from None
     if unexpected or any(not k.startswith(skip) for k in missing):
         raise VlkitError(f"{cfg.source}: the source VPG does not match the target's (missing {missing[:2]}, "
                          f"unexpected {unexpected[:2]})")
@@ -136,7 +138,7 @@ def initialise(model: VisionLanguageModel, target_tok, source: VisionLanguageMod
         conv, stats = train_converter(source.llm.get_input_embeddings().weight,
                                       model.llm.get_input_embeddings().weight, pairs, cfg.converter.steps,
                                       cfg.converter.lr, seed=cfg.train.seed, progress=progress)
-        projector_of(model.vpg).load_state_dict(compose_projector(projector_of(source.vpg), conv).state_dict())
+        projector_of(model.vpg).load_state_dict(compose_projector(head, conv).state_dict())
         info["converter"] = {**stats, "seconds": time.perf_counter() - t0}
     return info
 
