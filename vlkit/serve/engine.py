@@ -1,7 +1,7 @@
 """The serving engine: a vlkit model, one worker thread, and dynamic batching.
 
 Requests wait in a bounded queue; the worker takes what has arrived within `batch_window_ms` (up to
-`max_batch`), groups requests that sample alike (temperature, top_p), and answers each group in ONE
+`max_batch`), groups requests that sample alike (temperature, top_p, seed), and answers each group in ONE
 batched generate call (left padding). Per-request limits are applied to each answer afterwards:
 its own max_tokens and stop strings cut its text, so requests with different settings still share the
 forward passes. Streaming requests run alone, token by token.
@@ -129,7 +129,7 @@ class Engine:
                 batch.append(nxt)
             groups: dict[tuple, list[Request]] = {}
             for r in batch:
-                groups.setdefault((r.gen.temperature, r.gen.top_p), []).append(r)
+                groups.setdefault((r.gen.temperature, r.gen.top_p, r.gen.seed), []).append(r)
             for group in groups.values():
                 self._run(group)
 
