@@ -141,7 +141,7 @@ w = torch.cat([p.detach().flatten() for p in t.model.parameters()])
 gathered = [torch.zeros_like(w) for _ in range(2)]
 dist.all_gather(gathered, w)
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
-sys.stdout.write(f"rank {dist.get_rank()} ok\n"); sys.stdout.flush()  # one write: ranks share the pipe
+sys.stdout.write(f"rank {{dist.get_rank()}} ok\\n"); sys.stdout.flush()  # one write: ranks share the pipe
 dist.destroy_process_group()
 import os; os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort ("terminate called ...")
 """)
