@@ -68,3 +68,21 @@ def test_vpgtrans_real_configs_compose_on_meta(name, source_width, same_family):
     assert tuple(new.weight.shape) == tuple(projector_of(vpg).weight.shape) == (width, 768)
     assert new.weight.device == torch.device("meta")
     assert round(count_parameters(vpg) / 1e6) == 108              # BLIP-2 with a 4096-wide LLM: 108M trainable
+
+
+def test_cheetor_vpgc_on_vicuna7b_has_the_published_parameter_count():
+    """VPG-C on BLIP-2's Q-Former (32 queries, 768 wide) + Vicuna-7B: 6,320,896 trainable, 0.09% of the LLM."""
+    from vlkit.models.fusion.vpgc import VPGCConfig
+    from vlkit.models.vlm import LLMSource
+
+    cheetor, _ = load_config(REAL / "cheetor_vicuna7b.yaml")
+    vicuna, _ = load_config(REAL / "vpgtrans_opt2.7b_to_vicuna7b.yaml")
+    blip2, _ = load_config(REAL / "blip2_opt2.7b.yaml")
+    cfg = blip2.model.model_copy(update={"llm": LLMSource(arch=vicuna.target.arch)})
+    model = VisionLanguageModel.build(cfg, device="meta")
+    model.add_vpgc(VPGCConfig(layer=cheetor.vpgc.layer))
+    model.set_trainable(cheetor.trainable)
+    assert count_parameters(model.llm) == 6_738_415_616
+    assert count_parameters(model, trainable_only=True) == 6_320_896
+    assert round(100 * 6_320_896 / count_parameters(model.llm), 2) == 0.09
+    assert model.vpgc.layer == 16 == len(model.llm.model.layers) // 2

@@ -74,17 +74,38 @@ def train(config: Path = typer.Argument(..., help="Recipe config (YAML)."),
 
 @app.command("eval")
 def evaluate(model: Path = typer.Argument(..., help="A model directory written by vlkit train."),
+             benchmark: str = typer.Argument("world", help="world (held-out shapes-world tasks) or demon "
+                                             "(a DEMON-format directory, --root; default: mini-DEMON)."),
+             root: Optional[Path] = typer.Option(None, help="demon: the benchmark directory (<task>/core/core.json)."),
+             out: Optional[Path] = typer.Option(None, help="demon: also write per-instance predictions here (JSON)."),
              seed: int = typer.Option(0, help="World dataset seed of the held-out split."),
              test_scenes: int = typer.Option(500, help="Held-out scenes."),
-             max_per_task: int = typer.Option(200, help="VLM: held-out records per task.")):
+             max_per_task: Optional[int] = typer.Option(None, help="Records per task (world default: 200; "
+                                                         "demon default: all).")):
     """Evaluate on held-out world data (LM: perplexity; CLIP: retrieval R@1; VLM: captioning, VQA,
-    grounding and text reading, beside the blind baseline)."""
+    grounding and text reading, beside the blind baseline), or on DEMON-format interleaved instructions
+    (per-task and per-category scores x100)."""
     import json
 
+    if benchmark == "demon":
+        from vlkit.recipes.vpgc import DemonEval, demon_scores
+        from vlkit.models.io import load_vlm
+
+        vlm, processor = load_vlm(model)
+        result = demon_scores(vlm, processor, DemonEval(root=str(root) if root else None, max_per_task=max_per_task),
+                              keep_predictions=out is not None)
+        if out is not None:
+            from vlkit.fileio import write_json
+
+            write_json(out, result.pop("predictions"))
+        typer.echo(json.dumps({"model": str(model), "benchmark": str(root or "mini-DEMON"), **result}, indent=2))
+        return
+    if benchmark != "world":
+        raise VlkitError(f"eval: unknown benchmark {benchmark!r}; choose world or demon")
     from vlkit.eval.simple import evaluate_dir
 
-    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes, max_per_task=max_per_task),
-                          indent=2))
+    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes,
+                                       max_per_task=max_per_task or 200), indent=2))
 
 
 @app.command()
@@ -214,12 +235,13 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard."),
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
                demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
-    experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard"}
+    experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
+                   "vpgc": "vlkit.experiments.vpgc"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

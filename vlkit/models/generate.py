@@ -8,6 +8,7 @@ are computed once per request.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -46,13 +47,20 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     device = next(model.llm.parameters()).device
     flat = [im for i, imgs in enumerate(images) for im in list(imgs)[: encs[i]["num_images"]]]
     ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
     with torch.no_grad():
-        if image_features is not None:
-            embeds = model.embed(ids, image_features=image_features.to(device))
-        else:
-            pixels = processor.pixel_values(flat).to(device) if flat else None
-            embeds = model.embed(ids, pixel_values=pixels)
-    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"].to(device)}
+        if image_features is None and flat:
+            image_features = model.vision(processor.pixel_values(flat).to(device))
+        features = image_features.to(device) if image_features is not None else None
+        embeds = model.embed(ids, image_features=features)
+    return {"inputs_embeds": embeds, "attention_mask": mask,
+            "completing": _completing(model, ids, features, mask)}
+
+
+def _completing(model, ids, features, mask):
+    """VPG-C's prefill context for these prompts (a no-op for models without one, or without `completing`)."""
+    completing = getattr(model, "completing", None)
+    return completing(ids, features, mask) if completing is not None else nullcontext()
 
 
 def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:
@@ -84,7 +92,8 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
     inputs = prepare(model, processor, conversations, images, image_features)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    out = model.llm.generate(**inputs, **kw)
+    with inputs.pop("completing"):
+        out = model.llm.generate(**inputs, **kw)
     tok = processor.tokenizer
     results = []
     for row in out:
@@ -110,9 +119,11 @@ def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequ
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     error: list[BaseException] = []
 
+    completing = inputs.pop("completing")
+
     def work():
         try:
-            with torch.no_grad():
+            with torch.no_grad(), completing:
                 model.llm.generate(**inputs, **kw, streamer=streamer)
         except BaseException as e:  # surfaced in the caller's thread
             error.append(e)

@@ -10,6 +10,7 @@ name and everything else is frozen.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion.tokens import scatter_image_tokens
-from vlkit.models.llm import load_llm
+from vlkit.models.fusion.vpgc import VPGC, VPGCConfig
+from vlkit.models.llm import decoder_layers, load_llm
 from vlkit.models.vision.tower import TowerConfig, VisionTower, on_device
 from vlkit.models.vpg import VPGConfig, build_vpg
 
@@ -38,6 +40,8 @@ class VLMConfig(Section):
     vpg: VPGConfig = Field(default_factory=VPGConfig)
     llm: LLMSource = Field(default_factory=LLMSource)
     max_length: int = Field(256, gt=0, description="Longest token sequence (image tokens included).")
+    vpgc: VPGCConfig | None = Field(None, description="Add a VPG-C module (Cheetor): images re-queried half-way "
+                                    "through the LLM, guided by the instruction.")
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -62,6 +66,9 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.config = config
         self.trainable_groups: list[str] = []
+        self.vpgc: VPGC | None = None
+        if config.vpgc is not None:
+            self.add_vpgc(config.vpgc)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -103,7 +110,37 @@ class VisionLanguageModel(nn.Module):
         groups["llm.norms"] = [p for m in self.llm.modules() if "norm" in type(m).__name__.lower()
                                for p in m.parameters(recurse=False)]
         groups["lora"] = lora_parameters(self.llm)
+        groups["vpgc"] = list(self.vpgc.parameters()) if self.vpgc is not None else []
         return groups
+
+    # -- VPG-C (Cheetor) ---------------------------------------------------------------------------
+    def add_vpgc(self, cfg: VPGCConfig | None = None) -> VPGC:
+        """Attach a zero-initialised VPG-C (its parameters form the group `vpgc`); the logits are unchanged until
+        it is trained. Its weights follow the VPG's device and dtype."""
+        cfg = cfg or VPGCConfig()
+        if self.vpgc is not None:
+            raise VlkitError("vpgc: this model already has a VPG-C module")
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        n_layers = len(decoder_layers(base))
+        layer = n_layers // 2 if cfg.layer is None else cfg.layer
+        width = self.llm.config.get_text_config().hidden_size
+        qformer_width = getattr(getattr(self.vpg, "config", None), "hidden_size", None)
+        if qformer_width is None:
+            raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(self.vpg).__name__}")
+        p = next(self.vpg.parameters())
+        with on_device("meta" if p.is_meta else None):
+            module = VPGC(width, qformer_width, self.num_image_tokens, layer)
+        self.vpgc = module.to(dtype=p.dtype) if p.is_meta else module.to(device=p.device, dtype=p.dtype)
+        self.vpgc.attach(self.llm, self.vpg)
+        self.config = self.config.model_copy(update={"vpgc": cfg.model_copy(update={"layer": layer})})
+        return self.vpgc
+
+    def completing(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """A context in which an LLM forward pass over `input_ids` is completed by VPG-C (a no-op without one)."""
+        if self.vpgc is None:
+            return nullcontext()
+        return self.vpgc.prefill(input_ids, image_features, self.image_token_id, attention_mask, labels)
 
     # -- LoRA (peft) -------------------------------------------------------------------------------
     def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -163,11 +200,22 @@ class VisionLanguageModel(nn.Module):
             visual = embeds.new_zeros(0, self.num_image_tokens, embeds.shape[-1])
         return scatter_image_tokens(embeds, input_ids, self.image_token_id, visual)
 
+    def image_features(self, pixel_values: torch.Tensor | None = None,
+                       image_features: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Tower features (n, N, C) of the images given as pixels or as cached features (None without images)."""
+        if image_features is not None and len(image_features):
+            return image_features
+        if pixel_values is not None and len(pixel_values):
+            return self.vision(pixel_values)
+        return None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None, **kwargs):
-        embeds = self.embed(input_ids, pixel_values, image_features)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        features = self.image_features(pixel_values, image_features)
+        embeds = self.embed(input_ids, image_features=features)
+        with self.completing(input_ids, features, attention_mask, labels):
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def save(self, directory: str | Path, processor=None) -> None:
         from vlkit.models.io import save_vlm

@@ -19,6 +19,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "instruct": ("vlkit.recipes.instruct", "InstructRecipe"),
     "transfer": ("vlkit.recipes.transfer", "TransferRecipe"),
     "guard": ("vlkit.recipes.guard", "GuardRecipe"),
+    "vpgc": ("vlkit.recipes.vpgc", "VPGCRecipe"),
 }
 
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 from vlkit.world.language import a, where
-from vlkit.world.scene import COLORS, SHAPES, Scene, replace, sample_object
+from vlkit.world.scene import COLORS, SHAPES, Scene, overlaps, replace, sample_object
 
-EDIT_KINDS = ("recolor", "reshape", "move", "delete", "add")
+EDIT_KINDS = ("recolor", "reshape", "move", "delete", "add")  # the world's `edit` task draws from these
+ALL_EDITS = EDIT_KINDS + ("swap",)
 
 
-def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[Scene, str, str]:
-    """Apply one edit; returns (edited scene, edit kind, description). Falls back to 'add' or
-    'recolor' when the requested edit is impossible (e.g. deleting the only object)."""
+def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, index: int | None = None,
+               kinds: tuple[str, ...] = EDIT_KINDS) -> tuple[Scene, str, str]:
+    """Apply one edit; returns (edited scene, edit kind, description). `kind` forces the edit, else one of
+    `kinds` is drawn; `index` names the object to edit (else one is drawn; 'add' adds a new one). Falls back
+    to another kind, finally 'recolor', when the edit is impossible (e.g. deleting the only object)."""
     objs = list(scene.objects)
     names = {o.name for o in objs}
-    kinds = [kind] if kind else list(EDIT_KINDS)
+    kinds = [kind] if kind else list(kinds)
     rng.shuffle(kinds)
     for k in kinds + ["recolor"]:
-        i = int(rng.integers(len(objs)))
+        i = int(rng.integers(len(objs))) if index is None else index
         o = objs[i]
         if k == "recolor":
             choices = [c for c in COLORS if c != o.color and f"{c} {o.shape}" not in names]
@@ -41,6 +44,18 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) 
                 if new is not None and new.region != o.region:
                     objs[i] = new
                     return _with(scene, objs, i), k, f"the {o.name} moved from {_bare(o.region)} to {_bare(new.region)}."
+            continue
+        if k == "swap":
+            for j in rng.permutation(len(objs)):
+                p = objs[j]
+                if j == i or p.region == o.region:
+                    continue
+                a_, b_ = replace(o, cx=p.cx, cy=p.cy), replace(p, cx=o.cx, cy=o.cy)
+                rest = [q.box for n, q in enumerate(objs) if n not in (i, j)]
+                inside = all(0 <= v <= 1 for v in a_.box + b_.box)
+                if inside and not overlaps(a_.box, rest + [b_.box]) and not overlaps(b_.box, rest):
+                    objs[i], objs[j] = a_, b_
+                    return _with(_with(scene, objs, i), objs, j), k, f"the {o.name} and the {p.name} swapped places."
             continue
         if k == "delete":
             if len(objs) < 2:

@@ -25,12 +25,25 @@ class QFormerVPG(nn.Module):
         self.projector = nn.Linear(hidden_size, llm_width)
         self.num_tokens = num_queries
 
-    def forward(self, features: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, C) -> (B, M, D). `queries` (B, M, Dq) replaces the learned ones (VPG-C re-querying)."""
-        q = self.query_tokens.expand(features.shape[0], -1, -1) if queries is None else queries
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, M, D)."""
+        return self.projector(self.query(features, self.query_tokens.expand(features.shape[0], -1, -1)))
+
+    def query(self, features: torch.Tensor, queries: torch.Tensor, output_attentions: bool = False):
+        """Q-Former output (B, M, Dq) for `queries` (B, M, Dq) over `features` (B, N, C) (VPG-C re-queries with
+        its own); with `output_attentions`, also the cross-attention maps, one (B, heads, M, N) per block."""
         mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
-        out = self.qformer(query_embeds=q, encoder_hidden_states=features, encoder_attention_mask=mask)
-        return self.projector(out.last_hidden_state)
+        if not output_attentions:
+            return self.qformer(query_embeds=queries, encoder_hidden_states=features,
+                                encoder_attention_mask=mask).last_hidden_state
+        cfg = self.qformer.config
+        kept, cfg._attn_implementation = cfg._attn_implementation, "eager"  # fused kernels return no weights
+        try:
+            out = self.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask,
+                               output_attentions=True)
+        finally:
+            cfg._attn_implementation = kept
+        return out.last_hidden_state, out.cross_attentions
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"queries": [self.query_tokens], "qformer": list(self.qformer.parameters()),
