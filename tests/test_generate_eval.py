@@ -171,3 +171,15 @@ def test_chat_repl_multi_turn(tiny_tokenizer, tmp_path):
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     assert session.messages[0]["content"][0] == {"type": "image"} and len(session.images) == 1
     assert "nope.png: image not found" in out.getvalue()
+
+
+def test_edit_answers_score_rouge_l_and_exact_match():
+    from vlkit.data.records import assistant, user
+    from vlkit.eval.world import score
+
+    recs = [{"messages": [user(None, None, "what changed?"), assistant(t)]}
+            for t in ("the red circle turned blue.", "a green star appeared on the left.")]
+    s = score("edit", recs, ["the red circle turned blue", "the red circle disappeared."])
+    assert s["edit_acc"] == 0.5
+    assert s["edit_rougeL"] == pytest.approx((1.0 + M.rouge_l(["the red circle disappeared."],
+                                                             [["a green star appeared on the left."]])) / 2)

@@ -1,7 +1,8 @@
 """Held-out evaluation of a VLM on world tasks, always beside a *blind* baseline.
 
 Tasks and metrics: caption (CIDEr, ROUGE-L against every caption style of the scene), vqa (exact
-match), grounding (IoU >= 0.5 accuracy and mean IoU), text (exact match). The blind baseline is the
+match), grounding (IoU >= 0.5 accuracy and mean IoU), text (exact match), edit (the difference between two
+images: ROUGE-L and exact match). The blind baseline is the
 same model given a blank (black) image in place of each image: the gap is what the image adds.
 """
 
@@ -79,6 +80,9 @@ def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
     if task == "caption":
         multi = [r.get("meta", {}).get("refs") or [ref] for r, ref in zip(records, refs)]
         return {"caption_cider": M.cider(preds, multi), "caption_rougeL": M.rouge_l(preds, multi)}
+    if task == "edit":  # "what changed?" between two images: a sentence, scored like a caption (one reference)
+        return {"edit_rougeL": M.rouge_l(preds, [[ref] for ref in refs]),
+                "edit_acc": float(np.mean([M.exact_match(p, ref) for p, ref in zip(preds, refs)]))}
     if task == "grounding":
         ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
         return {"grounding_iou50": float(np.mean([i >= 0.5 for i in ious])), "grounding_miou": float(np.mean(ious))}

@@ -30,7 +30,7 @@ from vlkit.world.edits import edit_scene
 from vlkit.world.render import render
 from vlkit.world.scene import SHAPES, WORDS, Obj, Scene, WorldConfig, generate_scene, overlaps, plural, replace
 
-VERSION = 1
+VERSION = 2
 SEED_SPACE = 0xDE30
 
 CATEGORIES = {
@@ -86,6 +86,8 @@ INSTRUCTIONS = {
                 "Only one statement describes both images. Choose it from the choice list. "],
 }
 
+# asked after the two images (phrased unlike the world's own "what changed between the two images?" prompts)
+RELATION_QUESTIONS = ("What is different in the second image?", "What has changed?", "What differs between them?")
 STEPS = {"to the right": (1, 0), "to the left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 STEP = 0.16  # how far the moving object goes between frames (fraction of the image side)
 
@@ -175,7 +177,7 @@ def _relation(w, rng, seed, i):
     scene = _scene(seed, i, 0)
     edited, _, desc = edit_scene(scene, rng)
     imgs = [w.image(scene, "before"), w.image(edited, "after")]
-    w.add(rng, "{image#1}{image#2}", imgs, desc)
+    w.add(rng, "{image#1}{image#2}" + RELATION_QUESTIONS[rng.integers(len(RELATION_QUESTIONS))], imgs, desc)
 
 
 def _cloze(w, rng, seed, i):
