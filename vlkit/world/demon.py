@@ -28,7 +28,7 @@ from vlkit.fileio import atomic_dir, cache_root, stable_hash, write_json
 from vlkit.world import language as lang
 from vlkit.world.edits import edit_scene
 from vlkit.world.render import render
-from vlkit.world.scene import SHAPES, WORDS, Obj, Scene, WorldConfig, generate_scene, overlaps, plural, replace
+from vlkit.world.scene import COLORS, SHAPES, WORDS, Obj, Scene, WorldConfig, generate_scene, overlaps, plural, replace
 
 VERSION = 2
 SEED_SPACE = 0xDE30
@@ -149,6 +149,15 @@ def _motion(scene: Scene, rng: np.random.Generator, frames: int) -> tuple[list[S
     return None
 
 
+def _moving(rng, seed, i) -> tuple[list[Scene], Obj, str]:
+    """Four frames of a motion, from the first of instance i's scenes (at most 4 objects) that allows one."""
+    for k in range(20):
+        motion = _motion(_scene(seed, i, k, max_objects=4), rng, 4)
+        if motion:
+            return motion
+    raise RuntimeError(f"mini-DEMON: no scene of instance {i} allows a 4-frame motion")
+
+
 def _dialogue(w, rng, seed, i):
     scenes = [_scene(seed, i, k) for k in range(2)]
     imgs = [w.image(s, f"img{k + 1}") for k, s in enumerate(scenes)]
@@ -162,11 +171,7 @@ def _dialogue(w, rng, seed, i):
 
 
 def _storytelling(w, rng, seed, i):
-    for k in range(20):
-        motion = _motion(_scene(seed, i, k, max_objects=4), rng, 4)
-        if motion:
-            break
-    frames, o, direction = motion
+    frames, o, direction = _moving(rng, seed, i)
     imgs = [w.image(s, f"frame{t + 1}") for t, s in enumerate(frames[:3])]
     where = lang.where(frames[3].objects[-1].region)
     w.add(rng, "{image#1}{image#2}{image#3}What happens next?", imgs,
@@ -181,15 +186,11 @@ def _relation(w, rng, seed, i):
 
 
 def _cloze(w, rng, seed, i):
-    for k in range(20):
-        motion = _motion(_scene(seed, i, k, max_objects=4), rng, 4)
-        if motion:
-            break
-    frames, o, _ = motion
+    frames, o, _ = _moving(rng, seed, i)
     gap = int(rng.integers(1, 3))  # frame 2 or 3 is missing
     moved = frames[gap].objects[-1]
-    wrong_place = frames[0] if gap != 0 else frames[3]
-    recoloured = [c for c in ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white") if c != o.color]
+    wrong_place = frames[0]  # the object not moved yet
+    recoloured = [c for c in COLORS if c != o.color]
     wrong_colour = Scene(frames[gap].objects[:-1] + (replace(moved, color=recoloured[rng.integers(len(recoloured))]),))
     candidates = [frames[gap], wrong_place, wrong_colour]
     order = rng.permutation(3)
