@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlkit.errors import VlkitError
@@ -103,7 +104,9 @@ def test_harness_runs_a_real_tiny_vlm(tiny_tokenizer):
     res = D.evaluate_demon(model, proc, D.load_demon(FIXTURES), max_new_tokens=4, use_features=False)
     assert res["counts"] == {"shapes_diff": 3, "shapes_pick": 3}
     assert all(0 <= v <= 100 for v in res["tasks"].values())
-    assert all(len(p["prediction"]) >= 0 and "score" in p for v in res["predictions"].values() for p in v)
+    preds = res["predictions"]
+    assert all(isinstance(p["prediction"], str) and 0 <= p["score"] <= 1 for v in preds.values() for p in v)
+    assert res["tasks"]["shapes_diff"] == pytest.approx(100 * np.mean([p["score"] for p in preds["shapes_diff"]]))
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -8,7 +8,6 @@ are computed once per request.
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -53,14 +52,8 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
             image_features = model.vision(processor.pixel_values(flat).to(device))
         features = image_features.to(device) if image_features is not None else None
         embeds = model.embed(ids, image_features=features)
-    return {"inputs_embeds": embeds, "attention_mask": mask,
-            "completing": _completing(model, ids, features, mask)}
-
-
-def _completing(model, ids, features, mask):
-    """VPG-C's prefill context for these prompts (a no-op for models without one, or without `completing`)."""
-    completing = getattr(model, "completing", None)
-    return completing(ids, features, mask) if completing is not None else nullcontext()
+    # VPG-C's prefill context for these prompts (a no-op for models without it)
+    return {"inputs_embeds": embeds, "attention_mask": mask, "completing": model.completing(ids, features, mask)}
 
 
 def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:

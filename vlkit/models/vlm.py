@@ -22,7 +22,7 @@ from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion.tokens import scatter_image_tokens
 from vlkit.models.fusion.vpgc import VPGC, VPGCConfig
-from vlkit.models.llm import decoder_layers, load_llm
+from vlkit.models.llm import load_llm
 from vlkit.models.vision.tower import TowerConfig, VisionTower, on_device
 from vlkit.models.vpg import VPGConfig, build_vpg
 
@@ -120,19 +120,16 @@ class VisionLanguageModel(nn.Module):
         cfg = cfg or VPGCConfig()
         if self.vpgc is not None:
             raise VlkitError("vpgc: this model already has a VPG-C module")
-        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        n_layers = len(decoder_layers(base))
-        layer = n_layers // 2 if cfg.layer is None else cfg.layer
         width = self.llm.config.get_text_config().hidden_size
         qformer_width = getattr(getattr(self.vpg, "config", None), "hidden_size", None)
         if qformer_width is None:
             raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(self.vpg).__name__}")
         p = next(self.vpg.parameters())
         with on_device("meta" if p.is_meta else None):
-            module = VPGC(width, qformer_width, self.num_image_tokens, layer)
+            module = VPGC(width, qformer_width, self.num_image_tokens, cfg.layer)
         self.vpgc = module.to(dtype=p.dtype) if p.is_meta else module.to(device=p.device, dtype=p.dtype)
         self.vpgc.attach(self.llm, self.vpg)
-        self.config = self.config.model_copy(update={"vpgc": cfg.model_copy(update={"layer": layer})})
+        self.config = self.config.model_copy(update={"vpgc": cfg.model_copy(update={"layer": self.vpgc.layer})})
         return self.vpgc
 
     def completing(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
@@ -179,11 +176,10 @@ class VisionLanguageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor | None = None,
                       image_features: torch.Tensor | None = None) -> torch.Tensor:
         """(n, 3, H, W) pixels or (n, N, C) cached tower features -> visual tokens (n, M, D)."""
-        if image_features is None:
-            if pixel_values is None:
-                raise VlkitError("encode_images needs pixel_values or image_features")
-            image_features = self.vision(pixel_values)
-        return self.vpg(image_features.to(self.vpg_dtype))
+        features = self.image_features(pixel_values, image_features)
+        if features is None:
+            raise VlkitError("encode_images needs pixel_values or image_features")
+        return self.vpg(features.to(self.vpg_dtype))
 
     @property
     def vpg_dtype(self) -> torch.dtype:

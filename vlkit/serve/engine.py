@@ -9,6 +9,7 @@ forward passes. Streaming requests run alone, token by token.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -30,7 +31,8 @@ from vlkit.models.llm import load_llm
 
 
 class TextOnlyLM(nn.Module):
-    """A plain HF causal LM behind the interface vlkit's generation uses (`llm`, `embed`); no images."""
+    """A plain HF causal LM behind the interface vlkit's generation uses (`llm`, `embed`, `completing`); no
+    images."""
 
     num_image_tokens = 1
 
@@ -42,6 +44,9 @@ class TextOnlyLM(nn.Module):
         if pixel_values is not None or image_features is not None:
             raise VlkitError("this model is a text-only LM: it takes no images")
         return self.llm.get_input_embeddings()(input_ids)
+
+    def completing(self, *args, **kwargs):
+        return contextlib.nullcontext()  # nothing to complete: no VPG-C without images
 
 
 def text_only(path: Path):

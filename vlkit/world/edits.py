@@ -7,8 +7,8 @@ import numpy as np
 from vlkit.world.language import a, where
 from vlkit.world.scene import COLORS, SHAPES, Scene, overlaps, replace, sample_object
 
-EDIT_KINDS = ("recolor", "reshape", "move", "delete", "add")  # the world's `edit` task draws from these
-ALL_EDITS = EDIT_KINDS + ("swap",)
+# The world's `edit` task draws from these; "swap" is made on request only (adding it here would change the world).
+EDIT_KINDS = ("recolor", "reshape", "move", "delete", "add")
 
 
 def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, index: int | None = None,

@@ -64,7 +64,7 @@ def instruction_positions(attention_mask: torch.Tensor, labels: torch.Tensor | N
 
 
 class VPGC(nn.Module):
-    def __init__(self, llm_width: int, qformer_width: int, num_queries: int, layer: int):
+    def __init__(self, llm_width: int, qformer_width: int, num_queries: int, layer: int | None = None):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(1, num_queries, qformer_width))
         nn.init.normal_(self.queries, std=0.02)
@@ -73,16 +73,19 @@ class VPGC(nn.Module):
         for linear in (self.to_query, self.to_llm):  # zero-init: the base model, exactly, until trained
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
-        self.layer = layer
+        self.layer = layer  # None until attach(): then L/2 of the LLM it is attached to
         self._prefill: _Prefill | None = None
         self._vpg: tuple = ()  # (the VPG whose Q-Former is re-run,): in a tuple so it is not registered as ours
 
     def attach(self, llm: nn.Module, vpg: nn.Module) -> None:
-        """Hook into the input of decoder layer `self.layer`; `vpg` is a Q-Former VPG (its Q-Former is reused)."""
+        """Hook into the input of decoder layer `self.layer` (default: L/2); `vpg` is a Q-Former VPG (its Q-Former
+        is reused)."""
         if not hasattr(vpg, "query"):
             raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(vpg).__name__}")
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # peft-wrapped LLMs too
         layers = decoder_layers(base)
+        if self.layer is None:
+            self.layer = len(layers) // 2
         if self.layer >= len(layers):
             raise VlkitError(f"vpgc.layer: {self.layer} is out of range for an LLM with {len(layers)} layers; "
                              f"choose 0..{len(layers) - 1}")
