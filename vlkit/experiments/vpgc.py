@@ -26,10 +26,10 @@ from rich.console import Console
 from vlkit.demo import CONFIG_DIR, stage_overrides
 from vlkit.experiments.vpgtrans import run_stage
 from vlkit.fileio import atomic_path, read_json, write_json, write_text
-from vlkit.recipes.common import config_hash
 from vlkit.recipes import load_config
+from vlkit.recipes.common import config_hash
 
-# The paper's DEMON scores on visual relation inference (Li, Pan et al. 2023, Table 1)
+# The paper's DEMON category scores on visual relation inference (Li, Pan et al. 2023)
 PAPER_RELATION = {"BLIP-2": 10.67, "Cheetor": 25.90}
 
 RUNS: dict[str, tuple[str, list[str]]] = {  # name -> (label, overrides; {half}/{quarter}/{three} from the LLM)
@@ -205,6 +205,7 @@ def report(s: dict, chart: str) -> str:
             b = runs["vpgc_random_edits"]["categories"]["Visual Relation Inference"]
             md += ["", f"Attention guidance: {a:.2f} (least-attended object edited) vs {b:.2f} (random object), "
                    f"difference {g['diff']:+.2f} +- {g['se']:.2f}: **{g['verdict']}**."]
-    md += ["", f"![per category]({chart})", "", "Seconds per stage: " +
+    md += ["", f"![per category]({chart})", "", "Wall seconds per stage in the invocation that wrote this report "
+           "(a stage found cached costs ~0): " +
            ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()) + ".", ""]
     return "\n".join(md)
