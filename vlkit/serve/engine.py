@@ -56,6 +56,17 @@ def text_only(path: Path):
     return TextOnlyLM(llm), VLProcessor(tok, ProcessorConfig(224, [0.5] * 3, [0.5] * 3, 1, ctx))
 
 
+def load_model(path: str | Path):
+    """(model, processor, name) of a vlkit model directory or a plain HF causal-LM directory (text only); the
+    name is the directory's, or its run's for a `<run>/model` directory."""
+    path = Path(path).resolve()
+    if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "vlkit_vlm":
+        model, processor = load_vlm(path)
+    else:
+        model, processor = text_only(path)
+    return model.eval(), processor, (path.parent.name if path.name == "model" else path.name)
+
+
 @dataclass
 class Request:
     conversation: list[dict]
@@ -82,12 +93,8 @@ class Engine:
     def load(cls, path: str | Path, name: str | None = None, **kwargs) -> "Engine":
         """A vlkit model directory, or a plain HF causal-LM directory (text only). Served as `name`
         (default: the directory's name, or its run's name for a `<run>/model` directory)."""
-        path = Path(path).resolve()
-        if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "vlkit_vlm":
-            model, processor = load_vlm(path)
-        else:
-            model, processor = text_only(path)
-        return cls(model, processor, name or (path.parent.name if path.name == "model" else path.name), **kwargs)
+        model, processor, default = load_model(path)
+        return cls(model, processor, name or default, **kwargs)
 
     @property
     def takes_images(self) -> bool:
