@@ -235,13 +235,75 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc."),
+def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, game24, or all."),
+        method: str = typer.Option("ats-bfs", help="io, cot, ats-bfs, ats-dfs or tot."),
+        backend: str = typer.Option("local", help="local (a model directory) or openai (OPENAI_BASE_URL, "
+                                    "OPENAI_API_KEY)."),
+        model: Optional[str] = typer.Option(None, help="local: the model directory; openai: the model id "
+                                            "(default: the endpoint's first)."),
+        base_url: Optional[str] = typer.Option(None, help="openai: endpoint base URL (default OPENAI_BASE_URL)."),
+        split: str = typer.Option("test", help="Instances: test (held out) or train."),
+        n: int = typer.Option(20, help="Instances per game (game24 test: rows 900-999 in order)."),
+        seed: int = typer.Option(0, help="Seed of the procedural games' instances."),
+        max_tokens: int = typer.Option(512, help="Most completion tokens per call."),
+        beam: int = typer.Option(3, help="tot: states kept per level."),
+        batch_size: int = typer.Option(16, help="local: conversations per generate call."),
+        price_prompt: float = typer.Option(0.0, help="Price per million prompt tokens (for cost per solved)."),
+        price_completion: float = typer.Option(0.0, help="Price per million completion tokens."),
+        out: Optional[Path] = typer.Option(None, help="Per-instance JSONL (default runs/ats/GAME-METHOD-MODEL.jsonl); "
+                                           "the summary goes beside it (.summary.json).")):
+    """Solve puzzle games with a prompting method; writes per-instance JSONL (answer, verdict, tokens, tree
+    statistics) and prints a summary table."""
+    from vlkit.fileio import write_json, write_jsonl
+    from vlkit.reason.backends import make_backend
+    from vlkit.reason.games import GAMES, get_game
+    from vlkit.reason.runner import run as run_method, summarise, table
+
+    games = list(GAMES.values()) if game == "all" else [get_game(game)]
+    engine = make_backend(backend, model, base_url=base_url, batch_size=batch_size)
+    if getattr(engine, "trained_method", None) and engine.trained_method != method:
+        typer.echo(f"note: {model} was fine-tuned on {engine.trained_method} traces and is asked with the bare "
+                   f"question, as in training; --method {method} decides only how its answer is read", err=True)
+    rows = []
+    for g in games:
+        rows += run_method(g, g.instances(split, n, seed=seed), method, engine, max_tokens=max_tokens, beam=beam,
+                           chunk=batch_size)
+    summary = summarise(rows, price_prompt, price_completion)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.name)
+    path = out or Path("runs") / "ats" / f"{game}-{method}-{safe}.jsonl"
+    write_jsonl(path, rows)
+    write_json(path.with_suffix(".summary.json"), summary)
+    typer.echo(table(summary))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("ats-check")
+def ats_check(n: int = typer.Option(500, help="Generated instances per procedural game and split."),
+              seed: int = typer.Option(0, help="Seed of the procedural games' instances."),
+              out: Path = typer.Option(Path("runs/ats/check.json"), help="Where the report goes.")):
+    """Check every exact solver against its verifier: generated instances of each game (train and test) and all
+    Game of 24 rows; reports which 24 rows are solvable."""
+    import json
+
+    from vlkit.fileio import write_json
+    from vlkit.reason.check import check_all
+
+    report = check_all(n=n, seed=seed)
+    write_json(out, report)
+    typer.echo(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "unsolvable"} | (
+        {"unsolvable": v["unsolvable"][:20]} if v.get("unsolvable") else {}) for k, v in report.items()}, indent=2))
+    if any(v["wrong"] for v in report.values()):
+        raise VlkitError(f"a solver's answer failed its verifier; see {out}")
+
+
+@app.command()
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
                demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
-                   "vpgc": "vlkit.experiments.vpgc"}
+                   "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

@@ -55,10 +55,14 @@ class TokenizerConfig(Section):
         "tokenizations, as between real families.")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 512, style: str = "llama") -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `texts`, wrapped as an HF fast tokenizer with chat template."""
+def train_bpe(texts: Iterable[str], vocab_size: int = 512, style: str = "llama",
+              split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, wrapped as an HF fast tokenizer with chat template. `split_digits`:
+    every digit its own token (as LLaMA does), so that arithmetic is learnt digit by digit."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=(style == "opt"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=(style == "opt"))
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     # <pad> 0, <s> 1, <image> 2, </s> 3: keep eos != 2 (CLIP's text tower treats eos id 2 as legacy).
     specials = ["<pad>", "<s>", IMAGE_TOKEN, "</s>"]

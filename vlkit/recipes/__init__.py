@@ -20,6 +20,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "transfer": ("vlkit.recipes.transfer", "TransferRecipe"),
     "guard": ("vlkit.recipes.guard", "GuardRecipe"),
     "vpgc": ("vlkit.recipes.vpgc", "VPGCRecipe"),
+    "ats": ("vlkit.recipes.ats", "ATSRecipe"),
 }
 
 
