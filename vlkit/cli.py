@@ -250,8 +250,9 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
         batch_size: int = typer.Option(16, help="local: conversations per generate call."),
         price_prompt: float = typer.Option(0.0, help="Price per million prompt tokens (for cost per solved)."),
         price_completion: float = typer.Option(0.0, help="Price per million completion tokens."),
-        out: Optional[Path] = typer.Option(None, help="Per-instance JSONL (default runs/ats/GAME-METHOD-MODEL.jsonl); "
-                                           "the summary goes beside it (.summary.json).")):
+        out: Optional[Path] = typer.Option(None, help="Per-instance JSONL (default "
+                                           "runs/reason/GAME-METHOD-MODEL.jsonl); the summary goes beside it "
+                                           "(.summary.json).")):
     """Solve puzzle games with a prompting method; writes per-instance JSONL (answer, verdict, tokens, tree
     statistics) and prints a summary table."""
     from vlkit.fileio import write_json, write_jsonl
@@ -270,7 +271,7 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
                            chunk=batch_size)
     summary = summarise(rows, price_prompt, price_completion)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.name)
-    path = out or Path("runs") / "ats" / f"{game}-{method}-{safe}.jsonl"
+    path = out or Path("runs") / "reason" / f"{game}-{method}-{safe}.jsonl"
     write_jsonl(path, rows)
     write_json(path.with_suffix(".summary.json"), summary)
     typer.echo(table(summary))
@@ -280,7 +281,7 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
 @app.command("ats-check")
 def ats_check(n: int = typer.Option(500, help="Generated instances per procedural game and split."),
               seed: int = typer.Option(0, help="Seed of the procedural games' instances."),
-              out: Path = typer.Option(Path("runs/ats/check.json"), help="Where the report goes.")):
+              out: Path = typer.Option(Path("runs/reason/check.json"), help="Where the report goes.")):
     """Check every exact solver against its verifier: generated instances of each game (train and test) and all
     Game of 24 rows; reports which 24 rows are solvable."""
     import json

@@ -117,18 +117,7 @@ class VLProcessor:
 
     # -- batching ---------------------------------------------------------------------------------
     def pad(self, encodings: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in encodings)
-        pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(encodings), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(encodings), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(encodings), width), dtype=torch.long)
-        for i, e in enumerate(encodings):
-            n = len(e["input_ids"])
-            sl = slice(0, n) if side == "right" else slice(width - n, width)
-            ids[i, sl] = torch.tensor(e["input_ids"])
-            labels[i, sl] = torch.tensor(e["labels"])
-            mask[i, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad_encodings(encodings, self.tokenizer.pad_token_id, side)
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -146,3 +135,19 @@ class VLProcessor:
         except TypeError as e:
             raise VlkitError(f"{directory / CONFIG_NAME}: unexpected keys ({e}); re-save the model") from None
         return cls(load_tokenizer(directory), cfg)
+
+
+def pad_encodings(encodings: list[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """A batch of {"input_ids", "labels"} lists padded to the longest: input_ids, attention_mask, labels
+    (labels -100 on padding), each (B, T)."""
+    width = max(len(e["input_ids"]) for e in encodings)
+    ids = torch.full((len(encodings), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encodings), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encodings), width), dtype=torch.long)
+    for i, e in enumerate(encodings):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, sl] = torch.tensor(e["input_ids"])
+        labels[i, sl] = torch.tensor(e["labels"])
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,6 +1,6 @@
 """ATS fine-tuning in miniature: the same tiny LLaMA trained on CoT, ATS-BFS or ATS-DFS gold traces.
 
-    vlkit experiment ats [--out runs/ats_experiment] [--only cot --only ats-bfs ...]
+    vlkit experiment ats [--out runs/ats] [--only cot --only ats-bfs ...]
 
 The paper (Zhang, Ye, Shen, Gan 2023, Sec. 4.3) fine-tunes LLaMA-2 7B/13B on GPT-4's ATS responses and
 reports ATS-tuned models beating CoT-tuned ones by ~40 points on its four games. Here each run is the
@@ -16,13 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vlkit.experiments import save_png
 from vlkit.experiments.vpgtrans import run_stage
-from vlkit.fileio import atomic_path, read_json, write_json, write_text
+from vlkit.fileio import read_json, write_json, write_text
 
 FORMATS = {"cot": "CoT-tuned", "ats-bfs": "ATS-BFS-tuned", "ats-dfs": "ATS-DFS-tuned"}
 
 
-def run_experiment(out: str | Path = "runs/ats_experiment", demo: str | Path | None = None,
+def run_experiment(out: str | Path = "runs/ats", demo: str | Path | None = None,
                    progress: bool | None = None, only: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     out = Path(out)
@@ -96,11 +97,7 @@ def plot(s: dict, out: Path) -> str:
     axes[0].legend(fontsize=8)
     fig.suptitle("Tiny LLaMA fine-tuned on gold CoT / ATS-BFS / ATS-DFS traces (same size, data and steps)")
     fig.tight_layout()
-    name = "accuracy.png"
-    with atomic_path(out / name) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return name
+    return save_png(fig, out / "accuracy.png")
 
 
 def report(s: dict, chart: str) -> str:

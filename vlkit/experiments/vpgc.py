@@ -24,8 +24,9 @@ from pathlib import Path
 from rich.console import Console
 
 from vlkit.demo import CONFIG_DIR, stage_overrides
+from vlkit.experiments import save_png
 from vlkit.experiments.vpgtrans import run_stage
-from vlkit.fileio import atomic_path, read_json, write_json, write_text
+from vlkit.fileio import read_json, write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import config_hash
 
@@ -158,11 +159,7 @@ def plot(s: dict, out: Path) -> str:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    name = "categories.png"
-    with atomic_path(out / name) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return name
+    return save_png(fig, out / "categories.png")
 
 
 def report(s: dict, chart: str) -> str:

@@ -23,7 +23,8 @@ import numpy as np
 from rich.console import Console
 
 from vlkit.demo import CONFIG_DIR, DEPENDS, stage_overrides
-from vlkit.fileio import atomic_path, write_json, write_text
+from vlkit.experiments import save_png
+from vlkit.fileio import write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
 
@@ -196,11 +197,7 @@ def plot(runs: dict[str, dict], out: Path) -> list[str]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"VPGTrans vs from scratch: {group.replace('_', ' ')} (held-out)")
         fig.tight_layout()
-        name = f"{group}.png"
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(save_png(fig, out / f"{group}.png"))
     return names
 
 

@@ -31,5 +31,6 @@ def check_all(n: int = 500, seed: int = 0) -> dict:
         else:
             # the arithmetic and water puzzle spaces are small (876 and 1,084 distinct puzzles in all)
             caps = {"arithmetic": (min(n, 700), min(n, 130)), "water": (min(n, 900), min(n, 120))}.get(name, (n, n))
-            report[name] = check_game(game, game.instances("train", caps[0], seed) + game.instances("test", caps[1], seed))
+            instances = game.instances("train", caps[0], seed) + game.instances("test", caps[1], seed)
+            report[name] = check_game(game, instances)
     return report

@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 _CLEAN = re.compile(r"[*`_#]+|^\s*>+")
-_NODE = re.compile(r"^\s*(?:[-•]\s*)?(?:node\s*)?[\[(]?\s*(\d{1,3}(?:\s*\.\s*\d{1,3}){0,30})\s*[\])]?\s*[:.)\-]?\s+([^\s=+*/].*)$",
-                   re.IGNORECASE)
+_NODE = re.compile(r"^\s*(?:[-•]\s*)?(?:node\s*)?[\[(]?\s*(\d{1,3}(?:\s*\.\s*\d{1,3}){0,30})\s*[\])]?"  # the id
+                   r"\s*[:.)\-]?\s+([^\s=+*/].*)$", re.IGNORECASE)  # the node's text (not "= ..." arithmetic)
 _GOAL = re.compile(r"\(\s*goal[^)]*\)|goal\s+(?:reached|found)|reach(?:es|ed)?\s+the\s+goal|✓|✔|\bsolved\b",
                    re.IGNORECASE)
 _DEAD = re.compile(r"dead[\s-]*end|no\s+further|cannot\s+go\s+on|\bfail(?:ed|s)?\b", re.IGNORECASE)

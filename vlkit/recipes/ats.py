@@ -15,10 +15,10 @@ import random
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from vlkit.config import Section
+from vlkit.data.processor import pad_encodings
 from vlkit.data.tokenizer import TokenizerConfig, encode_chat, load_tokenizer, train_bpe
 from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, write_json
@@ -98,14 +98,8 @@ class TraceDataset:
     def __getitem__(self, i):
         return self.items[i]
 
-    def collate(self, items):
-        n = max(len(ids) for ids, _ in items)  # pad to the batch's longest, not to max_length
-        ids = torch.full((len(items), n), self.pad, dtype=torch.long)
-        labels = torch.full((len(items), n), -100, dtype=torch.long)
-        mask = torch.zeros(len(items), n, dtype=torch.long)
-        for i, (a, b) in enumerate(items):
-            ids[i, :len(a)], labels[i, :len(b)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def collate(self, items):  # padded to the batch's longest, not to max_length
+        return pad_encodings([{"input_ids": a, "labels": b} for a, b in items], self.pad)
 
 
 def sft_loss(model, batch):
