@@ -262,9 +262,13 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
 
     games = list(GAMES.values()) if game == "all" else [get_game(game)]
     engine = make_backend(backend, model, base_url=base_url, batch_size=batch_size)
-    if getattr(engine, "trained_method", None) and engine.trained_method != method:
-        typer.echo(f"note: {model} was fine-tuned on {engine.trained_method} traces and is asked with the bare "
-                   f"question, as in training; --method {method} decides only how its answer is read", err=True)
+    trained = getattr(engine, "trained_method", None)
+    if trained and method == "tot":
+        typer.echo(f"note: {model} was fine-tuned on {trained} traces; ToT asks it with propose/value prompts "
+                   "it never saw", err=True)
+    elif trained and trained != method:
+        typer.echo(f"note: {model} was fine-tuned on {trained} traces and is asked with the bare question, as in "
+                   f"training; --method {method} decides only how its answer is read", err=True)
     rows = []
     for g in games:
         rows += run_method(g, g.instances(split, n, seed=seed), method, engine, max_tokens=max_tokens, beam=beam,
