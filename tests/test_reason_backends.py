@@ -79,13 +79,11 @@ def test_runner_through_the_server_records_usage(server):
 
 def test_openai_backend_reports_per_request_errors_and_dead_servers(server):
     backend = OpenAIBackend(base_url=server)
-    game = get_game("game24")
     huge = [{"role": "user", "content": "1 2 3 " * 2000}]
     (c,) = backend.complete([huge], max_tokens=4)
     assert c.error and c.error.startswith("HTTP 400") and c.text == ""
     with pytest.raises(VlkitError, match="cannot list models"):
         OpenAIBackend(base_url=f"http://127.0.0.1:{free_port()}/v1")
-    assert game.name == "game24"
 
 
 def test_backend_configuration_errors(monkeypatch, tmp_path):
@@ -131,7 +129,7 @@ def test_ats_training_masks_the_question():
     from vlkit.recipes.ats import ATSData, TraceDataset, trace_examples
 
     data = ATSData(games=["game24"], train_per_game=3, format="cot")
-    examples = trace_examples(data, "cot")
+    examples = trace_examples(data, ["cot"])["cot"]
     tok = train_bpe([m["content"] for ex in examples for m in ex["messages"]], 300, split_digits=True)
     ds = TraceDataset(examples, tok, 512)
     ids, labels = ds[0]

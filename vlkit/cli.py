@@ -261,8 +261,8 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
     from vlkit.reason.runner import run as run_method, summarise, table
 
     games = list(GAMES.values()) if game == "all" else [get_game(game)]
-    engine = make_backend(backend, model, base_url=base_url, batch_size=batch_size)
-    trained = getattr(engine, "trained_method", None)
+    answerer = make_backend(backend, model, base_url=base_url, batch_size=batch_size)
+    trained = getattr(answerer, "trained_method", None)
     if trained and method == "tot":
         typer.echo(f"note: {model} was fine-tuned on {trained} traces; ToT asks it with propose/value prompts "
                    "it never saw", err=True)
@@ -271,10 +271,10 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
                    f"training; --method {method} decides only how its answer is read", err=True)
     rows = []
     for g in games:
-        rows += run_method(g, g.instances(split, n, seed=seed), method, engine, max_tokens=max_tokens, beam=beam,
+        rows += run_method(g, g.instances(split, n, seed=seed), method, answerer, max_tokens=max_tokens, beam=beam,
                            chunk=batch_size)
     summary = summarise(rows, price_prompt, price_completion)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.name)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in answerer.name)
     path = out or Path("runs") / "reason" / f"{game}-{method}-{safe}.jsonl"
     write_jsonl(path, rows)
     write_json(path.with_suffix(".summary.json"), summary)

@@ -127,7 +127,8 @@ def report(s: dict, chart: str) -> str:
         md += [f"| {g} | " + " | ".join(f"{100 * (runs[n]['games'][g]['goal_marked'] or 0):.0f}% | "
                                         f"{runs[n]['games'][g]['tree_nodes'] or 0:.1f}" for n in ats) + " |"
                for g in games]
-    md += ["", "## Training", "", "| run | examples (dropped: too long) | tokens per epoch (question + trace) | train seconds |",
+    md += ["", "## Training", "",
+           "| run | examples (dropped: too long) | tokens per epoch (question + trace) | train seconds |",
            "|---|---|---|---|"]
     md += [f"| {runs[n]['label']} | {runs[n]['train_examples']:,} ({runs[n]['dropped_too_long']}) | "
            f"{runs[n]['train_tokens']:,} | {runs[n]['train_seconds']:.0f} |" for n in names]

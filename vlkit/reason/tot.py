@@ -65,7 +65,7 @@ def tree_of_thoughts(game: Game, inst: dict, backend: Backend, beam: int = 3, pr
                                                           if game.complete(inst, state_of(p))]
         frontier.sort(key=lambda vc: -vc[0])
         log += [f"  {v:g} {' -> '.join(s.move for s in p)} | {game.show(inst, state_of(p))}" for v, p in frontier]
-        if any(game.complete(inst, state_of(p)) for _, p in frontier[:1]):
+        if game.complete(inst, state_of(frontier[0][1])):  # the best state is a finished answer
             break
     done = [(v, p) for v, p in frontier if p and game.complete(inst, state_of(p))]
     answer = game.answer(inst, done[0][1]) if done else ""

@@ -61,25 +61,19 @@ def _bfs(game: Game, inst: dict, path: list[Step], rng: random.Random, width: in
         lines.append(f"Level {depth + 1}:")
         counts: dict[str, int] = {}
         frontier = []
-        for _, _, pid, moves, step in listed:
+        for cand in listed:
+            _, _, pid, moves, step = cand
             counts[pid] = counts.get(pid, 0) + 1
             nid = f"{pid}.{counts[pid]}" if pid else str(counts[pid])
+            if cand is solution:
+                sol_id = nid
             full = moves + [step.move]
             mark = _mark(game, inst, step.state, depth + 1)
             lines.append(f"[{nid}] {' -> '.join(full)} | {game.show(inst, step.state)}{mark}")
             if not mark:
                 frontier.append((nid, full, step.state))
     # the summary names the solution's node (another goal may be listed beside it on the last level)
-    sol_id = _solution_id(lines, path)
     return lines + [f"Summary: [{sol_id}] {' -> '.join(s.move for s in path)}"]
-
-
-def _solution_id(lines: list[str], path: list[Step]) -> str:
-    full = " -> ".join(s.move for s in path)
-    for line in lines:
-        if line.startswith("[") and line.split("] ", 1)[1].startswith(full + " |"):
-            return line[1:line.index("]")]
-    raise VlkitError("solution node missing from its own trace")
 
 
 def _dfs(game: Game, inst: dict, path: list[Step], rng: random.Random, detours: int) -> list[str]:

@@ -8,7 +8,7 @@ phrasings. It never raises on text: malformed lines are skipped and counted.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 _CLEAN = re.compile(r"[*`_#]+|^\s*>+")
 _NODE = re.compile(r"^\s*(?:[-•]\s*)?(?:node\s*)?[\[(]?\s*(\d{1,3}(?:\s*\.\s*\d{1,3}){0,30})\s*[\])]?"  # the id
@@ -46,9 +46,6 @@ class Tree:
                 "goal_marked": bool(self.goals), "goal_id": self.goals[0] if self.goals else None,
                 "dead_ends": self.dead_ends, "backtracks": self.backtracks, "orphans": orphans,
                 "has_summary": self.has_summary, "skipped_lines": self.skipped_lines}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_tree(text: str) -> Tree:

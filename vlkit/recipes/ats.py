@@ -63,21 +63,23 @@ class ATSRecipe(Section):
     eval: ATSEval = Field(default_factory=ATSEval)
 
 
-def trace_examples(data: ATSData, fmt: str) -> list[dict]:
-    """[{game, id, messages}] of gold traces in `fmt` for the training instances (deterministic)."""
+def trace_examples(data: ATSData, formats: list[str]) -> dict[str, list[dict]]:
+    """{format: [{game, id, messages}]}: gold traces of the training instances in each format (deterministic).
+    Instances are generated and solved once; every format writes the same solution."""
     from vlkit.reason.games import get_game
     from vlkit.reason.methods import build_messages
     from vlkit.reason.traces import gold_trace
 
-    out = []
+    out: dict[str, list[dict]] = {fmt: [] for fmt in formats}
     for name in data.games:
         game = get_game(name)
         for inst in game.instances("train", data.train_per_game, seed=data.seed):
-            rng = random.Random(f"{data.seed}:{fmt}:{inst['id']}")
-            trace = gold_trace(game, inst, fmt, rng, width=data.bfs_width, detours=data.dfs_detours)
-            messages = build_messages(game, inst, "io", style="tuned")
-            out.append({"game": name, "id": inst["id"],
-                        "messages": messages + [{"role": "assistant", "content": trace}]})
+            path, question = game.solve(inst), build_messages(game, inst, "io", style="tuned")
+            for fmt in formats:
+                rng = random.Random(f"{data.seed}:{fmt}:{inst['id']}")
+                trace = gold_trace(game, inst, fmt, rng, width=data.bfs_width, detours=data.dfs_detours, path=path)
+                out[fmt].append({"game": name, "id": inst["id"],
+                                 "messages": question + [{"role": "assistant", "content": trace}]})
     return out
 
 
@@ -126,13 +128,14 @@ def evaluate(model_dir: Path, cfg: ATSRecipe, progress: bool | None = None) -> d
 def run(cfg: ATSRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
     prepare_output(cfg, out, resume)
-    examples = trace_examples(cfg.data, cfg.data.format)
+    # the tokenizer is trained on all formats (same data config, same tokenizer): token counts compare
+    formats = [cfg.data.format] if cfg.tokenizer.path else list(FORMATS)
+    traces = trace_examples(cfg.data, formats)
+    examples = traces[cfg.data.format]
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
-    else:  # one tokenizer for all formats (same data config, same tokenizer): token counts compare
-        texts = [m["content"] for f in FORMATS for ex in (examples if f == cfg.data.format
-                                                          else trace_examples(cfg.data, f))
-                 for m in ex["messages"]]
+    else:
+        texts = [m["content"] for exs in traces.values() for ex in exs for m in ex["messages"]]
         tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.style, cfg.tokenizer.split_digits)
     dataset = TraceDataset(examples, tok, cfg.data.max_length)
     if len(dataset) == 0:

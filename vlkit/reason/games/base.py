@@ -8,6 +8,7 @@ final answer from its text alone, by its own parsing and simulation.
 
 from __future__ import annotations
 
+import random
 import re
 import zlib
 from collections import deque
@@ -59,15 +60,12 @@ class Game:
     """Base class; subclasses define the search space and the checks."""
 
     name: str = ""
-    title: str = ""
 
     # -- instances -------------------------------------------------------------------------------
     def instances(self, split: str, n: int, seed: int = 0) -> list[dict]:
         """n distinct instances of `split`, generated from `seed` (same arguments, same instances)."""
         if split not in SPLITS:
             raise VlkitError(f"{self.name}: unknown split {split!r}; choose one of {SPLITS}")
-        import random
-
         rng = random.Random(f"{self.name}:{seed}")
         out, seen, tries = [], set(), 0
         while len(out) < n:

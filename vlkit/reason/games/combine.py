@@ -144,7 +144,6 @@ def _solve(game: Combine, numbers: tuple, goal: int) -> list[Step] | None:
 
 class Arithmetic(Combine):
     name = "arithmetic"
-    title = "Arithmetic"
 
     def sample(self, rng) -> dict:
         while True:
@@ -179,7 +178,6 @@ def load_game24(path: str) -> tuple[tuple[int, ...], ...]:
 
 class Game24(Combine):
     name = "game24"
-    title = "Game of 24"
 
     def instances(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
         """Rows of 24.csv: test = rows 900-999, train = every other row; `seed` is unused (the data is fixed)."""

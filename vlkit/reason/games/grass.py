@@ -30,7 +30,6 @@ def optimum(numbers: tuple[int, ...]) -> int:
 
 class MinimalGrass(Game):
     name = "grass"
-    title = "Minimal grass"
 
     def sample(self, rng) -> dict:
         return {"numbers": [rng.randint(4, 36) for _ in range(3)]}

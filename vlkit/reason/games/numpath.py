@@ -9,7 +9,6 @@ from vlkit.reason.games.base import Game, Step, Verdict
 
 class NumberPath(Game):
     name = "numpath"
-    title = "Number path"
 
     def sample(self, rng) -> dict:
         s, k = rng.randint(1, 50), rng.randint(3, 6)

@@ -35,7 +35,6 @@ OPS = ("fill A", "fill B", "empty A", "empty B", "pour A into B", "pour B into A
 
 class DropWater(Game):
     name = "water"
-    title = "Drop water"
 
     def sample(self, rng) -> dict:
         while True:
