@@ -50,6 +50,11 @@ def test_demo_writes_report_caches_and_retrains_downstream(tmp_path, tiny_world)
     report = (out / "report.md").read_text()
     assert "| caption CIDEr |" in report and "VQA accuracy" in report and "blind" in report
     assert (out / "vlm_samples.png").stat().st_size > 0 and (out / "world_preview.png").is_file()
+    assert "## VPGTrans" in report and first["vpgtrans"]["line"] in report
+    sp = first["vpgtrans"]["speedups"]["caption_cider"]  # measured from this run's two curves
+    scratch = [p["caption_cider"] for p in first["vpgtrans"]["scratch_curve"]]
+    assert len(scratch) >= 1 and sp["scratch_best"] == max(scratch)
+    assert sp["transfer_final"] == first["results"]["transfer_llama_tiny_to_small"]["curve"][-1]["caption_cider"]
     t = first["results"]["vlm_instruct"]["eval"]
     assert set(t["image"]) == set(t["blind"]) and "caption_cider" in t["image"]
     again = run_demo(out, progress=False, config_dir=tiny_configs(tmp_path, world))
@@ -58,4 +63,4 @@ def test_demo_writes_report_caches_and_retrains_downstream(tmp_path, tiny_world)
     mtime = {n: (out / n / "results.json").stat().st_mtime_ns for n, _ in STAGES}
     run_demo(out, progress=False, config_dir=tiny_configs(tmp_path, world, lm_llama_small=5))
     changed = {n for n, _ in STAGES if (out / n / "results.json").stat().st_mtime_ns != mtime[n]}
-    assert changed == {"lm_llama_small", "vpg_qformer", "vlm_instruct"}
+    assert changed == {"lm_llama_small", "vpg_qformer", "transfer_llama_tiny_to_small", "vlm_instruct"}

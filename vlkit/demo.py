@@ -1,9 +1,10 @@
 """`vlkit demo`: the embedded-default pipeline, end to end, on the shapes world.
 
-world -> tiny LLMs (LLaMA, OPT, each with its own BPE) -> world ViT (CLIP-style) -> VPG pretraining
-(Q-Former, tower and LLaMA frozen) -> held-out evaluation beside a blind baseline, a results table,
-``<out>/report.md`` and a contact sheet of held-out answers. Every stage is cached by its config: a
-second run reuses finished stages.
+world -> tiny LLaMAs (0.9M, and 0.2M as a VPGTrans source; one BPE recipe) -> world ViT (CLIP-style)
+-> VPG pretraining (Q-Former, tower and LLaMA frozen) -> VPGTrans (the 0.2M LLaMA's VPG moved to the 0.9M
+LLaMA, its speed-up against the from-scratch VPG) -> instruction tuning -> held-out evaluation beside a
+blind baseline, results tables, ``<out>/report.md`` and a contact sheet of held-out answers. Every
+stage is cached by its config: a second run reuses finished stages.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from vlkit.data.records import load_records
+from vlkit.errors import VlkitError
 from vlkit.fileio import write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
+from vlkit.recipes.transfer import speedup
 from vlkit.world.dataset import build, info
 from vlkit.world.preview import contact_sheet, preview_records
 
@@ -25,14 +28,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "world"
 
 STAGES = (
     ("lm_llama_small", "tiny LLaMA"),
-    ("lm_opt_small", "tiny OPT"),
+    ("lm_llama_tiny", "tiny LLaMA, VPGTrans source"),
     ("clip_vit", "world ViT (CLIP)"),
     ("vpg_qformer", "VLM: Q-Former VPG"),
+    ("vpg_tiny", "VPGTrans source: Q-Former VPG on the 0.2M LLaMA"),
+    ("transfer_llama_tiny_to_small", "VPGTrans: that VPG moved to the 0.9M LLaMA"),
     ("vlm_instruct", "VLM: instruction tuning"),
 )
 
 # a stage is retrained whenever a stage it reads from was retrained in this run
-DEPENDS = {"vpg_qformer": ("lm_llama_small", "clip_vit"), "vlm_instruct": ("vpg_qformer",)}
+DEPENDS = {"vpg_qformer": ("lm_llama_small", "clip_vit"), "vpg_tiny": ("lm_llama_tiny", "clip_vit"),
+           "transfer_llama_tiny_to_small": ("vpg_tiny", "lm_llama_small"), "vlm_instruct": ("vpg_qformer",)}
 
 VLM_METRICS = (("caption_cider", "caption CIDEr"), ("caption_rougeL", "caption ROUGE-L"), ("vqa_acc", "VQA accuracy"),
                ("grounding_iou50", "grounding IoU@0.5"), ("text_acc", "text reading accuracy"))
@@ -40,9 +46,13 @@ VLM_METRICS = (("caption_cider", "caption CIDEr"), ("caption_rougeL", "caption R
 
 def stage_overrides(name: str, out: Path) -> list[str]:
     over = [f"output_dir={out / name}"]
-    if name == "vpg_qformer":  # wire the VLM to this demo's own stages
-        over += [f"model.tower.path={out / 'clip_vit' / 'vision'}",
-                 f"model.llm.path={out / 'lm_llama_small' / 'model'}"]
+    if name in ("vpg_qformer", "vpg_tiny"):  # wire the VLMs to this demo's own stages
+        llm = "lm_llama_small" if name == "vpg_qformer" else "lm_llama_tiny"
+        over += [f"model.tower.path={out / 'clip_vit' / 'vision'}", f"model.llm.path={out / llm / 'model'}"]
+    if name == "vpg_qformer":  # evaluated as it trains: the from-scratch curve VPGTrans is measured against
+        over += ["train.eval_every=50", "eval.during_training=100"]
+    if name == "transfer_llama_tiny_to_small":
+        over += [f"source={out / 'vpg_tiny' / 'model'}", f"target.path={out / 'lm_llama_small' / 'model'}"]
     if name == "vlm_instruct":
         over += [f"init={out / 'vpg_qformer' / 'model'}"]
     return over
@@ -84,12 +94,69 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 
     samples = write_samples(results["vlm_instruct"]["eval"]["examples"], out / "vlm_samples.png")
     tables, md = summary(results, timings, samples.name)
+    trans = vpgtrans_speedup(results)
+    table, trans_md = vpgtrans_summary(trans, results, timings)
     wide = Console(width=120)
-    for table in tables:
-        wide.print(table)
-    write_text(out / "report.md", md)
+    for t in [*tables, table]:
+        wide.print(t)
+    wide.print(trans["line"])
+    write_text(out / "report.md", md + trans_md)
     console.print(f"report: {out / 'report.md'}")
-    return {"results": results, "timings": timings}
+    return {"results": results, "timings": timings, "vpgtrans": trans}
+
+
+TRANSFER = "transfer_llama_tiny_to_small"
+
+
+def vpgtrans_speedup(results: dict[str, dict]) -> dict:
+    """The demo's VPGTrans stage against the from-scratch VPG on the same LLM (vpg_qformer), per metric."""
+    scratch = [{k[5:] if k.startswith("eval/") else k: v for k, v in h.items()}
+               for h in results["vpg_qformer"]["history"] if any(k.startswith("eval/") for k in h)]
+    if not scratch:
+        raise VlkitError("vpg_qformer: no evaluations during training to compare VPGTrans with; set "
+                         "train.eval_every (the demo sets 50)")
+    trans = results[TRANSFER]["curve"]
+    sp = {m: speedup(scratch, trans, m) for m in ("caption_cider", "vqa_acc")}
+    c = sp["caption_cider"]
+    head = (f"VPGTrans (0.2M -> 0.9M LLaMA), caption CIDEr: from scratch best {c['scratch_best']:.3f} at step "
+            f"{c['scratch_best_step']}; ")
+    if c["reached"]:
+        line = head + (f"VPGTrans passes it at step {c['transfer_step']} (warm-up included): speed-up "
+                       f"{c['speedup_steps']:.1f}x in steps, {c['speedup_seconds']:.1f}x in optimisation seconds")
+    else:
+        line = head + (f"VPGTrans does not pass it in its {c['transfer_steps']} steps (best "
+                       f"{c['transfer_best']:.3f}): no speed-up here")
+    return {"speedups": sp, "scratch_curve": scratch, "line": line}
+
+
+def vpgtrans_summary(trans: dict, results: dict[str, dict], timings: dict[str, float]) -> tuple[Table, str]:
+    table = Table(title="vlkit demo: VPGTrans, the 0.2M LLaMA's VPG moved to the 0.9M LLaMA (held-out, same records)")
+    cols = ("metric", "from scratch: best (step)", "final", "VPGTrans: passes at", "final", "speed-up: steps",
+            "seconds")
+    for col in cols:
+        table.add_column(col)
+    rows = []
+    for metric, label in (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy")):
+        sp = trans["speedups"][metric]
+        passed = f"step {sp['transfer_step']}" if sp["reached"] else f"never in {sp['transfer_steps']} steps"
+        ratio = [f"{sp[k]:.1f}x" if sp["reached"] else "-" for k in ("speedup_steps", "speedup_seconds")]
+        rows.append((label, f"{sp['scratch_best']:.3f} ({sp['scratch_best_step']})", f"{sp['scratch_final']:.3f}",
+                     passed, f"{sp['transfer_final']:.3f}", *ratio))
+    for row in rows:
+        table.add_row(*row)
+    src, t = results["vpg_tiny"], results[TRANSFER]
+    md = ["", "## VPGTrans", "",
+          f"The Q-Former VPG pretrained on the 0.2M LLaMA ({src['steps']} steps, caption CIDEr "
+          f"{src['eval']['image']['caption_cider']:.3f} on its own LLM) is moved to the 0.9M LLaMA: word converter, "
+          f"projector warm-up ({t['stages'].get('warmup', {}).get('steps', 0)} steps at 5x), then "
+          f"{t['stages']['finetune']['steps']} fine-tuning steps ({timings[TRANSFER]:.0f}s). From scratch = the VPG "
+          "pretraining above, evaluated every 50 steps on the same held-out records (100 per task). Speed-up as "
+          "VPGTrans defines it: the step at which from scratch reaches its best, divided by the first step at which "
+          "VPGTrans exceeds it (warm-up counted). `vlkit experiment vpgtrans` measures more (ablations, LLaMA -> OPT).",
+          "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    md += ["", trans["line"] + ".", ""]
+    return table, "\n".join(md)
 
 
 def write_samples(examples: list[dict], path: Path) -> Path:
