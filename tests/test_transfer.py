@@ -194,7 +194,7 @@ def tiny_world_opt_lm(tmp_path_factory, tiny_world):
 
 
 def test_speedup_follows_the_paper_definition():
-    from vlkit.experiments.vpgtrans import speedup
+    from vlkit.recipes.transfer import speedup
 
     def curve(points):
         return [{"step": s, "samples": 32 * s, "train_seconds": 0.5 * s, "m": v} for s, v in points]
@@ -205,3 +205,38 @@ def test_speedup_follows_the_paper_definition():
     assert sp["reached"] and sp["scratch_best_step"] == 200 and sp["transfer_step"] == 20
     assert sp["speedup_steps"] == sp["speedup_samples"] == sp["speedup_seconds"] == 10.0
     assert not speedup(scratch, curve([(0, 0.1), (10, 0.5)]), "m")["reached"]  # equal is not exceeding
+
+
+def test_steps_to_reach_is_the_first_evaluation_at_or_above():
+    from vlkit.recipes.transfer import steps_to_reach
+
+    curve = [{"step": s, "m": v} for s, v in [(0, 0.1), (20, 0.3), (40, 0.25), (60, 0.5)]]
+    assert steps_to_reach(curve, "m", 0.3) == 20 and steps_to_reach(curve, "m", 0.4) == 60
+    assert steps_to_reach(curve, "m", 0.51) is None
+
+
+def test_experiment_summary_reach_findings_and_report(tmp_path):
+    from vlkit.experiments.vpgtrans import plot, report, summarize
+
+    def run(points, steps=None):
+        curve = [{"step": s, "samples": 32 * s, "train_seconds": 0.4 * s, "caption_cider": c, "vqa_acc": v}
+                 for s, c, v in points]
+        return {"curve": curve, "init": None, "stages": {}, "steps": curve[-1]["step"], "train_seconds": 1.0,
+                "eval": {"image": {"caption_cider": curve[-1]["caption_cider"], "vqa_acc": curve[-1]["vqa_acc"]}}}
+
+    runs = {"scratch_large": run([(0, 0.1, 0.2), (40, 0.2, 0.25), (400, 0.3, 0.3), (800, 0.4, 0.3)]),
+            "vpgtrans_large": run([(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.35, 0.31), (200, 0.38, 0.3)]),
+            "vpgtrans_short": run([(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.3, 0.3)]),
+            "warmup_lr_x1": run([(0, 0.2, 0.1), (20, 0.22, 0.2), (60, 0.26, 0.3)])}
+    s = summarize(runs)
+    reach = {r["fraction"]: r for r in s["reach"]}
+    assert reach[0.5]["scratch_step"] == 40 and reach[0.5]["transfer_step"] == 0 and reach[0.5]["speedup"] is None
+    assert reach[0.8]["scratch_step"] == 800 and reach[0.8]["transfer_step"] == 60
+    assert abs(reach[0.8]["speedup"] - 800 / 60) < 1e-9 and reach[1.0]["transfer_step"] is None
+    assert not s["speedups"]["small_to_large"]["caption_cider"]["reached"]  # 0.38 never passes 0.4
+    lr = next(f for f in s["findings"] if "5x" in f["claim"])
+    assert lr["holds"]  # 5x: mean 0.275 after warm-up vs 1x 0.24
+    s.update(total_seconds=1.0, source={"steps": 1500, "caption_cider": 0.5, "vqa_acc": 0.31})
+    md = report(s, plot(runs, tmp_path))
+    assert "| 80% | 0.320 | step 800 | step 60 | 13.3x |" in md and "before any training: CIDEr 0.200" in md
+    assert (tmp_path / "small_to_large.png").stat().st_size > 0

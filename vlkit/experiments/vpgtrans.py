@@ -2,16 +2,20 @@
 
     vlkit experiment vpgtrans [--out runs/vpgtrans] [--demo runs/demo]
 
-Reuses the demo's stages (tiny LLaMA, tiny OPT, world ViT, the source VLM: a Q-Former VPG on the
-frozen small LLaMA) and trains what is missing (the large LLaMA). Then, every run evaluated at the
-same interval on the same held-out captions (CIDEr) and questions (VQA accuracy):
-  small -> large LLaMA (same tokenizer): from scratch, VPGTrans, and the ablations
+Reuses the demo's 0.9M LLaMA and world ViT and trains what is missing: the 4M LLaMA, the tiny OPT and
+the source VLM, a Q-Former VPG trained to convergence (1,500 steps) on the frozen 0.9M LLaMA (the paper
+transfers converged VPGs). Then, every run evaluated at the same interval on the same held-out captions
+(CIDEr) and questions (VQA accuracy):
+  small -> large LLaMA (same tokenizer): from scratch (1,200 steps, to its plateau), VPGTrans (400
+      fine-tuning steps), and the ablations on a 100-step schedule beside VPGTrans on the same one:
       no converter (random projector), no warm-up, warm-up lr x1 / x10 (VPGTrans: x5);
   LLaMA -> OPT (different tokenizers): from scratch, VPGTrans; and large LLaMA -> OPT, the
       larger source, to compare with the small one.
 Speed-up as the paper defines it: the step at which from-scratch reaches its best score, divided by
 the first step at which VPGTrans exceeds that score (stage 1 counted in full); also the same ratio
-in training samples and in optimisation seconds. Writes <out>/report.md, results.json and PNG plots.
+in training samples and in optimisation seconds; and the speed-up to reach lower targets (50-100% of
+from scratch's best), which shows where the transfer saves steps. Writes <out>/report.md,
+results.json and PNG plots.
 """
 
 from __future__ import annotations
@@ -22,20 +26,24 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from vlkit.demo import CONFIG_DIR, DEPENDS, stage_overrides
+from vlkit.demo import CONFIG_DIR, stage_overrides
 from vlkit.experiments import save_png
 from vlkit.fileio import write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
+from vlkit.recipes.transfer import speedup, steps_to_reach
 
 METRICS = (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy"))
 
-SHORT = "train.steps=160"  # ablations: the early part of training is what they compare
+SHORT = "train.steps=100"  # ablations: the early part of training is what they compare
+SOURCE_STEPS = 1500  # the source VPG, trained to convergence on the 0.9M LLaMA
+FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # targets, as fractions of from scratch's best
 
-# name -> (target LM stage, source VLM: "small" = the demo's VPG, "large" = scratch_large's), overrides
+# name -> (target LM stage, source VLM: "small" = source_small, "large" = scratch_large's), overrides
 RUNS: dict[str, tuple[str, str, list[str]]] = {
-    "scratch_large": ("lm_llama_large", "small", ["inherit=false"]),
-    "vpgtrans_large": ("lm_llama_large", "small", []),
+    "scratch_large": ("lm_llama_large", "small", ["inherit=false", "train.steps=1200"]),
+    "vpgtrans_large": ("lm_llama_large", "small", ["train.steps=400"]),
+    "vpgtrans_short": ("lm_llama_large", "small", [SHORT]),
     "no_converter": ("lm_llama_large", "small", [SHORT, "converter.enabled=false"]),
     "no_warmup": ("lm_llama_large", "small", [SHORT, "warmup.enabled=false"]),
     "warmup_lr_x1": ("lm_llama_large", "small", [SHORT, "warmup.lr_scale=1"]),
@@ -61,49 +69,43 @@ def run_stage(name: str, overrides: list[str], console: Console, config: str | N
     return res, True
 
 
-def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
-    """The paper's speed-up on one metric, in steps, samples and optimisation seconds."""
-    best = max(scratch, key=lambda p: (p[metric], -p["step"]))
-    beat = next((p for p in trans if p[metric] > best[metric]), None)
-    out = {"metric": metric, "scratch_best": best[metric], "scratch_best_step": best["step"],
-           "scratch_final": scratch[-1][metric], "transfer_final": trans[-1][metric],
-           "transfer_best": max(p[metric] for p in trans)}
-    if beat is None:
-        return {**out, "reached": False}
-    ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
-    return {**out, "reached": True, "transfer_step": beat["step"], "speedup_steps": ratio["step"],
-            "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
-
-
 def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/demo",
                    progress: bool | None = None, only: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     out, demo = Path(out), Path(demo)
     t_all = time.perf_counter()
     trained: set[str] = set()
-    for name in ("lm_llama_small", "lm_opt_small", "clip_vit", "vpg_qformer"):
-        stale = any(d in trained for d in DEPENDS.get(name, ()))
-        _, did = run_stage(name, stage_overrides(name, demo), console, force=stale, progress=progress)
+    for name in ("lm_llama_small", "clip_vit"):
+        _, did = run_stage(name, stage_overrides(name, demo), console, progress=progress)
         if did:
             trained.add(name)
-    _, did = run_stage("lm_llama_large", [f"output_dir={out / 'lm_llama_large'}"], console, progress=progress)
+    for name in ("lm_llama_large", "lm_opt_small"):
+        _, did = run_stage(name, [f"output_dir={out / name}"], console, progress=progress)
+        if did:
+            trained.add(name)
+    source, did = run_stage("source_small", [f"output_dir={out / 'source_small'}", f"train.steps={SOURCE_STEPS}",
+                                             f"model.tower.path={demo / 'clip_vit' / 'vision'}",
+                                             f"model.llm.path={demo / 'lm_llama_small' / 'model'}"],
+                            console, config="vpg_qformer", force=bool({"lm_llama_small", "clip_vit"} & trained),
+                            progress=progress)
     if did:
-        trained.add("lm_llama_large")
-    sources = {"small": demo / "vpg_qformer" / "model", "large": out / "scratch_large" / "model"}
+        trained.add("source_small")
+    sources = {"small": out / "source_small" / "model", "large": out / "scratch_large" / "model"}
     runs: dict[str, dict] = {}
     for name, (target, source, extra) in RUNS.items():
         if only and name not in only:
             continue
-        target_dir = (out if target == "lm_llama_large" else demo) / target / "model"
+        target_dir = out / target / "model"
         over = [f"output_dir={out / name}", f"source={sources[source]}", f"target.path={target_dir}",
                 "eval.tasks=[caption,vqa]", *extra]
-        upstream = {"vpg_qformer", target} | ({"scratch_large"} if source == "large" else set())
+        upstream = {"source_small", target} | ({"scratch_large"} if source == "large" else set())
         res, did = run_stage(name, over, console, config="transfer_llama_small_to_large" if "large" in target
                              else "transfer_llama_to_opt", force=bool(upstream & trained), progress=progress)
         if did:
             trained.add(name)
         runs[name] = res
     summary = summarize(runs)
+    summary["source"] = {"steps": source["steps"], **{m: source["eval"]["image"].get(m) for m, _ in METRICS}}
     summary["total_seconds"] = time.perf_counter() - t_all
     write_json(out / "results.json", summary)
     plots = plot(runs, out)
@@ -119,11 +121,24 @@ def summarize(runs: dict[str, dict]) -> dict:
     pairs = {"small_to_large": ("scratch_large", "vpgtrans_large"), "llama_to_opt": ("scratch_opt", "vpgtrans_opt"),
              "large_llama_to_opt": ("scratch_opt", "vpgtrans_opt_from_large")}
     pairs.update({f"ablation_{n}": ("scratch_large", n) for n in
-                  ("no_converter", "no_warmup", "warmup_lr_x1", "warmup_lr_x10")})
+                  ("vpgtrans_short", "no_converter", "no_warmup", "warmup_lr_x1", "warmup_lr_x10")})
     s["speedups"] = {k: {m: speedup(runs[a]["curve"], runs[b]["curve"], m) for m, _ in METRICS}
                      for k, (a, b) in pairs.items() if a in runs and b in runs}
     s["findings"] = findings(runs, s["speedups"])
+    if {"scratch_large", "vpgtrans_large"} <= set(runs):
+        s["reach"] = reach(runs["scratch_large"]["curve"], runs["vpgtrans_large"]["curve"], "caption_cider")
     return s
+
+
+def reach(scratch: list[dict], trans: list[dict], metric: str) -> list[dict]:
+    """Steps each run needs to first reach a fraction of from scratch's best score, and their ratio."""
+    best = max(p[metric] for p in scratch)
+    rows = []
+    for f in FRACTIONS:
+        a, b = steps_to_reach(scratch, metric, f * best), steps_to_reach(trans, metric, f * best)
+        rows.append({"fraction": f, "value": f * best, "scratch_step": a, "transfer_step": b,
+                     "speedup": a / b if a is not None and b else None})
+    return rows
 
 
 def _first(runs, name, metric, i=0):
@@ -141,15 +156,15 @@ def findings(runs: dict[str, dict], sp: dict) -> list[dict]:
                                                                                           "vqa_acc", 1)),
                     "evidence": f"VQA at step 0: {start:.3f} (inherited, random projector) vs {scratch0:.3f} "
                                 f"(scratch); first evaluation after it: {after1:.3f}"})
-    if {"vpgtrans_large", "no_converter"} <= set(runs):
-        a, b = runs["vpgtrans_large"]["curve"], runs["no_converter"]["curve"]
+    if {"vpgtrans_short", "no_converter"} <= set(runs):
+        a, b = runs["vpgtrans_short"]["curve"], runs["no_converter"]["curve"]
         out.append({"claim": "the word-converter init shortens warm-up (better right after stage 1)",
                     "holds": bool(a[1]["caption_cider"] > b[1]["caption_cider"]),
                     "evidence": f"CIDEr after warm-up: {a[1]['caption_cider']:.3f} with the converter vs "
                                 f"{b[1]['caption_cider']:.3f} with a random projector; at step 0: "
                                 f"{a[0]['caption_cider']:.3f} vs {b[0]['caption_cider']:.3f}"})
-    if {"vpgtrans_large", "warmup_lr_x1"} <= set(runs):
-        a, b = runs["vpgtrans_large"]["curve"], runs["warmup_lr_x1"]["curve"]
+    if {"vpgtrans_short", "warmup_lr_x1"} <= set(runs):
+        a, b = runs["vpgtrans_short"]["curve"], runs["warmup_lr_x1"]["curve"]
         end = b[-1]["step"]
         ma, mb = (np.mean([p["caption_cider"] for p in c[1:] if p["step"] <= end]) for c in (a, b))
         out.append({"claim": "warm-up at 5x the learning rate beats 1x",
@@ -166,6 +181,10 @@ def findings(runs: dict[str, dict], sp: dict) -> list[dict]:
     return out
 
 
+def _step(step: int | None) -> str:
+    return "never" if step is None else f"step {step}"
+
+
 def _fmt(sp: dict) -> str:
     return f"{sp['speedup_steps']:.1f}x" if sp.get("reached") else "not reached"
 
@@ -176,8 +195,8 @@ def plot(runs: dict[str, dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"small_to_large": ["scratch_large", "vpgtrans_large", "no_converter", "no_warmup", "warmup_lr_x1",
-                                 "warmup_lr_x10"],
+    groups = {"small_to_large": ["scratch_large", "vpgtrans_large", "vpgtrans_short", "no_converter", "no_warmup",
+                                 "warmup_lr_x1", "warmup_lr_x10"],
               "llama_to_opt": ["scratch_opt", "vpgtrans_opt", "vpgtrans_opt_from_large"]}
     names = []
     for group, members in groups.items():
@@ -217,6 +236,19 @@ def report(s: dict, plots: list[str]) -> str:
                                                                            "speedup_seconds")]
             md.append(f"| {name} | {label} | {sp['scratch_best']:.3f} ({sp['scratch_best_step']}) | {passed} | "
                       + " | ".join(cells) + f" | {sp['scratch_final']:.3f} | {sp['transfer_final']:.3f} |")
+    if s.get("reach"):
+        md += ["", "## Speed-up to reach a target (small -> large, caption CIDEr)", "",
+               "Steps each run needs to first reach a fraction of from scratch's best CIDEr (same evaluation "
+               "interval; VPGTrans: warm-up included).", "",
+               "| target | CIDEr | from scratch | VPGTrans | speed-up |", "|---|---|---|---|---|"]
+        md += [f"| {r['fraction']:.0%} | {r['value']:.3f} | {_step(r['scratch_step'])} | {_step(r['transfer_step'])} | "
+               + (f"{r['speedup']:.1f}x" if r["speedup"] else "-") + " |" for r in s["reach"]]
+    if s.get("source") and "vpgtrans_large" in s["runs"]:
+        src, t0 = s["source"], s["runs"]["vpgtrans_large"]["curve"][0]
+        md += ["", f"The source VPG ({src['steps']} steps on the frozen 0.9M LLaMA) scores caption CIDEr "
+               f"{src['caption_cider']:.3f} and VQA {src['vqa_acc']:.3f} on its own LLM (final evaluation); moved "
+               f"to the 4M LLaMA through the word converter, before any training: CIDEr {t0['caption_cider']:.3f}, "
+               f"VQA {t0['vqa_acc']:.3f}."]
     md += ["", "## The paper's findings, checked", "", "| claim | holds here | evidence |", "|---|---|---|"]
     md += [f"| {f['claim']} | {'yes' if f['holds'] else 'no'} | {f['evidence']} |" for f in s["findings"]]
     conv = [(n, r["init"]["converter"]) for n, r in s["runs"].items() if r.get("init") and r["init"].get("converter")]

@@ -206,3 +206,24 @@ def _point(offset: dict, at: dict, metrics: dict) -> dict:
 def _brief(r: dict) -> dict:
     return {k: r[k] for k in ("steps", "train_seconds", "feature_seconds", "trainable_params")}
 
+
+
+def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
+    """The paper's speed-up on one metric: the step at which from-scratch reaches its best score, divided by
+    the first step at which the transfer exceeds that score; also in samples and optimisation seconds.
+    Curves are lists of evaluations with "step", "samples", "train_seconds" and the metric."""
+    best = max(scratch, key=lambda p: (p[metric], -p["step"]))
+    beat = next((p for p in trans if p[metric] > best[metric]), None)
+    out = {"metric": metric, "scratch_best": best[metric], "scratch_best_step": best["step"],
+           "scratch_final": scratch[-1][metric], "transfer_final": trans[-1][metric],
+           "transfer_best": max(p[metric] for p in trans), "transfer_steps": trans[-1]["step"]}
+    if beat is None:
+        return {**out, "reached": False}
+    ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
+    return {**out, "reached": True, "transfer_step": beat["step"], "speedup_steps": ratio["step"],
+            "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
+
+
+def steps_to_reach(curve: list[dict], metric: str, value: float) -> int | None:
+    """The first evaluated step at which `metric` reaches `value` (None: never)."""
+    return next((p["step"] for p in curve if p[metric] >= value), None)
