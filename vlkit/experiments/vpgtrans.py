@@ -83,7 +83,7 @@ def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/d
         _, did = run_stage(name, [f"output_dir={out / name}"], console, progress=progress)
         if did:
             trained.add(name)
-    source, did = run_stage("source_small", [f"output_dir={out / 'source_small'}", f"train.steps={SOURCE_STEPS}",
+    source_run, did = run_stage("source_small", [f"output_dir={out / 'source_small'}", f"train.steps={SOURCE_STEPS}",
                                              f"model.tower.path={demo / 'clip_vit' / 'vision'}",
                                              f"model.llm.path={demo / 'lm_llama_small' / 'model'}"],
                             console, config="vpg_qformer", force=bool({"lm_llama_small", "clip_vit"} & trained),
@@ -105,7 +105,7 @@ def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/d
             trained.add(name)
         runs[name] = res
     summary = summarize(runs)
-    summary["source"] = {"steps": source["steps"], **{m: source["eval"]["image"].get(m) for m, _ in METRICS}}
+    summary["source"] = {"steps": source_run["steps"], **{m: source_run["eval"]["image"].get(m) for m, _ in METRICS}}
     summary["total_seconds"] = time.perf_counter() - t_all
     write_json(out / "results.json", summary)
     plots = plot(runs, out)
