@@ -20,7 +20,7 @@ from vlkit.errors import VlkitError
 from vlkit.fileio import write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
-from vlkit.recipes.transfer import speedup
+from vlkit.recipes.transfer import eval_curve, speedup
 from vlkit.world.dataset import build, info
 from vlkit.world.preview import contact_sheet, preview_records
 
@@ -36,6 +36,9 @@ STAGES = (
     ("vlm_instruct", "VLM: instruction tuning"),
 )
 
+TRANSFER = "transfer_llama_tiny_to_small"
+SCRATCH_EVAL_EVERY = 50  # vpg_qformer's evaluations during training: the curve VPGTrans is measured against
+
 # a stage is retrained whenever a stage it reads from was retrained in this run
 DEPENDS = {"vpg_qformer": ("lm_llama_small", "clip_vit"), "vpg_tiny": ("lm_llama_tiny", "clip_vit"),
            "transfer_llama_tiny_to_small": ("vpg_tiny", "lm_llama_small"), "vlm_instruct": ("vpg_qformer",)}
@@ -50,7 +53,7 @@ def stage_overrides(name: str, out: Path) -> list[str]:
         llm = "lm_llama_small" if name == "vpg_qformer" else "lm_llama_tiny"
         over += [f"model.tower.path={out / 'clip_vit' / 'vision'}", f"model.llm.path={out / llm / 'model'}"]
     if name == "vpg_qformer":  # evaluated as it trains: the from-scratch curve VPGTrans is measured against
-        over += ["train.eval_every=50", "eval.during_training=100"]
+        over += [f"train.eval_every={SCRATCH_EVAL_EVERY}", "eval.during_training=100"]
     if name == "transfer_llama_tiny_to_small":
         over += [f"source={out / 'vpg_tiny' / 'model'}", f"target.path={out / 'lm_llama_small' / 'model'}"]
     if name == "vlm_instruct":
@@ -105,16 +108,12 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     return {"results": results, "timings": timings, "vpgtrans": trans}
 
 
-TRANSFER = "transfer_llama_tiny_to_small"
-
-
 def vpgtrans_speedup(results: dict[str, dict]) -> dict:
     """The demo's VPGTrans stage against the from-scratch VPG on the same LLM (vpg_qformer), per metric."""
-    scratch = [{k[5:] if k.startswith("eval/") else k: v for k, v in h.items()}
-               for h in results["vpg_qformer"]["history"] if any(k.startswith("eval/") for k in h)]
+    scratch = eval_curve(results["vpg_qformer"]["history"])
     if not scratch:
         raise VlkitError("vpg_qformer: no evaluations during training to compare VPGTrans with; set "
-                         "train.eval_every (the demo sets 50)")
+                         f"train.eval_every (the demo sets {SCRATCH_EVAL_EVERY})")
     trans = results[TRANSFER]["curve"]
     sp = {m: speedup(scratch, trans, m) for m in ("caption_cider", "vqa_acc")}
     c = sp["caption_cider"]
@@ -148,9 +147,11 @@ def vpgtrans_summary(trans: dict, results: dict[str, dict], timings: dict[str, f
     md = ["", "## VPGTrans", "",
           f"The Q-Former VPG pretrained on the 0.2M LLaMA ({src['steps']} steps, caption CIDEr "
           f"{src['eval']['image']['caption_cider']:.3f} on its own LLM) is moved to the 0.9M LLaMA: word converter, "
-          f"projector warm-up ({t['stages'].get('warmup', {}).get('steps', 0)} steps at 5x), then "
+          f"projector warm-up ({t['stages'].get('warmup', {}).get('steps', 0)} steps at "
+          f"{(t['warmup'] or {}).get('lr_scale', 0):g}x the learning rate), then "
           f"{t['stages']['finetune']['steps']} fine-tuning steps ({timings[TRANSFER]:.0f}s). From scratch = the VPG "
-          "pretraining above, evaluated every 50 steps on the same held-out records (100 per task). Speed-up as "
+          "pretraining above, evaluated every "
+          f"{SCRATCH_EVAL_EVERY} steps on the same held-out records (100 per task). Speed-up as "
           "VPGTrans defines it: the step at which from scratch reaches its best, divided by the first step at which "
           "VPGTrans exceeds it (warm-up counted). `vlkit experiment vpgtrans` measures more (ablations, LLaMA -> OPT).",
           "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

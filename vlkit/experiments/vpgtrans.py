@@ -257,5 +257,7 @@ def report(s: dict, plots: list[str]) -> str:
                "mean cosine |", "|---|---|---|---|---|---|---|"]
         md += [f"| {n} | {c['same_tokenizer']} | {c['texts']} | {c['aligned_texts']} | {c['pairs']} | "
                f"{c['unique_pairs']} | {c['mean_cosine']:.3f} |" for n, c in conv]
-    md += [""] + [f"![{p}]({p})" for p in plots] + ["", f"Total time: {s['total_seconds']:.0f}s.", ""]
+    md += [""] + [f"![{p}]({p})" for p in plots]
+    md += ["", f"Time of the run that wrote this report: {s['total_seconds']:.0f}s (finished stages are reused "
+               "from their directories; each run's own time is in its results.json).", ""]
     return "\n".join(md)

@@ -186,7 +186,7 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
     r = train_and_evaluate(model, proc, stage, train_recs, test_recs, out / "finetune", resume, overwrite, progress,
                            banks=(bank, test_bank))
     stages["finetune"] = _brief(r)
-    curve += [_point(done, h, {k[5:]: v for k, v in h.items() if k.startswith("eval/")}) for h in r["history"]]
+    curve += eval_curve(r["history"], done)
     save_vlm(model, out / "model", proc)
     return finish(out, {"recipe": "transfer", "source": cfg.source, "target": cfg.target.path, "init": init,
                         "warmup": cfg.warmup.model_dump() if cfg.inherit and cfg.warmup.enabled else None,
@@ -206,6 +206,13 @@ def _point(offset: dict, at: dict, metrics: dict) -> dict:
 def _brief(r: dict) -> dict:
     return {k: r[k] for k in ("steps", "train_seconds", "feature_seconds", "trainable_params")}
 
+
+def eval_curve(history: list[dict], offset: dict | None = None) -> list[dict]:
+    """The evaluation records of a trainer's history as curve points ("eval/" dropped from the metric
+    names), shifted by `offset` (step, samples, train_seconds of the stages before)."""
+    zero = {"step": 0, "samples": 0, "train_seconds": 0.0}
+    return [_point(offset or zero, h, {k[5:]: v for k, v in h.items() if k.startswith("eval/")})
+            for h in history if any(k.startswith("eval/") for k in h)]
 
 
 def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
