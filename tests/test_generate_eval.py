@@ -75,6 +75,20 @@ def test_cached_features_give_the_same_loss(tiny_tokenizer, tiny_world):
     assert np.array_equal(np.asarray(again.features), np.asarray(feats.bank.features))
 
 
+def test_tower_fingerprint_follows_the_weights_not_the_files(tiny_tokenizer, tiny_tower, tmp_path):
+    from vlkit.data.features import tower_fingerprint
+    from vlkit.models.io import load_vlm, save_vlm
+
+    model, proc = make(tiny_tokenizer, tower=None, path=str(tiny_tower))  # the tower read from its directory
+    save_vlm(model, tmp_path / "m", proc)
+    loaded, _ = load_vlm(tmp_path / "m")  # the same tower, read back from the VLM's one weights file
+    assert loaded.vision.cfg.path != model.vision.cfg.path
+    assert tower_fingerprint(loaded.vision) == tower_fingerprint(model.vision)
+    with torch.no_grad():
+        next(loaded.vision.model.parameters()).add_(1e-3)
+    assert tower_fingerprint(loaded.vision) != tower_fingerprint(model.vision)
+
+
 def test_metrics():
     refs = [["a red circle at the top left.", "a red circle."], ["a blue star in the center."]]
     assert M.cider(["a red circle at the top left.", "a blue star in the center."], refs) > \

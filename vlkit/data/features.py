@@ -15,21 +15,17 @@ import torch
 
 from vlkit.console import bar
 from vlkit.data.transforms import cached_image_array, normalize
-from vlkit.fileio import atomic_path, cache_root, file_hash, stable_hash
+from vlkit.fileio import atomic_path, cache_root, stable_hash
 
 
 def tower_fingerprint(tower) -> str:
-    """Identity of a tower's features: its weight files when loaded from a directory (streamed, constant
-    memory), else its tensors; plus the feature layer, selection and normalisation."""
+    """Identity of a tower's features: its tensors (one at a time, so memory stays flat), the feature layer,
+    selection and normalisation. Hashing the tensors rather than the files they came from makes the tower
+    of a saved VLM (inside its one weights file) share features with the tower directory it started from."""
     h = hashlib.sha256()
-    files = sorted(Path(tower.cfg.path).glob("*.safetensors")) if tower.cfg.path else []
-    if files:
-        for f in files:
-            h.update(file_hash(f).encode())
-    else:
-        for name, t in sorted(tower.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    for name, t in sorted(tower.model.state_dict().items()):
+        h.update(f"{name}/{t.dtype}/{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
     h.update(f"{tower.cfg.feature_layer}/{tower.cfg.select}/{tower.image_mean}/{tower.image_std}".encode())
     return h.hexdigest()[:16]
 
