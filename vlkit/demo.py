@@ -36,6 +36,10 @@ STAGES = (
     ("vlm_instruct", "VLM: instruction tuning"),
 )
 
+# stage -> the config it runs, where that is not its own name: the VPGTrans source is the same VPG recipe
+# as vpg_qformer, wired to the 0.2M LLaMA by stage_overrides
+STAGE_CONFIG = {"vpg_tiny": "vpg_qformer"}
+
 TRANSFER = "transfer_llama_tiny_to_small"
 SCRATCH_EVAL_EVERY = 50  # vpg_qformer's evaluations during training: the curve VPGTrans is measured against
 
@@ -81,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 
     trained: set[str] = set()
     for name, label in STAGES:
-        cfg, run = load_config(config_dir / f"{name}.yaml", stage_overrides(name, out))
+        cfg, run = load_config(config_dir / f"{STAGE_CONFIG.get(name, name)}.yaml", stage_overrides(name, out))
         t0 = time.perf_counter()
         stale = fresh or any(d in trained for d in DEPENDS.get(name, ()))
         cached = None if stale else cached_results(cfg, out / name)
