@@ -194,7 +194,7 @@ def tiny_world_opt_lm(tmp_path_factory, tiny_world):
 
 
 def test_speedup_follows_the_paper_definition():
-    from vlkit.recipes.transfer import speedup
+    from vlkit.recipes.transfer import speedup, times
 
     def curve(points):
         return [{"step": s, "samples": 32 * s, "train_seconds": 0.5 * s, "m": v} for s, v in points]
@@ -205,6 +205,9 @@ def test_speedup_follows_the_paper_definition():
     assert sp["reached"] and sp["scratch_best_step"] == 200 and sp["transfer_step"] == 20
     assert sp["speedup_steps"] == sp["speedup_samples"] == sp["speedup_seconds"] == 10.0
     assert not speedup(scratch, curve([(0, 0.1), (10, 0.5)]), "m")["reached"]  # equal is not exceeding
+    at_once = speedup(scratch, curve([(0, 0.6)]), "m")  # better before any training: an infinite speed-up
+    assert at_once["transfer_step"] == 0 and times(at_once["speedup_steps"]) == "no steps needed (step 0)"
+    assert times(sp["speedup_steps"]) == "10.0x"
 
 
 def test_steps_to_reach_is_the_first_evaluation_at_or_above():
@@ -239,4 +242,5 @@ def test_experiment_summary_reach_findings_and_report(tmp_path):
     s.update(total_seconds=1.0, source={"steps": 1500, "caption_cider": 0.5, "vqa_acc": 0.31})
     md = report(s, plot(runs, tmp_path))
     assert "| 80% | 0.320 | step 800 | step 60 | 13.3x |" in md and "before any training: CIDEr 0.200" in md
+    assert "| 50% | 0.200 | step 40 | step 0 | no steps needed (step 0) |" in md and "| step 800 | never | - |" in md
     assert (tmp_path / "small_to_large.png").stat().st_size > 0

@@ -20,7 +20,7 @@ from vlkit.errors import VlkitError
 from vlkit.fileio import write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
-from vlkit.recipes.transfer import eval_curve, speedup
+from vlkit.recipes.transfer import eval_curve, speedup, times
 from vlkit.world.dataset import build, info
 from vlkit.world.preview import contact_sheet, preview_records
 
@@ -125,7 +125,7 @@ def vpgtrans_speedup(results: dict[str, dict]) -> dict:
             f"{c['scratch_best_step']}; ")
     if c["reached"]:
         line = head + (f"VPGTrans passes it at step {c['transfer_step']} (warm-up included): speed-up "
-                       f"{c['speedup_steps']:.1f}x in steps, {c['speedup_seconds']:.1f}x in optimisation seconds")
+                       f"{times(c['speedup_steps'])} in steps, {times(c['speedup_seconds'])} in optimisation seconds")
     else:
         line = head + (f"VPGTrans does not pass it in its {c['transfer_steps']} steps (best "
                        f"{c['transfer_best']:.3f}): no speed-up here")
@@ -142,7 +142,7 @@ def vpgtrans_summary(trans: dict, results: dict[str, dict], timings: dict[str, f
     for metric, label in (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy")):
         sp = trans["speedups"][metric]
         passed = f"step {sp['transfer_step']}" if sp["reached"] else f"never in {sp['transfer_steps']} steps"
-        ratio = [f"{sp[k]:.1f}x" if sp["reached"] else "-" for k in ("speedup_steps", "speedup_seconds")]
+        ratio = [times(sp[k]) if sp["reached"] else "-" for k in ("speedup_steps", "speedup_seconds")]
         rows.append((label, f"{sp['scratch_best']:.3f} ({sp['scratch_best_step']})", f"{sp['scratch_final']:.3f}",
                      passed, f"{sp['transfer_final']:.3f}", *ratio))
     for row in rows:

@@ -31,7 +31,7 @@ from vlkit.experiments import save_png
 from vlkit.fileio import write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import cached_results
-from vlkit.recipes.transfer import speedup, steps_to_reach
+from vlkit.recipes.transfer import speedup, steps_to_reach, times
 
 METRICS = (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy"))
 
@@ -185,8 +185,14 @@ def _step(step: int | None) -> str:
     return "never" if step is None else f"step {step}"
 
 
+def _reach_cell(r: dict) -> str:
+    if r["transfer_step"] is None or r["scratch_step"] is None:
+        return "-"
+    return times(r["scratch_step"] / r["transfer_step"]) if r["transfer_step"] else times(float("inf"))
+
+
 def _fmt(sp: dict) -> str:
-    return f"{sp['speedup_steps']:.1f}x" if sp.get("reached") else "not reached"
+    return times(sp["speedup_steps"]) if sp.get("reached") else "not reached"
 
 
 def plot(runs: dict[str, dict], out: Path) -> list[str]:
@@ -232,7 +238,7 @@ def report(s: dict, plots: list[str]) -> str:
         for metric, label in METRICS:
             sp = per[metric]
             passed = f"step {sp['transfer_step']}" if sp["reached"] else "never"
-            cells = [f"{sp[k]:.1f}x" if sp["reached"] else "-" for k in ("speedup_steps", "speedup_samples",
+            cells = [times(sp[k]) if sp["reached"] else "-" for k in ("speedup_steps", "speedup_samples",
                                                                            "speedup_seconds")]
             md.append(f"| {name} | {label} | {sp['scratch_best']:.3f} ({sp['scratch_best_step']}) | {passed} | "
                       + " | ".join(cells) + f" | {sp['scratch_final']:.3f} | {sp['transfer_final']:.3f} |")
@@ -242,7 +248,7 @@ def report(s: dict, plots: list[str]) -> str:
                "interval; VPGTrans: warm-up included).", "",
                "| target | CIDEr | from scratch | VPGTrans | speed-up |", "|---|---|---|---|---|"]
         md += [f"| {r['fraction']:.0%} | {r['value']:.3f} | {_step(r['scratch_step'])} | {_step(r['transfer_step'])} | "
-               + (f"{r['speedup']:.1f}x" if r["speedup"] else "-") + " |" for r in s["reach"]]
+               + _reach_cell(r) + " |" for r in s["reach"]]
     if s.get("source") and "vpgtrans_large" in s["runs"]:
         src, t0 = s["source"], s["runs"]["vpgtrans_large"]["curve"][0]
         md += ["", f"The source VPG ({src['steps']} steps on the frozen 0.9M LLaMA) scores caption CIDEr "

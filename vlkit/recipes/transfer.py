@@ -231,6 +231,11 @@ def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
             "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
 
 
+def times(ratio: float) -> str:
+    """A speed-up for a report: "4.2x", or what an infinite one means (the transfer was there at step 0)."""
+    return "no steps needed (step 0)" if ratio == float("inf") else f"{ratio:.1f}x"
+
+
 def steps_to_reach(curve: list[dict], metric: str, value: float) -> int | None:
     """The first evaluated step at which `metric` reaches `value` (None: never)."""
     return next((p["step"] for p in curve if p[metric] >= value), None)
