@@ -64,3 +64,25 @@ def test_demo_writes_report_caches_and_retrains_downstream(tmp_path, tiny_world)
     run_demo(out, progress=False, config_dir=tiny_configs(tmp_path, world, lm_llama_small=5))
     changed = {n for n, _ in STAGES if (out / n / "results.json").stat().st_mtime_ns != mtime[n]}
     assert changed == {"lm_llama_small", "vpg_qformer", "transfer_llama_tiny_to_small", "vlm_instruct"}
+
+
+def test_vpgtrans_line_says_what_the_transfer_reached_and_when():
+    from vlkit.demo import TRANSFER, vpgtrans_speedup
+
+    def hist(step, cider):
+        return {"step": step, "samples": 32 * step, "train_seconds": step / 10, "eval/caption_cider": cider,
+                "eval/vqa_acc": 0.3}
+
+    def point(step, cider):
+        return {"step": step, "samples": 32 * step, "train_seconds": step / 10, "caption_cider": cider, "vqa_acc": 0.3}
+
+    scratch = {"history": [{"step": 50, "loss": 1.0}, hist(100, 0.1), hist(200, 0.2), hist(300, 0.4)]}
+    slow = vpgtrans_speedup({"vpg_qformer": scratch, TRANSFER: {"curve": [point(0, 0.05), point(20, 0.25),
+                                                                          point(40, 0.3)]}})
+    assert not slow["speedups"]["caption_cider"]["reached"]
+    assert "does not pass it in its 40 steps (best 0.300): no speed-up here" in slow["line"]
+    assert "half of it (0.200): VPGTrans at step 20, from scratch between steps 100 and 200" in slow["line"]
+    fast = vpgtrans_speedup({"vpg_qformer": scratch, TRANSFER: {"curve": [point(0, 0.05), point(20, 0.3),
+                                                                          point(40, 0.5)]}})
+    assert "from scratch best 0.400 at step 300; VPGTrans passes it at step 40" in fast["line"]
+    assert "speed-up 7.5x in steps, 7.5x in optimisation seconds" in fast["line"]

@@ -75,6 +75,38 @@ def test_cached_features_give_the_same_loss(tiny_tokenizer, tiny_world):
     assert np.array_equal(np.asarray(again.features), np.asarray(feats.bank.features))
 
 
+def test_feature_cache_computes_only_images_it_has_not_seen(tiny_tokenizer, tiny_world, monkeypatch, tmp_path):
+    import vlkit.data.features as F
+    from vlkit.data.records import load_records
+
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path))  # an empty feature cache; the world stays where it is
+    model, _ = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
+                                           "intermediate_size": 64, "num_hidden_layers": 2,
+                                           "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
+    t = model.vision
+    _, root = tiny_world
+    recs = load_records(root / "train.jsonl")
+    paths = list(dict.fromkeys(p for r in recs for p in r["images"]))
+    assert len(paths) >= 8
+    first = [r for r in recs if set(r["images"]) <= set(paths[:5])]
+    computed = []
+    real = F.compute_features
+    monkeypatch.setattr(F, "compute_features", lambda tower, px, progress=None: computed.append(len(px)) or
+                        real(tower, px, progress=progress))
+    bank = ImageBank(first, 64, t.image_mean, t.image_std).use_features(t)
+    assert computed == [len(bank.paths)]
+    # other tasks, another order, more images: only the new images go through the tower
+    more = list(reversed([r for r in recs if set(r["images"]) <= set(paths[:8])]))
+    big = ImageBank(more, 64, t.image_mean, t.image_std).use_features(t)
+    assert computed == [len(bank.paths), len(big.paths) - len(bank.paths)]
+    direct = F.compute_features(t, big.pixels)
+    assert np.allclose(np.asarray(big.features), direct, atol=1e-6)
+    rows = [3, 0, len(big.paths) - 1, 3]  # rows from both shards, repeated, out of order
+    assert np.allclose(big.inputs(rows)["image_features"].numpy(), direct[rows], atol=1e-6)
+    ImageBank(first, 64, t.image_mean, t.image_std).use_features(t)
+    assert len(computed) == 3  # the direct call above; the cache answered the rest
+
+
 def test_tower_fingerprint_follows_the_weights_not_the_files(tiny_tokenizer, tiny_tower, tmp_path):
     from vlkit.data.features import tower_fingerprint
     from vlkit.models.io import load_vlm, save_vlm

@@ -1,8 +1,8 @@
 """Images of a dataset as decoded pixels or as cached features of a frozen vision tower.
 
-Features are computed once per (tower weights, feature layer, selection, image files) and kept on
-disk as float32 ``.npy`` under ``$VLKIT_CACHE/features``; training with them skips the tower's
-forward pass entirely (it is frozen, so the numbers are the same).
+Features are computed once per (tower weights, feature layer, selection, resolution) and image, and
+kept on disk as float32 ``.npy`` shards under ``$VLKIT_CACHE/features/<tower>/``; training with them
+skips the tower's forward pass entirely (it is frozen, so the numbers are the same).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from vlkit.console import bar
 from vlkit.data.transforms import cached_image_array, normalize
-from vlkit.fileio import atomic_path, cache_root, stable_hash
+from vlkit.fileio import atomic_path, cache_root, read_json, stable_hash, write_json
 
 
 def tower_fingerprint(tower) -> str:
@@ -40,17 +40,58 @@ def compute_features(tower, pixels: np.ndarray, batch_size: int = 128, progress:
     return np.concatenate(chunks) if chunks else np.zeros((0, tower.num_features(), tower.hidden_size), np.float32)
 
 
-def cached_features(tower, paths: list[str], pixels: np.ndarray, progress: bool | None = None) -> np.ndarray:
-    key = stable_hash({"tower": tower_fingerprint(tower), "images": stable_hash(paths, 16),
-                       "res": tower.image_size}, 20)
-    path = cache_root() / "features" / f"{key}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
-    feats = compute_features(tower, pixels, progress=progress)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+class CachedFeatures:
+    """Features of a list of images, read from one or more cached shards (memory-mapped) row by row."""
+
+    def __init__(self, shards: list[np.ndarray], where: list[tuple[int, int]]):
+        self.shards = shards
+        self.shard = np.array([s for s, _ in where], dtype=np.int64)
+        self.row = np.array([r for _, r in where], dtype=np.int64)
+        self.shape = (len(where), *shards[0].shape[1:]) if shards else (0,)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        out = np.empty((len(rows), *self.shape[1:]), np.float32)
+        shard = self.shard[rows]
+        for s in np.unique(shard):
+            hit = shard == s
+            out[hit] = self.shards[s][self.row[rows[hit]]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[np.arange(len(self))]
+        return a if dtype is None else a.astype(dtype)
+
+
+def cached_features(tower, paths: list[str], pixels: np.ndarray, progress: bool | None = None) -> CachedFeatures:
+    """Features of `paths` (rows of `pixels`) under this tower. The cache holds, per tower, shards of features
+    with the image paths they cover; only images no shard covers are computed (one new shard), so a
+    recipe whose records select other tasks, a subset or another order reuses what earlier runs computed."""
+    root = cache_root() / "features" / stable_hash({"tower": tower_fingerprint(tower), "res": tower.image_size}, 20)
+    shards: list[np.ndarray] = []
+    where_of: dict[str, tuple[int, int]] = {}
+    for index in sorted(root.glob("*.json")) if root.is_dir() else []:
+        data = index.with_suffix(".npy")
+        if not data.is_file():  # an index is written after its data, so this is a shard being written
+            continue
+        for r, p in enumerate(read_json(index)):
+            where_of.setdefault(p, (len(shards), r))
+        shards.append(np.load(data, mmap_mode="r"))
+    missing = [i for i, p in enumerate(paths) if p not in where_of]
+    if missing:
+        new = [paths[i] for i in missing]
+        name = stable_hash(new, 20)
+        feats = compute_features(tower, pixels[missing], progress=progress)
+        with atomic_path(root / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
-    return np.load(path, mmap_mode="r")
+        write_json(root / f"{name}.json", new)
+        for r, p in enumerate(new):
+            where_of.setdefault(p, (len(shards), r))
+        shards.append(np.load(root / f"{name}.npy", mmap_mode="r"))
+    return CachedFeatures(shards, [where_of[p] for p in paths])
 
 
 class ImageBank:
@@ -66,7 +107,7 @@ class ImageBank:
         self.mean, self.std = mean, std
         self.pixels = cached_image_array(self.paths, image_size) if self.paths else \
             np.zeros((0, image_size, image_size, 3), np.uint8)
-        self.features: np.ndarray | None = None
+        self.features: CachedFeatures | None = None
 
     def rows(self, record: dict) -> list[int]:
         return [self.index[p] for p in record["images"]]
@@ -78,5 +119,5 @@ class ImageBank:
     def inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """Model inputs for these images: cached features when available, else pixels."""
         if self.features is not None:
-            return {"image_features": torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))}
+            return {"image_features": torch.from_numpy(self.features[rows])}
         return {"pixel_values": normalize(self.pixels[rows], self.mean, self.std)}
