@@ -8,7 +8,6 @@ skips the tower's forward pass entirely (it is frozen, so the numbers are the sa
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
