@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,31 @@ def test_record_image_mismatch_names_the_record(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(VlkitError, match=r"r.jsonl:1: not valid JSON"):
         load_records(path)
+
+
+def test_record_image_paths_become_absolute_relative_to_their_file(tmp_path, monkeypatch):
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    rec = {"id": "cap-1", "images": ["img/a.png", "../b.png", "/abs/c.png"],
+           "messages": [{"role": "user", "content": [{"type": "image"}] * 3 + [{"type": "text", "text": "?"}]},
+                        {"role": "assistant", "content": "x"}]}
+    path = tmp_path / "data" / "r.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    monkeypatch.chdir(tmp_path / "data" / "img")  # the working directory plays no part
+    (got,) = load_records(Path("..") / "r.jsonl")
+    assert got["images"] == [str(tmp_path / "data" / "img" / "a.png"), str(tmp_path / "b.png"), "/abs/c.png"]
+
+
+def test_vpg_splits_read_the_train_file_once(monkeypatch):
+    import vlkit.data.sources as sources
+    from vlkit.recipes.vpg import VPGData, splits
+
+    read = []
+    real = sources.load_records
+    monkeypatch.setattr(sources, "load_records", lambda p: read.append(Path(p).name) or real(p))
+    data = VPGData(world={"seed": 0, "train_scenes": 8, "test_scenes": 4}, tasks=["caption"])
+    train, test = splits(data, None)
+    assert sorted(read) == ["test.jsonl", "train.jsonl"]
+    assert {r["task"] for r in train} == {"caption"} and len({r["task"] for r in test}) > 1
 
 
 def save(img, path, **kw):

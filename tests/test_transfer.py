@@ -244,3 +244,17 @@ def test_experiment_summary_reach_findings_and_report(tmp_path):
     assert "| 80% | 0.320 | step 800 | step 60 | 13.3x |" in md and "before any training: CIDEr 0.200" in md
     assert "| 50% | 0.200 | step 40 | step 0 | no steps needed (step 0) |" in md and "| step 800 | never | - |" in md
     assert (tmp_path / "small_to_large.png").stat().st_size > 0
+
+
+def test_final_evaluation_reuses_the_last_one_during_training(tmp_path, tiny_world, source_vlm, wide_lm, monkeypatch):
+    import vlkit.eval.world as world
+    from vlkit.recipes.transfer import run
+
+    passes, real = [], world.answers
+    monkeypatch.setattr(world, "answers", lambda *a, blind, **k: passes.append(blind) or real(*a, blind=blind, **k))
+    res = run(transfer_cfg(tmp_path, tiny_world, source_vlm, wide_lm, "warmup.enabled=false", "eval.blind=true"))
+    assert [p["step"] for p in res["curve"]] == [0, 2, 4]
+    assert passes == [False, False, False, True]  # steps 0, 2, 4 with images, then the blind pass alone
+    last = res["curve"][-1]
+    assert all(last[k] == v for k, v in res["eval"]["image"].items()) and res["eval"]["blind"]
+    assert res["eval"]["examples"]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -70,9 +71,10 @@ def load_records(path: str | Path) -> list[dict]:
     """Read and validate a JSONL of records; image paths become absolute."""
     path = Path(path)
     records = read_jsonl(path)
+    base = str(path.parent.resolve())  # once per file: resolving every image path costs seconds on 25k records
     for lineno, r in enumerate(records, 1):
         validate_record(r, f"{path}:{lineno}")
-        r["images"] = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p
+        r["images"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
                        for p in r.get("images", [])]
     return records
 

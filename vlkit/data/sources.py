@@ -26,16 +26,21 @@ class RecordsConfig(Section):
 
 
 def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[dict], list[dict]]:
-    root = build(cfg.world, progress=progress) if (cfg.train is None or cfg.test is None) else None
-    train = load_records(cfg.train or root / "train.jsonl")
-    test = load_records(cfg.test or root / "test.jsonl")
+    return load_split(cfg, "train", progress), load_split(cfg, "test", progress)
+
+
+def load_split(cfg: RecordsConfig, split: str, progress: bool | None = None) -> list[dict]:
+    """One split's records ("train" or "test"), filtered, capped and (train) task-mixed as `cfg` says."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    path = getattr(cfg, split) or build(cfg.world, progress=progress) / f"{split}.jsonl"
+    records = load_records(path)
     if cfg.tasks is not None:
-        train = [r for r in train if r.get("task") in cfg.tasks]
-        test = [r for r in test if r.get("task") in cfg.tasks]
-    train = train[: cfg.max_train]
-    if cfg.mix:
-        train = mix_tasks(train, cfg.mix, seed=cfg.world.seed)
-    return train, test[: cfg.max_test]
+        records = [r for r in records if r.get("task") in cfg.tasks]
+    if split == "test":
+        return records[: cfg.max_test]
+    records = records[: cfg.max_train]
+    return mix_tasks(records, cfg.mix, seed=cfg.world.seed) if cfg.mix else records
 
 
 def text_only(messages: list[dict]) -> list[dict]:

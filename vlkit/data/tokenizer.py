@@ -119,7 +119,7 @@ def assistant_spans(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tuple
         if m["role"] != "assistant":
             continue
         before = render(tok, messages[:i], add_generation_prompt=True)
-        through = render(tok, messages[: i + 1])
+        through = full if i == len(messages) - 1 else render(tok, messages[: i + 1])
         if not (full.startswith(through) and through.startswith(before)):
             raise VlkitError(f"{tok.name_or_path}: the chat template does not render conversations "
                              "prefix-consistently, so assistant turns cannot be located; use vlkit's default template")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlkit.data.sources import RecordsConfig, load_splits
+from vlkit.data.sources import RecordsConfig, load_split
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.errors import VlkitError
 from vlkit.fileio import read_json
@@ -18,7 +18,7 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
     config = read_json(model_dir / "config.json")
     arch = (config.get("architectures") or [""])[0]
     data = RecordsConfig(world=WorldData(seed=seed, train_scenes=0, test_scenes=test_scenes))
-    _, test = load_splits(data)
+    test = load_split(data, "test")
     if config.get("model_type") == "vlkit_vlm":
         from vlkit.eval.world import EvalConfig, evaluate_vlm
         from vlkit.models.io import load_vlm

@@ -98,15 +98,24 @@ def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
 
 
 def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: ImageBank | None = None,
-                 progress: bool | None = None, examples: int = 6) -> dict:
-    """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...]}"""
+                 progress: bool | None = None, examples: int = 6, with_images: dict | None = None) -> dict:
+    """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...]}
+
+    `with_images`: this model's result on the same records and tasks, already computed without the
+    blind pass (the last evaluation during training, say); it is reused and only the blind pass runs."""
     model.eval()
     by_task = select(records, cfg)
     chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
     if bank is None:
         bank = ImageBank(chosen, processor.config.image_size, processor.config.image_mean, processor.config.image_std)
     result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": []}
-    for mode in (["image", "blind"] if cfg.blind else ["image"]):
+    modes = ["image", "blind"] if cfg.blind else ["image"]
+    if with_images is not None:
+        if with_images["counts"] != result["counts"]:
+            raise ValueError(f"with_images was evaluated on {with_images['counts']}, not {result['counts']}")
+        result.update(image=with_images["image"], examples=with_images["examples"])
+        modes.remove("image")
+    for mode in modes:
         preds = answers(model, processor, chosen, bank, cfg, blind=(mode == "blind"), progress=progress)
         metrics, k = {}, 0
         for t in cfg.tasks:

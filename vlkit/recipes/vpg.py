@@ -19,7 +19,7 @@ from pydantic import Field
 from vlkit.config import Section
 from vlkit.data.features import ImageBank
 from vlkit.data.processor import ProcessorConfig, VLProcessor
-from vlkit.data.sources import RecordsConfig, load_splits
+from vlkit.data.sources import RecordsConfig, load_split
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.errors import VlkitError
 from vlkit.eval.world import EvalConfig, evaluate_vlm
@@ -101,10 +101,8 @@ def run(cfg: VPGRecipe, resume: bool = False, overwrite: bool = False, progress:
 
 def splits(data: RecordsConfig, eval_data: RecordsConfig | None, progress: bool | None = None):
     """Train records of `data`; held-out records of `eval_data` (default: data's world, every task)."""
-    train_recs, _ = load_splits(data, progress=progress)
     eval_src = eval_data or RecordsConfig(world=data.world, train=data.train, test=data.test)
-    _, test_recs = load_splits(eval_src, progress=progress)
-    return train_recs, test_recs
+    return load_split(data, "train", progress), load_split(eval_src, "test", progress)
 
 
 def image_banks(model: VisionLanguageModel, train_recs: list[dict], test_recs: list[dict], cache: bool, out: Path,
@@ -136,18 +134,24 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     else:
         (bank, test_bank), feature_seconds = banks, 0.0
     data = VLDataset(train_recs, proc, bank)
-    periodic = None
+    periodic, last = None, {}
     if cfg.train.eval_every:
-        periodic = lambda m: _flat(evaluate_vlm(m, proc, test_recs, quick(cfg.eval), test_bank))  # noqa: E731
+        def periodic(m):
+            last.update(step=trainer.step, result=evaluate_vlm(m, proc, test_recs, quick(cfg.eval), test_bank))
+            return _flat(last["result"])
     trainer = Trainer(model, cfg.train, data, data.collate, vl_loss, out, run_config=cfg.model_dump(mode="json"),
                       desc=getattr(cfg, "recipe", "train"), evaluate=periodic)
     trainer.fit(resume=resume, overwrite=overwrite)
     trainable_params = count_parameters(model, True)
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
         before_eval()
+        last.clear()
+    # the evaluation at the last step saw the same records with images when during_training >= max_per_task
+    reuse = last.get("step") == cfg.train.steps and cfg.eval.during_training >= cfg.eval.max_per_task
     model.eval()
     with torch.no_grad():
-        result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress)
+        result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress,
+                              with_images=last["result"] if reuse else None)
     if save and trainer.rt.is_main:
         save_vlm(model, out / "model", proc)
     return {"trainable_params": trainable_params, "total_params": count_parameters(model),
