@@ -6,7 +6,7 @@ Reuses the demo's 0.9M LLaMA and world ViT and trains what is missing: the 4M LL
 the source VLM, a Q-Former VPG trained to convergence (1,500 steps) on the frozen 0.9M LLaMA (the paper
 transfers converged VPGs). Then, every run evaluated at the same interval on the same held-out captions
 (CIDEr) and questions (VQA accuracy):
-  small -> large LLaMA (same tokenizer): from scratch (1,200 steps, to its plateau), VPGTrans (400
+  small -> large LLaMA (same tokenizer): from scratch (1,000 steps, to its plateau), VPGTrans (300
       fine-tuning steps), and the ablations on a 100-step schedule beside VPGTrans on the same one:
       no converter (random projector), no warm-up, warm-up lr x1 / x10 (VPGTrans: x5);
   LLaMA -> OPT (different tokenizers): from scratch, VPGTrans; and large LLaMA -> OPT, the
@@ -41,8 +41,8 @@ FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # targets, as fractions of from scra
 
 # name -> (target LM stage, source VLM: "small" = source_small, "large" = scratch_large's), overrides
 RUNS: dict[str, tuple[str, str, list[str]]] = {
-    "scratch_large": ("lm_llama_large", "small", ["inherit=false", "train.steps=1200"]),
-    "vpgtrans_large": ("lm_llama_large", "small", ["train.steps=400"]),
+    "scratch_large": ("lm_llama_large", "small", ["inherit=false", "train.steps=1000"]),
+    "vpgtrans_large": ("lm_llama_large", "small", ["train.steps=300"]),
     "vpgtrans_short": ("lm_llama_large", "small", [SHORT]),
     "no_converter": ("lm_llama_large", "small", [SHORT, "converter.enabled=false"]),
     "no_warmup": ("lm_llama_large", "small", [SHORT, "warmup.enabled=false"]),
@@ -97,7 +97,7 @@ def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/d
             continue
         target_dir = out / target / "model"
         over = [f"output_dir={out / name}", f"source={sources[source]}", f"target.path={target_dir}",
-                "eval.tasks=[caption,vqa]", *extra]
+                "eval.tasks=[caption,vqa]", "eval.blind=false", *extra]  # the report compares runs, not image vs blind
         upstream = {"source_small", target} | ({"scratch_large"} if source == "large" else set())
         res, did = run_stage(name, over, console, config="transfer_llama_small_to_large" if "large" in target
                              else "transfer_llama_to_opt", force=bool(upstream & trained), progress=progress)
