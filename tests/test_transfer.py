@@ -258,3 +258,52 @@ def test_final_evaluation_reuses_the_last_one_during_training(tmp_path, tiny_wor
     last = res["curve"][-1]
     assert all(last[k] == v for k, v in res["eval"]["image"].items()) and res["eval"]["blind"]
     assert res["eval"]["examples"]
+
+
+def test_length_groups_give_the_same_loss_and_gradient(tiny_world, source_vlm):
+    from vlkit.data.features import ImageBank
+    from vlkit.data.sources import load_split
+    from vlkit.models.io import load_vlm
+    from vlkit.recipes.vpg import VLDataset, VPGData, vl_loss
+
+    cfg_w, _ = tiny_world
+    model, proc = load_vlm(source_vlm)
+    recs = load_split(VPGData(world=cfg_w.model_dump(), tasks=["caption", "vqa", "edit"]), "train")
+    recs = [r for t in ("caption", "vqa", "edit") for r in [r for r in recs if r["task"] == t][:4]]
+    assert max(len(r["images"]) for r in recs) == 2  # "what changed" records hold two images
+    t = model.vision
+    data = VLDataset(recs, proc, ImageBank(recs, t.image_size, t.image_mean, t.image_std))
+    batch = data.collate([data[i] for i in range(len(data))])
+    torch.manual_seed(0)  # strong random features, so that an image given to the wrong row shows in the loss
+    feats = model.vision(batch.pop("pixel_values"))
+    batch["image_features"] = torch.randn_like(feats) * 3 * feats.std()
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max() - 5  # enough padding for groups to differ from one batch
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for groups in (1, 3):
+        model.zero_grad()
+        loss, extra = vl_loss(model, batch, groups)
+        loss.backward()
+        out[groups] = (loss.item(), torch.cat([p.grad.flatten() for p in params]), extra["tokens"])
+    assert out[1][2] == out[3][2] == int((batch["labels"][:, 1:] != -100).sum())
+    assert out[1][0] == pytest.approx(out[3][0], rel=1e-5)
+    assert torch.allclose(out[1][1], out[3][1], rtol=1e-4, atol=1e-7)
+    model.zero_grad()  # the check can fail: images given to other rows change the VPG's gradient
+    vl_loss(model, {**batch, "image_features": batch["image_features"].flip(0)}, 3)[0].backward()
+    assert not torch.allclose(torch.cat([p.grad.flatten() for p in params]), out[1][1], rtol=1e-2, atol=1e-5)
+
+
+def test_a_setting_added_later_keeps_finished_runs_cached_at_its_old_value():
+    from vlkit.fileio import stable_hash
+    from vlkit.recipes.common import config_hash
+    from vlkit.recipes.vpg import VPGRecipe
+
+    cfg = VPGRecipe()
+    before = cfg.model_dump(mode="json")  # a config as saved before train.length_groups existed
+    before.pop("output_dir")
+    before["train"].pop("length_groups")
+    assert config_hash(cfg) == stable_hash(before)
+    assert config_hash(cfg.model_copy(update={"train": cfg.train.model_copy(update={"length_groups": 4})})) \
+        != config_hash(cfg)

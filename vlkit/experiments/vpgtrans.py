@@ -6,7 +6,7 @@ Reuses the demo's 0.9M LLaMA and world ViT and trains what is missing: the 4M LL
 the source VLM, a Q-Former VPG trained to convergence (1,500 steps) on the frozen 0.9M LLaMA (the paper
 transfers converged VPGs). Then, every run evaluated at the same interval on the same held-out captions
 (CIDEr) and questions (VQA accuracy):
-  small -> large LLaMA (same tokenizer): from scratch (1,000 steps, to its plateau), VPGTrans (300
+  small -> large LLaMA (same tokenizer): from scratch (800 steps, to its plateau), VPGTrans (300
       fine-tuning steps), and the ablations on a 100-step schedule beside VPGTrans on the same one:
       no converter (random projector), no warm-up, warm-up lr x1 / x10 (VPGTrans: x5);
   LLaMA -> OPT (different tokenizers): from scratch, VPGTrans; and large LLaMA -> OPT, the
@@ -41,7 +41,7 @@ FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # targets, as fractions of from scra
 
 # name -> (target LM stage, source VLM: "small" = source_small, "large" = scratch_large's), overrides
 RUNS: dict[str, tuple[str, str, list[str]]] = {
-    "scratch_large": ("lm_llama_large", "small", ["inherit=false", "train.steps=1000"]),
+    "scratch_large": ("lm_llama_large", "small", ["inherit=false", "train.steps=800"]),
     "vpgtrans_large": ("lm_llama_large", "small", ["train.steps=300"]),
     "vpgtrans_short": ("lm_llama_large", "small", [SHORT]),
     "no_converter": ("lm_llama_large", "small", [SHORT, "converter.enabled=false"]),
