@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from vlkit.demo import CONFIG_DIR, STAGE_CONFIG, STAGES, run_demo
+from vlkit.demo import CONFIG_DIR, STAGES, run_demo
 
 TINY = {
     "lm": {"model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96},
@@ -28,7 +28,7 @@ def merge(base: dict, extra: dict) -> dict:
 def tiny_configs(tmp: Path, world: dict, **steps) -> Path:
     d = tmp / "configs"
     d.mkdir(exist_ok=True)
-    for name in {STAGE_CONFIG.get(n, n) for n, _ in STAGES}:  # each config once, as the demo reads them
+    for name, _ in STAGES:
         cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
         kind = "lm" if name.startswith("lm_") else "clip_vit" if name == "clip_vit" else "vlm"
         cfg = merge(cfg, TINY[kind])

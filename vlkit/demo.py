@@ -36,10 +36,6 @@ STAGES = (
     ("vlm_instruct", "VLM: instruction tuning"),
 )
 
-# stage -> the config it runs, where that is not its own name: the VPGTrans source is the same VPG recipe
-# as vpg_qformer, wired to the 0.2M LLaMA by stage_overrides
-STAGE_CONFIG = {"vpg_tiny": "vpg_qformer"}
-
 TRANSFER = "transfer_llama_tiny_to_small"
 SCRATCH_EVAL_EVERY = 100  # vpg_qformer's evaluations during training: the curve VPGTrans is measured against
 
@@ -56,8 +52,6 @@ def stage_overrides(name: str, out: Path) -> list[str]:
     if name in ("vpg_qformer", "vpg_tiny"):  # wire the VLMs to this demo's own stages
         llm = "lm_llama_small" if name == "vpg_qformer" else "lm_llama_tiny"
         over += [f"model.tower.path={out / 'clip_vit' / 'vision'}", f"model.llm.path={out / llm / 'model'}"]
-    if name == "vpg_tiny":  # only its caption CIDEr on its own LLM is reported: no blind pass
-        over += ["eval.blind=false"]
     if name == "vpg_qformer":  # evaluated as it trains: the from-scratch curve VPGTrans is measured against
         over += [f"train.eval_every={SCRATCH_EVAL_EVERY}", "eval.during_training=100"]
     if name == "transfer_llama_tiny_to_small":
@@ -87,7 +81,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 
     trained: set[str] = set()
     for name, label in STAGES:
-        cfg, run = load_config(config_dir / f"{STAGE_CONFIG.get(name, name)}.yaml", stage_overrides(name, out))
+        cfg, run = load_config(config_dir / f"{name}.yaml", stage_overrides(name, out))
         t0 = time.perf_counter()
         stale = fresh or any(d in trained for d in DEPENDS.get(name, ()))
         cached = None if stale else cached_results(cfg, out / name)
