@@ -73,6 +73,20 @@ def test_converter_recovers_a_linear_map():
         train_converter(src, tgt, token_pairs(WordTokenizer(["x"]), WordTokenizer(["x"], {"x": ["x", "y"]}), ["x"]))
 
 
+def test_converter_matches_the_target_embeddings_mean_length():
+    torch.manual_seed(0)
+    src = torch.randn(40, 8)
+    tgt = 0.05 * src @ torch.randn(12, 8).T + 0.01 * torch.randn(40, 12)  # short target embeddings, as in LLMs
+    words = [f"w{i}" for i in range(40)]
+    pairs = token_pairs(WordTokenizer(words), WordTokenizer(words), [" ".join(words)])
+    free, s_free = train_converter(src, tgt, pairs, steps=200, lr=0.05, match_norm=False)
+    fitted, s_fit = train_converter(src, tgt, pairs, steps=200, lr=0.05)
+    assert s_free["scale"] == 1.0 and abs(s_fit["mean_cosine"] - s_free["mean_cosine"]) < 1e-6
+    assert not 0.5 < s_fit["scale"] < 2.0  # the cosine fit alone ends far from the target's length here
+    assert torch.allclose(fitted(src), free(src) * s_fit["scale"], atol=1e-5)
+    assert fitted(src).norm(dim=-1).mean() == pytest.approx(float(tgt.norm(dim=-1).mean()), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def source_vlm(tmp_path_factory, tiny_world, tiny_lm, tiny_tower):
     from vlkit.config import load

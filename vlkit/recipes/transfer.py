@@ -48,6 +48,9 @@ class ConverterConfig(Section):
                                           "(more pairs when long texts rarely split alike).")
     steps: int = Field(300, gt=0, description="Full-batch Adam steps on the token pairs.")
     lr: float = Field(1e-2, gt=0)
+    match_norm: bool = Field(True, description="Scale the fitted map so that converted embeddings have the target "
+                                               "embeddings' mean length (the cosine loss leaves the scale free; "
+                                               "false: keep the scale the optimiser ended at).")
 
 
 class WarmupConfig(Section):
@@ -137,7 +140,8 @@ def initialise(model: VisionLanguageModel, target_tok, source: VisionLanguageMod
         pairs = token_pairs(source_tok, target_tok, texts)
         conv, stats = train_converter(source.llm.get_input_embeddings().weight,
                                       model.llm.get_input_embeddings().weight, pairs, cfg.converter.steps,
-                                      cfg.converter.lr, seed=cfg.train.seed, progress=progress)
+                                      cfg.converter.lr, seed=cfg.train.seed, progress=progress,
+                                      match_norm=cfg.converter.match_norm)
         projector_of(model.vpg).load_state_dict(compose_projector(head, conv).state_dict())
         info["converter"] = {**stats, "seconds": time.perf_counter() - t0}
     return info
