@@ -222,6 +222,9 @@ def test_speedup_follows_the_paper_definition():
     at_once = speedup(scratch, curve([(0, 0.6)]), "m")  # better before any training: an infinite speed-up
     assert at_once["transfer_step"] == 0 and times(at_once["speedup_steps"]) == "no steps needed (step 0)"
     assert times(sp["speedup_steps"]) == "10.0x"
+    flat = speedup(curve([(0, 0.5), (100, 0.3), (200, 0.4)]), trans, "m")  # from scratch best untrained
+    assert flat["reached"] and flat["transfer_step"] == 20 and flat["speedup_steps"] is None
+    assert times(flat["speedup_seconds"]) == "undefined (from scratch best at step 0)"
 
 
 def test_steps_to_reach_is_the_first_evaluation_at_or_above():

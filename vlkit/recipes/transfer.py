@@ -222,7 +222,8 @@ def eval_curve(history: list[dict], offset: dict | None = None) -> list[dict]:
 def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
     """The paper's speed-up on one metric: the step at which from-scratch reaches its best score, divided by
     the first step at which the transfer exceeds that score; also in samples and optimisation seconds.
-    Curves are lists of evaluations with "step", "samples", "train_seconds" and the metric."""
+    Curves are lists of evaluations with "step", "samples", "train_seconds" and the metric. Where from
+    scratch's best is at step 0 (training never improved on it) the ratios are None: undefined."""
     best = max(scratch, key=lambda p: (p[metric], -p["step"]))
     beat = next((p for p in trans if p[metric] > best[metric]), None)
     out = {"metric": metric, "scratch_best": best[metric], "scratch_best_step": best["step"],
@@ -230,13 +231,19 @@ def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
            "transfer_best": max(p[metric] for p in trans), "transfer_steps": trans[-1]["step"]}
     if beat is None:
         return {**out, "reached": False}
-    ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
+    if best["step"] == 0:  # from scratch never improved on its untrained start: no training to save
+        ratio = dict.fromkeys(("step", "samples", "train_seconds"))
+    else:
+        ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
     return {**out, "reached": True, "transfer_step": beat["step"], "speedup_steps": ratio["step"],
             "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
 
 
-def times(ratio: float) -> str:
-    """A speed-up for a report: "4.2x", or what an infinite one means (the transfer was there at step 0)."""
+def times(ratio: float | None) -> str:
+    """A speed-up for a report: "4.2x", or what an infinite one means (the transfer was there at step 0),
+    or an undefined one (None: from scratch's best is its untrained start)."""
+    if ratio is None:
+        return "undefined (from scratch best at step 0)"
     return "no steps needed (step 0)" if ratio == float("inf") else f"{ratio:.1f}x"
 
 
