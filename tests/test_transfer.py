@@ -275,6 +275,10 @@ def test_final_evaluation_reuses_the_last_one_during_training(tmp_path, tiny_wor
     last = res["curve"][-1]
     assert all(last[k] == v for k, v in res["eval"]["image"].items()) and res["eval"]["blind"]
     assert res["eval"]["examples"]
+    passes.clear()  # evaluations during training under autocast do not stand for the fp32 final one
+    run(transfer_cfg(tmp_path / "bf16", tiny_world, source_vlm, wide_lm, "warmup.enabled=false", "eval.blind=true",
+                     "train.precision=bf16"))
+    assert passes == [False, False, False, False, True]
 
 
 def test_length_groups_give_the_same_loss_and_gradient(tiny_world, source_vlm):

@@ -169,8 +169,10 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
         before_eval()
         last.clear()
-    # the evaluation at the last step saw the same records with images when during_training >= max_per_task
-    reuse = last.get("step") == cfg.train.steps and cfg.eval.during_training >= cfg.eval.max_per_task
+    # the evaluation at the last step saw the same records with images when during_training >= max_per_task;
+    # it ran under the trainer's autocast, so it stands for this fp32 evaluation only where there is none
+    reuse = last.get("step") == cfg.train.steps and cfg.eval.during_training >= cfg.eval.max_per_task \
+        and trainer.rt.autocast_dtype is None
     model.eval()
     with torch.no_grad():
         result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress,
