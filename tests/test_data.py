@@ -116,8 +116,9 @@ def test_record_image_paths_become_absolute_relative_to_their_file(tmp_path, mon
 
 
 def test_vpg_splits_read_the_train_file_once(monkeypatch):
-    import vlkit.data.sources as sources
-    from vlkit.recipes.vpg import VPGData, splits
+    import vlkit.world.sources as sources
+    from vlkit.recipes.common import splits
+    from vlkit.recipes.vpg import VPGData
 
     read = []
     real = sources.load_records
@@ -143,10 +144,14 @@ def test_odd_modes_become_rgb(tmp_path, mode):
     assert out.mode == "RGB" and out.size == (32, 32)
 
 
-def test_transparent_pixels_composite_on_black(tmp_path):
+def test_transparent_pixels_composite_on_white(tmp_path):
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    img.putpixel((1, 1), (255, 0, 0, 255))
+    img.putpixel((2, 2), (0, 0, 255, 128))
     out = load_image(save(img, tmp_path / "t.png"))
-    assert out.getpixel((0, 0)) == (0, 0, 0)
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # what a viewer shows behind a transparent pixel
+    assert out.getpixel((1, 1)) == (255, 0, 0)
+    assert out.getpixel((2, 2)) == (127, 127, 255)  # half blue over white
 
 
 def test_bad_images_are_one_line_errors(tmp_path):

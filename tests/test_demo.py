@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from vlkit.demo import CONFIG_DIR, STAGES, run_demo
+from vlkit.experiments.demo import CONFIG_DIR, STAGES, run_demo
 
 TINY = {
     "lm": {"model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 96},
@@ -67,7 +67,7 @@ def test_demo_writes_report_caches_and_retrains_downstream(tmp_path, tiny_world)
 
 
 def test_vpgtrans_line_says_what_the_transfer_reached_and_when():
-    from vlkit.demo import TRANSFER, vpgtrans_speedup
+    from vlkit.experiments.demo import TRANSFER, vpgtrans_speedup
 
     def hist(step, cider):
         return {"step": step, "samples": 32 * step, "train_seconds": step / 10, "eval/caption_cider": cider,

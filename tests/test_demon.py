@@ -83,9 +83,11 @@ def test_harness_scores_perfect_answers_100_and_wrong_ones_0(monkeypatch, tiny_t
             refs[json.dumps(D.to_conversation(t, inst)[0])] = inst["response"]
     seen_features = []
 
-    def oracle(model, processor, convs, imgs, gen, image_features=None):
-        seen_features.append(image_features.shape[0])
-        assert image_features.shape[0] == sum(len(i) for i in imgs)
+    def oracle(model, processor, convs, imgs, gen, image_inputs=None):
+        pixels = image_inputs["pixel_values"]  # use_features=False: pixels, as the model's transform makes them
+        assert pixels.shape[1:] == (3, processor.transforms[0].size, processor.transforms[0].size)
+        seen_features.append(model.image_features(**image_inputs).shape[0])
+        assert seen_features[-1] == sum(len(i) for i in imgs)
         return [{"text": refs[json.dumps(c)]} for c in convs]
 
     monkeypatch.setattr(D, "generate", oracle)

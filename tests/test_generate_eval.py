@@ -56,23 +56,23 @@ def test_bad_generation_settings_are_errors(tiny_tokenizer):
 
 def test_cached_features_give_the_same_loss(tiny_tokenizer, tiny_world):
     from vlkit.data.records import load_records
-    from vlkit.recipes.vpg import VLDataset
+    from vlkit.recipes.common import VLDataset
 
     model, proc = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
                                               "intermediate_size": 64, "num_hidden_layers": 2,
                                               "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
-    proc.config.image_size = 64
     _, root = tiny_world
     recs = [r for r in load_records(root / "train.jsonl") if r["task"] in ("caption", "edit")][:12]
     t = model.vision
-    pixels = VLDataset(recs, proc, ImageBank(recs, 64, t.image_mean, t.image_std))
-    feats = VLDataset(recs, proc, ImageBank(recs, 64, t.image_mean, t.image_std).use_features(t))
+    assert proc.transforms[0].size == 64  # the processor takes the encoder's transform
+    pixels = VLDataset(recs, proc, ImageBank(recs, proc.transforms))
+    feats = VLDataset(recs, proc, ImageBank(recs, proc.transforms).use_features(t))
     b1, b2 = pixels.collate(pixels.items), feats.collate(feats.items)
     assert "pixel_values" in b1 and "image_features" in b2
     with torch.no_grad():
         assert torch.allclose(model(**b1).loss, model(**b2).loss, atol=1e-6)
-    again = ImageBank(recs, 64, t.image_mean, t.image_std).use_features(t)  # served from the disk cache
-    assert np.array_equal(np.asarray(again.features), np.asarray(feats.bank.features))
+    again = ImageBank(recs, proc.transforms).use_features(t)  # served from the disk cache
+    assert np.array_equal(np.asarray(again.features[0]), np.asarray(feats.bank.features[0]))
 
 
 def test_feature_cache_computes_only_images_it_has_not_seen(tiny_tokenizer, tiny_world, monkeypatch, tmp_path):
@@ -80,10 +80,10 @@ def test_feature_cache_computes_only_images_it_has_not_seen(tiny_tokenizer, tiny
     from vlkit.data.records import load_records
 
     monkeypatch.setenv("VLKIT_CACHE", str(tmp_path))  # an empty feature cache; the world stays where it is
-    model, _ = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
-                                           "intermediate_size": 64, "num_hidden_layers": 2,
-                                           "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
-    t = model.vision
+    model, proc = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 2,
+                                              "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
+    t, tf = model.vision, proc.transforms
     _, root = tiny_world
     recs = load_records(root / "train.jsonl")
     paths = list(dict.fromkeys(p for r in recs for p in r["images"]))
@@ -93,32 +93,32 @@ def test_feature_cache_computes_only_images_it_has_not_seen(tiny_tokenizer, tiny
     real = F.compute_features
     monkeypatch.setattr(F, "compute_features", lambda tower, px, progress=None: computed.append(len(px)) or
                         real(tower, px, progress=progress))
-    bank = ImageBank(first, 64, t.image_mean, t.image_std).use_features(t)
+    bank = ImageBank(first, tf).use_features(t)
     assert computed == [len(bank.paths)]
     # other tasks, another order, more images: only the new images go through the tower
     more = list(reversed([r for r in recs if set(r["images"]) <= set(paths[:8])]))
-    big = ImageBank(more, 64, t.image_mean, t.image_std).use_features(t)
+    big = ImageBank(more, tf).use_features(t)
     assert computed == [len(bank.paths), len(big.paths) - len(bank.paths)]
-    direct = F.compute_features(t, big.pixels)
-    assert np.allclose(np.asarray(big.features), direct, atol=1e-6)
+    direct = F.compute_features(t.encoders[0], big.pixels[0])
+    assert np.allclose(np.asarray(big.features[0]), direct, atol=1e-6)
     rows = [3, 0, len(big.paths) - 1, 3]  # rows from both shards, repeated, out of order
     assert np.allclose(big.inputs(rows)["image_features"].numpy(), direct[rows], atol=1e-6)
-    ImageBank(first, 64, t.image_mean, t.image_std).use_features(t)
+    ImageBank(first, tf).use_features(t)
     assert len(computed) == 3  # the direct call above; the cache answered the rest
 
 
 def test_tower_fingerprint_follows_the_weights_not_the_files(tiny_tokenizer, tiny_tower, tmp_path):
-    from vlkit.data.features import tower_fingerprint
     from vlkit.models.io import load_vlm, save_vlm
 
     model, proc = make(tiny_tokenizer, tower=None, path=str(tiny_tower))  # the tower read from its directory
     save_vlm(model, tmp_path / "m", proc)
     loaded, _ = load_vlm(tmp_path / "m")  # the same tower, read back from the VLM's one weights file
-    assert loaded.vision.cfg.path != model.vision.cfg.path
-    assert tower_fingerprint(loaded.vision) == tower_fingerprint(model.vision)
+    a, b = loaded.vision.encoders[0], model.vision.encoders[0]
+    assert a.cfg.path != b.cfg.path
+    assert a.fingerprint() == b.fingerprint()
     with torch.no_grad():
-        next(loaded.vision.model.parameters()).add_(1e-3)
-    assert tower_fingerprint(loaded.vision) != tower_fingerprint(model.vision)
+        next(a.parameters()).add_(1e-3)
+    assert a.fingerprint() != b.fingerprint()
 
 
 def test_metrics():
@@ -159,7 +159,7 @@ def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_t
     assert set(res["eval"]["blind"]) == set(res["eval"]["image"])
     model, proc = load_vlm(out / "model")
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"vpg", "llm"}
-    tower = {k: v for k, v in model.vision.model.state_dict().items()}
+    tower = {k: v for k, v in model.vision.encoders[0].model.state_dict().items()}
     source = __import__("transformers").CLIPVisionModel.from_pretrained(tiny_tower).state_dict()
     assert all(torch.equal(tower[k], source[k]) for k in source)  # the frozen tower is untouched
     img = next((root / "img").glob("test-*.png"))
@@ -182,7 +182,7 @@ def test_vpg_recipe_trains_saves_and_chats(tmp_path, tiny_world, tiny_lm, tiny_t
 
 
 def test_training_moves_only_the_chosen_groups(tiny_tokenizer, tmp_path):
-    from vlkit.recipes.vpg import vl_loss
+    from vlkit.recipes.common import vl_loss
     from vlkit.train import TrainConfig, Trainer
 
     model, proc = make(tiny_tokenizer)

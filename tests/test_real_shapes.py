@@ -48,7 +48,7 @@ def test_vpgtrans_real_configs_compose_on_meta(name, source_width, same_family):
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vlkit.models.vision.tower import on_device
+    from vlkit.models.vision.encoder import on_device
     from vlkit.models.vpg import build_vpg
     from vlkit.models.vpg.converter import compose_projector
     from vlkit.recipes.transfer import projector_of
@@ -62,7 +62,7 @@ def test_vpgtrans_real_configs_compose_on_meta(name, source_width, same_family):
     width = target.config.hidden_size
     assert source.llm.get_input_embeddings().weight.shape[1] == source_width
     assert (target.config.model_type == "opt") == same_family
-    vpg = build_vpg(source.config.vpg, source.vision.hidden_size, width, source.vision.num_features()).to("meta")
+    vpg = build_vpg(source.config.vpg, source.vision.width, width, source.vision.num_tokens).to("meta")
     converter = nn.Linear(source_width, width, device="meta")
     new = compose_projector(projector_of(source.vpg), converter)
     assert tuple(new.weight.shape) == tuple(projector_of(vpg).weight.shape) == (width, 768)
@@ -80,9 +80,9 @@ def test_cheetor_vpgc_on_vicuna7b_has_the_published_parameter_count():
     blip2, _ = load_config(REAL / "blip2_opt2.7b.yaml")
     cfg = blip2.model.model_copy(update={"llm": LLMSource(arch=vicuna.target.arch)})
     model = VisionLanguageModel.build(cfg, device="meta")
-    model.add_vpgc(VPGCConfig(layer=cheetor.vpgc.layer))
+    model.add_fusion("vpgc", VPGCConfig(layer=cheetor.vpgc.layer))
     model.set_trainable(cheetor.trainable)
     assert count_parameters(model.llm) == 6_738_415_616
     assert count_parameters(model, trainable_only=True) == 6_320_896
     assert round(100 * 6_320_896 / count_parameters(model.llm), 2) == 0.09
-    assert model.vpgc.layer == 16 == len(model.llm.model.layers) // 2
+    assert model.fusion("vpgc").layer == 16 == len(model.llm.model.layers) // 2

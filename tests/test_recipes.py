@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionModel
 
 from vlkit.config import load
-from vlkit.data.sources import load_splits
+from vlkit.world.sources import load_splits
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.recipes.clip import CLIPRecipe
 from vlkit.recipes.clip import run as run_clip
@@ -79,10 +79,8 @@ def test_clip_vision_encoder(tmp_path, tiny_world):
     proc = CLIPImageProcessor.from_pretrained(out / "vision")
     from PIL import Image
 
-    from vlkit.data.transforms import normalize
-
     img = Image.open(next((root / "img").glob("test-*.png"))).convert("RGB")
-    ours = normalize(np.asarray(img)[None], cfg.vision.image_mean, cfg.vision.image_std)
+    ours = cfg.vision.transform()([img])
     theirs = proc(images=img, return_tensors="pt")["pixel_values"]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert vision(pixel_values=ours).last_hidden_state.shape == (1, 65, 48)

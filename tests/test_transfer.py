@@ -133,7 +133,7 @@ def transfer_cfg(tmp_path, tiny_world, source, target, *extra):
 
 
 def test_initialise_inherits_the_body_and_composes_the_projector(tmp_path, tiny_world, source_vlm, wide_lm):
-    from vlkit.data.sources import load_splits
+    from vlkit.world.sources import load_splits
     from vlkit.data.tokenizer import load_tokenizer
     from vlkit.models.vpg.converter import token_pairs as pairs_of
     from vlkit.recipes.transfer import build_target, corpus, initialise
@@ -208,7 +208,7 @@ def tiny_world_opt_lm(tmp_path_factory, tiny_world):
 
 
 def test_speedup_follows_the_paper_definition():
-    from vlkit.recipes.transfer import speedup, times
+    from vlkit.eval.curves import speedup, times
 
     def curve(points):
         return [{"step": s, "samples": 32 * s, "train_seconds": 0.5 * s, "m": v} for s, v in points]
@@ -228,7 +228,7 @@ def test_speedup_follows_the_paper_definition():
 
 
 def test_steps_to_reach_is_the_first_evaluation_at_or_above():
-    from vlkit.recipes.transfer import steps_to_reach
+    from vlkit.eval.curves import steps_to_reach
 
     curve = [{"step": s, "m": v} for s, v in [(0, 0.1), (20, 0.3), (40, 0.25), (60, 0.5)]]
     assert steps_to_reach(curve, "m", 0.3) == 20 and steps_to_reach(curve, "m", 0.4) == 60
@@ -283,17 +283,17 @@ def test_final_evaluation_reuses_the_last_one_during_training(tmp_path, tiny_wor
 
 def test_length_groups_give_the_same_loss_and_gradient(tiny_world, source_vlm):
     from vlkit.data.features import ImageBank
-    from vlkit.data.sources import load_split
+    from vlkit.world.sources import load_split
     from vlkit.models.io import load_vlm
-    from vlkit.recipes.vpg import VLDataset, VPGData, vl_loss
+    from vlkit.recipes.common import VLDataset, vl_loss
+    from vlkit.recipes.vpg import VPGData
 
     cfg_w, _ = tiny_world
     model, proc = load_vlm(source_vlm)
     recs = load_split(VPGData(world=cfg_w.model_dump(), tasks=["caption", "vqa", "edit"]), "train")
     recs = [r for t in ("caption", "vqa", "edit") for r in [r for r in recs if r["task"] == t][:4]]
     assert max(len(r["images"]) for r in recs) == 2  # "what changed" records hold two images
-    t = model.vision
-    data = VLDataset(recs, proc, ImageBank(recs, t.image_size, t.image_mean, t.image_std))
+    data = VLDataset(recs, proc, ImageBank(recs, proc.transforms))
     batch = data.collate([data[i] for i in range(len(data))])
     torch.manual_seed(0)  # strong random features, so that an image given to the wrong row shows in the loss
     feats = model.vision(batch.pop("pixel_values"))

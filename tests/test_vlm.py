@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
 from vlkit.models.io import export_blip2, export_llava, load_vlm, save_vlm
 from vlkit.models.llm import decoder_layers
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
-from vlkit.models.vision.tower import TowerConfig
+from vlkit.models.vision import EncoderConfig
 from vlkit.models.vpg import VPGConfig
 
 CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -42,12 +42,10 @@ def make(tok, family="llama", vpg="qformer", tower=CLIP, **tower_kw):
     torch.manual_seed(0)
     arch = {**LLMS[family], "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
-    cfg = VLMConfig(tower=TowerConfig(arch=tower, **tower_kw), vpg=VPGConfig(kind=vpg, num_queries=4),
+    cfg = VLMConfig(tower=EncoderConfig(arch=tower, **tower_kw), vpg=VPGConfig(kind=vpg, num_queries=4),
                     llm=LLMSource(arch=arch), max_length=128)
     model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>")).eval()
-    t = model.vision
-    proc = VLProcessor(tok, ProcessorConfig(t.image_size, t.image_mean, t.image_std, model.num_image_tokens, 128))
-    return model, proc
+    return model, VLProcessor.for_model(tok, model)
 
 
 def images(n, size=32, seed=0):
@@ -169,7 +167,7 @@ def test_llava_export_loads_in_transformers_with_equal_logits(tiny_tokenizer, tm
 def test_blip2_export_loads_in_transformers_with_equal_logits(tiny_tokenizer, tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
-    model, proc = make(tiny_tokenizer, "opt", vpg="qformer", tower=BLIP2_VISION, feature_layer=-1, select="full")
+    model, proc = make(tiny_tokenizer, "opt", vpg="qformer", tower=BLIP2_VISION, feature_layer="output", select="full")
     export_blip2(model, proc, tmp_path / "blip2")
     blip = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "blip2").eval()
     enc = proc.encode(CONV[:2], 1)

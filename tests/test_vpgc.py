@@ -36,10 +36,10 @@ def test_fresh_vpgc_leaves_logits_exactly_equal(tiny_tokenizer, family):
     b = inputs(proc)
     with torch.no_grad():
         base = model(**b).logits
-        model.add_vpgc()
+        model.add_fusion("vpgc")
         after = model(**b).logits
     assert torch.equal(base, after)
-    perturb(model.vpgc)
+    perturb(model.fusion("vpgc"))
     with torch.no_grad():
         assert not torch.allclose(model(**b).logits, base)  # and it does act once trained
 
@@ -48,8 +48,8 @@ def test_vpgc_acts_from_its_layer_on_and_only_on_later_positions(tiny_tokenizer)
     """Hidden states entering layers before `layer` are untouched; the completed layer input differs exactly at the
     image tokens."""
     model, proc = make(tiny_tokenizer)
-    model.add_vpgc(VPGCConfig(layer=1))
-    perturb(model.vpgc)
+    model.add_fusion("vpgc", VPGCConfig(layer=1))
+    perturb(model.fusion("vpgc"))
     b = inputs(proc)
     seen = {}
     layers = decoder_layers(model.llm)
@@ -59,8 +59,8 @@ def test_vpgc_acts_from_its_layer_on_and_only_on_later_positions(tiny_tokenizer)
     with torch.no_grad():
         model(**b)
         completed = dict(seen)
-        model.vpgc.to_llm.weight.zero_()
-        model.vpgc.to_llm.bias.zero_()
+        model.fusion("vpgc").to_llm.weight.zero_()
+        model.fusion("vpgc").to_llm.bias.zero_()
         model(**b)
     assert torch.equal(completed[0], seen[0])
     # hooks run in registration order: VPG-C's (registered first) completes, then ours records the result
@@ -84,11 +84,11 @@ def test_generation_completes_the_prefill_and_reuses_the_cache(tiny_tokenizer):
     px = proc.pixel_values(images(2))
     with torch.no_grad():
         base = model(prompt["input_ids"], prompt["attention_mask"], pixel_values=px).logits[0, -1]
-        model.add_vpgc()
-        perturb(model.vpgc, seed=3, scale=3.0)
+        model.add_fusion("vpgc")
+        perturb(model.fusion("vpgc"), seed=3, scale=3.0)
         completed = model(prompt["input_ids"], prompt["attention_mask"], pixel_values=px).logits[0, -1]
         inputs = prepare(model, proc, [QUESTION], [images(2)])
-        with inputs.pop("completing"):
+        with inputs.pop("fused"):
             out = model.llm.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
                                      return_dict_in_generate=True, pad_token_id=proc.tokenizer.pad_token_id)
         again = generate(model, proc, [QUESTION], [images(2)], GenerationConfig(max_new_tokens=4), return_ids=True)
@@ -99,12 +99,12 @@ def test_generation_completes_the_prefill_and_reuses_the_cache(tiny_tokenizer):
 
 def test_vpgc_saves_and_loads_with_its_layer(tmp_path, tiny_tokenizer):
     model, proc = make(tiny_tokenizer)
-    model.add_vpgc(VPGCConfig(layer=0))
-    perturb(model.vpgc)
+    model.add_fusion("vpgc", VPGCConfig(layer=0))
+    perturb(model.fusion("vpgc"))
     model.set_trainable(["vpgc"])
     save_vlm(model, tmp_path / "m", proc)
     loaded, _ = load_vlm(tmp_path / "m")
-    assert loaded.vpgc is not None and loaded.vpgc.layer == 0 and loaded.trainable_groups == ["vpgc"]
+    assert loaded.fusion("vpgc").layer == 0 and loaded.trainable_groups == ["vpgc"]
     b = inputs(proc)
     with torch.no_grad():
         assert torch.equal(model.eval()(**b).logits, loaded(**b).logits)
@@ -113,10 +113,10 @@ def test_vpgc_saves_and_loads_with_its_layer(tmp_path, tiny_tokenizer):
 def test_vpgc_errors_are_clear(tiny_tokenizer):
     model, _ = make(tiny_tokenizer)
     with pytest.raises(VlkitError, match="vpgc.layer: 5 is out of range for an LLM with 2 layers"):
-        model.add_vpgc(VPGCConfig(layer=5))
+        model.add_fusion("vpgc", VPGCConfig(layer=5))
     mlp, _ = make(tiny_tokenizer, vpg="mlp")
     with pytest.raises(VlkitError, match="needs a qformer VPG"):
-        mlp.add_vpgc()
+        mlp.add_fusion("vpgc")
 
 
 def test_attention_guidance_picks_the_least_attended_object(tiny_tokenizer, monkeypatch):
@@ -163,6 +163,7 @@ def test_vpgc_recipe_trains_only_vpgc_and_reports_demon(tmp_path, tiny_world, ti
     trained, _ = load_vlm(tmp_path / "run" / "model")
     base = dict(model.named_parameters())
     for name, p in trained.named_parameters():
-        if not name.startswith("vpgc."):
+        if not name.startswith("fusions.vpgc."):
             assert torch.equal(p, base[name]), name  # only VPG-C moved
-    assert not torch.equal(trained.vpgc.to_llm.weight, torch.zeros_like(trained.vpgc.to_llm.weight))
+    to_llm = trained.fusion("vpgc").to_llm.weight
+    assert not torch.equal(to_llm, torch.zeros_like(to_llm))

@@ -88,7 +88,7 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
     import json
 
     if benchmark == "demon":
-        from vlkit.recipes.vpgc import DemonEval, demon_scores
+        from vlkit.eval.demon import DemonEval, demon_scores
         from vlkit.models.io import load_vlm
 
         vlm, processor = load_vlm(model)
@@ -144,7 +144,7 @@ def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model direct
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where stages and the report go."),
          fresh: bool = typer.Option(False, help="Retrain every stage even if cached.")):
     """Run the embedded-default pipeline on the shapes world and print a results table."""
-    from vlkit.demo import run_demo
+    from vlkit.experiments.demo import run_demo
 
     run_demo(out, fresh=fresh)
 

@@ -1,42 +1,34 @@
-"""Images of a dataset as decoded pixels or as cached features of a frozen vision tower.
+"""Images of a dataset as decoded pixels or as cached features of frozen vision encoders.
 
-Features are computed once per (tower weights, feature layer, selection, resolution) and image, and
-kept on disk as float32 ``.npy`` shards under ``$VLKIT_CACHE/features/<tower>/``; training with them
-skips the tower's forward pass entirely (it is frozen, so the numbers are the same).
+Pixels are decoded once per (image files, transform geometry) and kept on disk as uint8. Features are
+computed once per (encoder weights, feature settings, transform) and image, and kept on disk as float32
+``.npy`` shards under ``$VLKIT_CACHE/features/<encoder>/``; training with them skips the encoders'
+forward passes entirely (they are frozen, so the numbers are the same). A vision stack of several
+encoders caches each encoder's features on its own.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import torch
 
 from vlkit.console import bar
-from vlkit.data.transforms import cached_image_array, normalize
+from vlkit.data.transforms import ImageTransform
 from vlkit.fileio import atomic_path, cache_root, read_json, stable_hash, write_json
 
 
-def tower_fingerprint(tower) -> str:
-    """Identity of a tower's features: its tensors (one at a time, so memory stays flat), the feature layer,
-    selection and normalisation. Hashing the tensors rather than the files they came from makes the tower
-    of a saved VLM (inside its one weights file) share features with the tower directory it started from."""
-    h = hashlib.sha256()
-    for name, t in sorted(tower.model.state_dict().items()):
-        h.update(f"{name}/{t.dtype}/{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    h.update(f"{tower.cfg.feature_layer}/{tower.cfg.select}/{tower.image_mean}/{tower.image_std}".encode())
-    return h.hexdigest()[:16]
+def batch_of(parts: list):
+    """A tensor for a one-encoder stack, a list for several (the model's input convention)."""
+    return parts[0] if len(parts) == 1 else parts
 
 
 @torch.no_grad()
-def compute_features(tower, pixels: np.ndarray, batch_size: int = 128, progress: bool | None = None) -> np.ndarray:
-    device = next(tower.parameters()).device
+def compute_features(encoder, pixels: np.ndarray, batch_size: int = 128, progress: bool | None = None) -> np.ndarray:
+    """uint8 (n, S, S, 3) pixels -> float32 features (n, N, C) of one encoder."""
     chunks = []
     for i in bar(range(0, len(pixels), batch_size), desc="features", enabled=progress):
-        px = normalize(pixels[i:i + batch_size], tower.image_mean, tower.image_std).to(device)
-        chunks.append(tower(px).float().cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, tower.num_features(), tower.hidden_size), np.float32)
+        chunks.append(encoder(encoder.transform.normalize(pixels[i:i + batch_size])).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, encoder.num_tokens, encoder.width), np.float32)
 
 
 class CachedFeatures:
@@ -65,11 +57,12 @@ class CachedFeatures:
         return a if dtype is None else a.astype(dtype)
 
 
-def cached_features(tower, paths: list[str], pixels: np.ndarray, progress: bool | None = None) -> CachedFeatures:
-    """Features of `paths` (rows of `pixels`) under this tower. The cache holds, per tower, shards of features
-    with the image paths they cover; only images no shard covers are computed (one new shard), so a
-    recipe whose records select other tasks, a subset or another order reuses what earlier runs computed."""
-    root = cache_root() / "features" / stable_hash({"tower": tower_fingerprint(tower), "res": tower.image_size}, 20)
+def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: bool | None = None) -> CachedFeatures:
+    """Features of `paths` (rows of `pixels`, decoded with the encoder's transform) under this encoder. The cache
+    holds, per encoder, shards of features with the image paths they cover; only images no shard covers are
+    computed (one new shard), so a recipe whose records select other tasks, a subset or another order reuses
+    what earlier runs computed."""
+    root = cache_root() / "features" / stable_hash({"encoder": encoder.fingerprint()}, 20)
     shards: list[np.ndarray] = []
     where_of: dict[str, tuple[int, int]] = {}
     for index in sorted(root.glob("*.json")) if root.is_dir() else []:
@@ -83,7 +76,7 @@ def cached_features(tower, paths: list[str], pixels: np.ndarray, progress: bool 
     if missing:
         new = [paths[i] for i in missing]
         name = stable_hash(new, 20)
-        feats = compute_features(tower, pixels[missing], progress=progress)
+        feats = compute_features(encoder, pixels[missing], progress=progress)
         with atomic_path(root / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
         write_json(root / f"{name}.json", new)
@@ -94,29 +87,35 @@ def cached_features(tower, paths: list[str], pixels: np.ndarray, progress: bool 
 
 
 class ImageBank:
-    """Every distinct image of a set of records, addressable by row."""
+    """Every distinct image of a set of records, addressable by row, as each encoder's transform sees it."""
 
-    def __init__(self, records: list[dict], image_size: int, mean: list[float], std: list[float]):
+    def __init__(self, records: list[dict], transforms: list[ImageTransform], progress: bool | None = None):
         index: dict[str, int] = {}
         for r in records:
             for p in r["images"]:
                 index.setdefault(p, len(index))
         self.index = index
         self.paths = list(index)
-        self.mean, self.std = mean, std
-        self.pixels = cached_image_array(self.paths, image_size) if self.paths else \
-            np.zeros((0, image_size, image_size, 3), np.uint8)
-        self.features: CachedFeatures | None = None
+        self.transforms = list(transforms)
+        decoded: dict[str, np.ndarray] = {}  # transforms of one geometry share their pixels
+        self.pixels: list[np.ndarray] = []
+        for t in self.transforms:
+            key = stable_hash(t.geometry)
+            if key not in decoded:
+                decoded[key] = t.cached_arrays(self.paths, progress)
+            self.pixels.append(decoded[key])
+        self.features: list[CachedFeatures] | None = None
 
     def rows(self, record: dict) -> list[int]:
         return [self.index[p] for p in record["images"]]
 
-    def use_features(self, tower, progress: bool | None = None) -> "ImageBank":
-        self.features = cached_features(tower, self.paths, self.pixels, progress)
+    def use_features(self, stack, progress: bool | None = None) -> "ImageBank":
+        """Serve cached features of the stack's (frozen) encoders instead of pixels."""
+        self.features = [cached_features(e, self.paths, px, progress) for e, px in zip(stack.encoders, self.pixels)]
         return self
 
-    def inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+    def inputs(self, rows: list[int]) -> dict:
         """Model inputs for these images: cached features when available, else pixels."""
         if self.features is not None:
-            return {"image_features": torch.from_numpy(self.features[rows])}
-        return {"pixel_values": normalize(self.pixels[rows], self.mean, self.std)}
+            return {"image_features": batch_of([torch.from_numpy(f[rows]) for f in self.features])}
+        return {"pixel_values": batch_of([t.normalize(px[rows]) for t, px in zip(self.transforms, self.pixels)])}

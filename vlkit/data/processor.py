@@ -1,9 +1,10 @@
 """The processor: records -> tensors, exactly as the model was trained.
 
-It applies the chat template, expands each ``<image>`` placeholder into the model's N image tokens,
-masks labels outside assistant turns, and turns images into normalised pixels with the tower's
-size, mean and std. It is saved inside every model directory (``processor_config.json`` + the
-tokenizer) and used by training, evaluation, chat and serving alike.
+It applies the chat template, expands each ``<image>`` placeholder into the token slots the model's
+fusions ask for (the VPG's M tokens for `tokens`; none for a fusion that acts inside the decoder only),
+masks labels outside assistant turns, and turns images into normalised pixels with each encoder's
+`ImageTransform`. It is saved inside every model directory (``processor_config.json`` + the tokenizer)
+and used by training, evaluation, chat and serving alike.
 
 Conversations longer than ``max_length`` are truncated at the end with a warning; an image whose
 tokens would be cut is dropped whole, so image tokens and images always agree.
@@ -12,31 +13,41 @@ tokens would be cut is dropped whole, so image tokens and images always agree.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from pydantic import Field, ValidationError
 
-from vlkit.data.images import load_image, to_rgb
+from vlkit.config import Section
 from vlkit.data.records import count_image_parts
 from vlkit.data.tokenizer import IGNORE_INDEX, encode_chat, image_token_id, load_tokenizer, render
-from vlkit.data.transforms import normalize
+from vlkit.data.transforms import ImageTransform, TransformConfig
 from vlkit.errors import VlkitError
 from vlkit.fileio import read_json, write_json
 
 CONFIG_NAME = "processor_config.json"
 
 
-@dataclass
-class ProcessorConfig:
-    image_size: int
-    image_mean: list[float]
-    image_std: list[float]
-    num_image_tokens: int
-    max_length: int = 512
+class ProcessorConfig(Section):
+    transforms: list[TransformConfig] = Field(default_factory=list, description="One per vision encoder, in order.")
+    image_tokens: int = Field(..., ge=0, description="Token slots one image takes in the text.")
+    max_length: int = Field(512, gt=0, description="Longest token sequence (image tokens included).")
+
+    @classmethod
+    def from_saved(cls, data: dict, where: str) -> "ProcessorConfig":
+        """A saved processor config; those written before transforms were saved name one squash transform."""
+        data = {k: v for k, v in data.items() if k != "processor_class"}
+        if "image_size" in data:
+            data = {"transforms": [{"size": data.pop("image_size"), "mean": data.pop("image_mean"),
+                                    "std": data.pop("image_std"), "resize": "squash"}],
+                    "image_tokens": data.pop("num_image_tokens"), **data}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise VlkitError(f"{where}: not a vlkit processor config ({e.errors()[0]['msg']}); re-save the model") \
+                from None
 
 
 class VLProcessor:
@@ -44,40 +55,46 @@ class VLProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.image_token_id = image_token_id(tokenizer)
+        self.transforms = [ImageTransform(t) for t in config.transforms]
+
+    @classmethod
+    def for_model(cls, tokenizer, model, max_length: int | None = None) -> "VLProcessor":
+        """The processor of `model`: its encoders' transforms and the token slots its fusions ask for."""
+        transforms = [t.config for t in model.vision.transforms] if model.takes_images else []
+        return cls(tokenizer, ProcessorConfig(transforms=transforms, image_tokens=model.image_slots,
+                                              max_length=max_length or model.config.max_length))
 
     # -- images -----------------------------------------------------------------------------------
-    def pixel_values(self, images: Sequence[str | Path | Image.Image | np.ndarray]) -> torch.Tensor:
-        """Images (paths, PIL images or uint8 HxWx3 arrays) -> (n, 3, S, S) normalised."""
-        s = self.config.image_size
-        arrays = []
-        for im in images:
-            if isinstance(im, np.ndarray):
-                arr = im
-            else:
-                img = im if isinstance(im, Image.Image) else load_image(im)
-                img = to_rgb(img)
-                arr = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC) if img.size != (s, s) else img)
-            arrays.append(arr)
-        if not arrays:
-            return torch.zeros(0, 3, s, s)
-        return normalize(np.stack(arrays), self.config.image_mean, self.config.image_std)
+    def pixel_values(self, images: Sequence):
+        """Images (paths, PIL images or numpy arrays of any mode and size) -> (n, 3, S, S) normalised: one
+        tensor for a one-encoder model, a list (one per encoder) for a vision stack of several."""
+        if not self.transforms:
+            raise VlkitError("this model is a text-only LM: it takes no images")
+        if len(self.transforms) == 1:
+            return self.transforms[0](images)
+        rgb = [self.transforms[0].rgb(im, f"image {i}") for i, im in enumerate(images)]  # decoded once
+        return [t(rgb) for t in self.transforms]
 
     def blank_image(self) -> np.ndarray:
-        s = self.config.image_size
-        return np.zeros((s, s, 3), dtype=np.uint8)
+        """A black image (the blind baseline's input) at the first encoder's size."""
+        if not self.transforms:
+            raise VlkitError("this model is a text-only LM: it takes no images")
+        return self.transforms[0].blank()
 
     # -- text -------------------------------------------------------------------------------------
-    def expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        n = self.config.num_image_tokens
-        out_ids, out_labels = [], []
+    def expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Each placeholder -> `image_tokens` slots; also where each image's slots start."""
+        n = self.config.image_tokens
+        out_ids, out_labels, starts = [], [], []
         for t, lab in zip(ids, labels):
             if t == self.image_token_id:
+                starts.append(len(out_ids))
                 out_ids.extend([t] * n)
                 out_labels.extend([IGNORE_INDEX] * n)
             else:
                 out_ids.append(t)
                 out_labels.append(lab)
-        return out_ids, out_labels
+        return out_ids, out_labels, starts
 
     def encode(self, messages: list[dict], num_images: int, record_id: str = "conversation",
                add_generation_prompt: bool = False, truncate: bool = True) -> dict:
@@ -99,41 +116,41 @@ class VLProcessor:
             ids, labels = enc["input_ids"], enc["labels"]
         if ids.count(self.image_token_id) != expected:
             raise VlkitError(f"{record_id}: the text itself contains '<image>'; remove it from the message text")
-        ids, labels = self.expand(ids, labels)
+        ids, labels, starts = self.expand(ids, labels)
         if not truncate:
             return {"input_ids": ids, "labels": labels, "num_images": expected}
-        return self._truncate(ids, labels, expected, record_id)
+        return self._truncate(ids, labels, starts, record_id)
 
-    def _truncate(self, ids, labels, n_images, record_id) -> dict:
-        limit = self.config.max_length
+    def _truncate(self, ids, labels, starts, record_id) -> dict:
+        limit, n = self.config.max_length, self.config.image_tokens
         if len(ids) <= limit:
-            return {"input_ids": ids, "labels": labels, "num_images": n_images}
+            return {"input_ids": ids, "labels": labels, "num_images": len(starts)}
         # never split an image's tokens: a partially included image is dropped whole
-        cut = limit - ids[:limit].count(self.image_token_id) % self.config.num_image_tokens
-        kept = ids[:cut].count(self.image_token_id) // self.config.num_image_tokens
+        cut = next((s for s in starts if s < limit < s + n), limit)
+        kept = sum(1 for s in starts if s < cut and s + n <= cut)
         warnings.warn(f"{record_id}: {len(ids)} tokens exceed max_length {limit}; truncated to {cut} tokens "
-                      f"and {kept} of {n_images} images", stacklevel=2)
+                      f"and {kept} of {len(starts)} images", stacklevel=2)
         return {"input_ids": ids[:cut], "labels": labels[:cut], "num_images": kept}
 
     # -- batching ---------------------------------------------------------------------------------
     def pad(self, encodings: list[dict], side: str = "right") -> dict[str, torch.Tensor]:
-        return pad_encodings(encodings, self.tokenizer.pad_token_id, side)
+        """A batch of encodings padded to the longest; with `images_per_row` (B,) when they say how many images
+        each has (fusions that take no token slots place images by it)."""
+        batch = pad_encodings(encodings, self.tokenizer.pad_token_id, side)
+        if all("num_images" in e for e in encodings):
+            batch["images_per_row"] = torch.tensor([e["num_images"] for e in encodings], dtype=torch.long)
+        return batch
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory)
-        write_json(directory / CONFIG_NAME, {"processor_class": "VLProcessor", **asdict(self.config)})
+        write_json(directory / CONFIG_NAME, {"processor_class": "VLProcessor", **self.config.model_dump(mode="json")})
 
     @classmethod
     def load(cls, directory: str | Path) -> "VLProcessor":
         directory = Path(directory)
-        data = read_json(directory / CONFIG_NAME)
-        data.pop("processor_class", None)
-        try:
-            cfg = ProcessorConfig(**data)
-        except TypeError as e:
-            raise VlkitError(f"{directory / CONFIG_NAME}: unexpected keys ({e}); re-save the model") from None
+        cfg = ProcessorConfig.from_saved(read_json(directory / CONFIG_NAME), str(directory / CONFIG_NAME))
         return cls(load_tokenizer(directory), cfg)
 
 

@@ -92,3 +92,14 @@ def message_text(message: dict, image_token: str | None = None) -> str:
         elif image_token is not None:
             out.append(image_token)
     return "".join(out) if image_token is not None else " ".join(out)
+
+
+def text_only(messages: list[dict]) -> list[dict]:
+    """The conversation with image parts removed (for text-only training)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [p for p in content if p.get("type") != "image"]
+        out.append({"role": m["role"], "content": content})
+    return out

@@ -22,7 +22,6 @@ A category's score is the mean of its tasks'.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,14 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from vlkit.config import Section
 from vlkit.console import bar
 from vlkit.data.features import ImageBank
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
 from vlkit.eval import metrics as M
-from vlkit.fileio import read_json
+from vlkit.fileio import read_json, write_json
 from vlkit.models.generate import GenerationConfig, generate
+from vlkit.models.llm import position_limit
+from vlkit.world.demon import MiniDemonConfig, build_mini_demon
 
 MARKER = re.compile(r"\{(image|table)#(\d+)\}")
 IMAGE_OPTION = re.compile(r"^\W*image\s*#?\s*([a-z0-9]+)\b", re.IGNORECASE)
@@ -199,9 +202,9 @@ def evaluate_demon(model, processor, tasks: list[DemonTask], max_per_task: int |
     ([{sample_id, prediction, response, score}])."""
     model.eval()
     # interleaved instances are longer than training records: allow what the LLM's positions allow
-    positions = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None) or 0
-    processor = VLProcessor(processor.tokenizer, dataclasses.replace(
-        processor.config, max_length=max(processor.config.max_length, positions)))
+    positions = position_limit(model.llm) or 0
+    processor = VLProcessor(processor.tokenizer, processor.config.model_copy(
+        update={"max_length": max(processor.config.max_length, positions)}))
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     chosen = {t.name: t.instances[:max_per_task] if max_per_task else t.instances for t in tasks}
     prompts = {t.name: [to_conversation(t, i) for i in chosen[t.name]] for t in tasks}
@@ -210,11 +213,9 @@ def evaluate_demon(model, processor, tasks: list[DemonTask], max_per_task: int |
         missing = [p for p in r["images"] if not Path(p).is_file()]
         if missing:
             raise VlkitError(f"{missing[0]}: image file not found; check the task's core/images folder")
-    c = processor.config
-    bank = ImageBank(records, c.image_size, c.image_mean, c.image_std)
+    bank = ImageBank(records, processor.transforms)
     if use_features:
         bank.use_features(model.vision, progress=progress)
-    device = next(model.parameters()).device
     scores: dict[str, list[float]] = {}
     predictions: dict[str, list[dict]] = {}
     for t in tasks:
@@ -223,12 +224,9 @@ def evaluate_demon(model, processor, tasks: list[DemonTask], max_per_task: int |
         for i in bar(range(0, len(items), batch_size), desc=f"demon {t.name}", enabled=progress):
             chunk = items[i:i + batch_size]
             rows = [bank.index[str(p)] for _, paths in chunk for p in paths]
-            inputs = bank.inputs(rows)
-            feats = inputs["image_features"] if "image_features" in inputs else \
-                model.vision(inputs["pixel_values"].to(device))
             convs = [conv for conv, _ in chunk]
             imgs = [[None] * len(paths) for _, paths in chunk]
-            preds += [g["text"] for g in generate(model, processor, convs, imgs, gen, image_features=feats)]
+            preds += [g["text"] for g in generate(model, processor, convs, imgs, gen, image_inputs=bank.inputs(rows))]
         mc = t.multiple_choice
         s = [score_instance(p, inst, mc) for p, inst in zip(preds, chosen[t.name])]
         scores[t.name] = s
@@ -236,3 +234,28 @@ def evaluate_demon(model, processor, tasks: list[DemonTask], max_per_task: int |
                                 "score": v} for p, inst, v in zip(preds, chosen[t.name], s)]
     return {**summarise(scores, tasks), "counts": {k: len(v) for k, v in scores.items()},
             "predictions": predictions}
+
+
+# -- the recipes' and the CLI's entry point --------------------------------------------------------------
+class DemonEval(Section):
+    mini: MiniDemonConfig | None = Field(default_factory=MiniDemonConfig, description="Generate mini-DEMON with "
+                                         "these settings (ignored when root is set).")
+    root: str | None = Field(None, description="A DEMON-format directory to evaluate on instead.")
+    max_per_task: int | None = Field(None, gt=0, description="Instances per task (default: all).")
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+def demon_scores(model, proc, cfg: DemonEval, out: Path | None = None, progress: bool | None = None,
+                 keep_predictions: bool = False) -> dict:
+    """Zero-shot DEMON-format scores; per-instance predictions go to <out>/demon_predictions.json when `out` is
+    given, or stay in the result (key "predictions") with `keep_predictions`."""
+    root = Path(cfg.root) if cfg.root else build_mini_demon(cfg.mini or MiniDemonConfig(), progress)
+    res = evaluate_demon(model, proc, load_demon(root), cfg.max_per_task, cfg.max_new_tokens, cfg.batch_size,
+                         progress)
+    predictions = res.pop("predictions")
+    if out is not None:
+        write_json(out / "demon_predictions.json", predictions)
+    if keep_predictions:
+        res["predictions"] = predictions
+    return res

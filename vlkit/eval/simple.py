@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlkit.data.sources import RecordsConfig, load_split
+from vlkit.world.sources import RecordsConfig, load_split
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.errors import VlkitError
 from vlkit.fileio import read_json
@@ -31,7 +31,7 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
     if arch == "CLIPModel":
         from transformers import CLIPModel
 
-        from vlkit.data.transforms import cached_image_array, normalize, unique_paths
+        from vlkit.data.transforms import unique_paths
         from vlkit.recipes.clip import captions_of, encode_caption, make_collate, retrieval
         from vlkit.models.vision.clip import ViTConfig
 
@@ -41,7 +41,8 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
                         image_std=pp["image_std"])
         test = [r for r in test if r["task"] == "caption"]
         paths, _ = unique_paths(test)
-        px = normalize(cached_image_array(paths, vit.image_size), vit.image_mean, vit.image_std)
+        transform = vit.transform()
+        px = transform.normalize(transform.cached_arrays(paths))
         texts = [captions_of(r)[0] for r in test]
         max_len = model.config.text_config.max_position_embeddings
         g = make_collate(vit, tok.pad_token_id)([(torch.zeros(1, 1, 3, dtype=torch.uint8),

@@ -20,6 +20,7 @@ from vlkit.data.features import ImageBank
 from vlkit.data.records import message_text
 from vlkit.eval import metrics as M
 from vlkit.models.generate import GenerationConfig, generate
+from vlkit.models.vision.stack import repeat
 
 TASKS = ("caption", "vqa", "grounding", "text")
 
@@ -55,23 +56,17 @@ def select(records: list[dict], cfg: EvalConfig) -> dict[str, list[dict]]:
 def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalConfig, blind: bool,
             progress: bool | None = None) -> list[str]:
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
-    device = next(model.parameters()).device
     blank = None
-    if blind:
-        blank = model.vision(processor.pixel_values([processor.blank_image()]).to(device))
+    if blind:  # the encoders run once on the blank image; every image of the pass is that one
+        blank = model.vision.encode(processor.pixel_values([processor.blank_image()]))
     out: list[str] = []
     for i in bar(range(0, len(records), cfg.batch_size), desc="eval blind" if blind else "eval", enabled=progress):
         chunk = records[i:i + cfg.batch_size]
         prompts = [prompt_and_reference(r)[0] for r in chunk]
         rows = [row for r in chunk for row in bank.rows(r)]
-        if blind:
-            feats = blank.expand(len(rows), -1, -1)
-        else:
-            inputs = bank.inputs(rows)
-            feats = inputs["image_features"] if "image_features" in inputs else \
-                model.vision(inputs["pixel_values"].to(device))
+        inputs = {"image_features": repeat(blank, len(rows))} if blind else bank.inputs(rows)
         imgs = [[None] * len(r["images"]) for r in chunk]
-        out.extend(g["text"] for g in generate(model, processor, prompts, imgs, gen, image_features=feats))
+        out.extend(g["text"] for g in generate(model, processor, prompts, imgs, gen, image_inputs=inputs))
     return out
 
 
@@ -107,7 +102,7 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
     by_task = select(records, cfg)
     chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
     if bank is None:
-        bank = ImageBank(chosen, processor.config.image_size, processor.config.image_mean, processor.config.image_std)
+        bank = ImageBank(chosen, processor.transforms)
     result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": []}
     modes = ["image", "blind"] if cfg.blind else ["image"]
     if with_images is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vlkit.experiments import save_png
-from vlkit.experiments.vpgtrans import run_stage
+from vlkit.experiments.stages import Stages
 from vlkit.fileio import read_json, write_json, write_text
 
 FORMATS = {"cot": "CoT-tuned", "ats-bfs": "ATS-BFS-tuned", "ats-dfs": "ATS-DFS-tuned"}
@@ -28,14 +28,12 @@ def run_experiment(out: str | Path = "runs/ats", demo: str | Path | None = None,
     console = Console(stderr=True)
     out = Path(out)
     t_all = time.perf_counter()
-    seconds, runs = {}, {}
+    stages, runs = Stages(console, progress), {}
     for fmt in FORMATS:
         if only and fmt not in only:
             continue
-        t0 = time.perf_counter()
-        runs[fmt], _ = run_stage(fmt, [f"output_dir={out / fmt}", f"data.format={fmt}"], console, config="ats",
-                                 progress=progress)
-        seconds[fmt] = time.perf_counter() - t0
+        runs[fmt] = stages.run(fmt, [f"output_dir={out / fmt}", f"data.format={fmt}"], config="ats")
+    seconds = stages.seconds
     s = summarize(runs, out)
     s["seconds"] = {k: round(v, 1) for k, v in seconds.items()} | {"total": round(time.perf_counter() - t_all, 1)}
     chart = plot(s, out)

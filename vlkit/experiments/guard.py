@@ -25,8 +25,8 @@ from rich.console import Console
 
 from vlkit.fileio import write_json, write_text
 from vlkit.guard.data import CODE_NAME, LABELS, any_unsafe, load_moderation
-from vlkit.recipes import load_config
-from vlkit.recipes.common import cached_results
+from vlkit.experiments.stages import Stages
+from vlkit.recipes import CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PUBLISHED = 0.847  # Llama Guard (7B), OpenAI moderation set, Inan et al. 2023, Table 2
@@ -121,12 +121,9 @@ def run_experiment(out: str | Path = "runs/guard", demo: str | Path | None = Non
         methods["all-MiniLM-L6-v2 (pip package) + logistic regression"] = m
         timings["all-MiniLM-L6-v2 (pip package) + logistic regression"] = time.perf_counter() - t0
         console.print(f"all-MiniLM-L6-v2 + LR: AUPRC {m['auprc']:.3f}")
-    cfg, run = load_config(ROOT / "configs" / "guard" / "moderation_tiny.yaml",
-                           [f"output_dir={out / 'tiny_guard'}", f"data.moderation={moderation_dir()}"])
-    res = cached_results(cfg, out / "tiny_guard")
-    if res is None:
-        console.print(f"tiny guard: training ({cfg.train.steps} steps) -> {out / 'tiny_guard'}")
-        res = run(cfg, overwrite=True, progress=progress)
+    res = Stages(console, progress, config_dir=CONFIGS / "guard").run(
+        "tiny guard", [f"output_dir={out / 'tiny_guard'}", f"data.moderation={moderation_dir()}"],
+        config="moderation_tiny")
     name = f"tiny LLaMA guard ({res['params'] / 1e6:.1f}M, trained here)"
     methods[name] = res["eval"]
     timings[name] = res["train_seconds"]

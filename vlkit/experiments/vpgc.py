@@ -23,9 +23,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlkit.demo import CONFIG_DIR, stage_overrides
 from vlkit.experiments import save_png
-from vlkit.experiments.vpgtrans import run_stage
+from vlkit.experiments.demo import stage_overrides
+from vlkit.experiments.stages import WORLD_CONFIGS, Stages
 from vlkit.fileio import read_json, write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.recipes.common import config_hash
@@ -46,24 +46,16 @@ def run_experiment(out: str | Path = "runs/vpgc", demo: str | Path = "runs/demo"
     console = Console(stderr=True)
     out, demo = Path(out), Path(demo)
     t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def stage(name, overrides, config=None, force=False):
-        t0 = time.perf_counter()
-        res, did = run_stage(name, overrides, console, config=config, force=force, progress=progress)
-        timings[name] = time.perf_counter() - t0
-        return res, did
-
-    _, stale = stage("clip_vit", stage_overrides("clip_vit", demo))
-    _, did = stage("lm_llama_diff", [f"output_dir={out / 'lm_llama_diff'}"])
-    stale |= did
-    _, did = stage("vpg", [f"output_dir={out / 'vpg'}", f"model.tower.path={demo / 'clip_vit' / 'vision'}",
-                           f"model.llm.path={out / 'lm_llama_diff' / 'model'}"], config="vpg_qformer", force=stale)
-    stale |= did
+    stages = Stages(console, progress)
+    stages.run("clip_vit", stage_overrides("clip_vit", demo))
+    stages.run("lm_llama_diff", [f"output_dir={out / 'lm_llama_diff'}"])
+    stages.run("vpg", [f"output_dir={out / 'vpg'}", f"model.tower.path={demo / 'clip_vit' / 'vision'}",
+                       f"model.llm.path={out / 'lm_llama_diff' / 'model'}"], config="vpg_qformer",
+               after=("clip_vit", "lm_llama_diff"))
     # InstructBLIP-style: the VPG is instruction-tuned, the LLM stays frozen and keeps its language
-    base, did = stage("base", [f"output_dir={out / 'base'}", f"init={out / 'vpg' / 'model'}", "trainable=[vpg]",
-                               "eval.tasks=[caption,vqa,edit]"], config="vlm_instruct", force=stale)
-    stale |= did
+    base = stages.run("base", [f"output_dir={out / 'base'}", f"init={out / 'vpg' / 'model'}", "trainable=[vpg]",
+                               "eval.tasks=[caption,vqa,edit]"], config="vlm_instruct", after=("vpg",))
+    stale = stages.retrained("base")
     base["demon"] = base_demon(out, stale, console, progress)
     n_layers = read_json(out / "lm_llama_diff" / "model" / "config.json")["num_hidden_layers"]
     layers = {"half": n_layers // 2, "quarter": n_layers // 4, "three": 3 * n_layers // 4}
@@ -73,9 +65,9 @@ def run_experiment(out: str | Path = "runs/vpgc", demo: str | Path = "runs/demo"
             continue
         over = [f"output_dir={out / name}", f"init={out / 'base' / 'model'}", "eval.tasks=[caption,vqa,edit]"] + \
             [e.format(**layers) for e in extra]
-        runs[name], _ = stage(name, over, config="vpgc", force=stale)
+        runs[name] = stages.run(name, over, config="vpgc", after=("base",))
     summary = summarize(runs, layers, n_layers, out)
-    summary["seconds"] = {**{k: round(v, 1) for k, v in timings.items()},
+    summary["seconds"] = {**{k: round(v, 1) for k, v in stages.seconds.items()},
                           "total": round(time.perf_counter() - t_all, 1)}
     write_json(out / "results.json", summary)
     chart = plot(summary, out)
@@ -87,9 +79,9 @@ def run_experiment(out: str | Path = "runs/vpgc", demo: str | Path = "runs/demo"
 def base_demon(out: Path, retrained: bool, console: Console, progress: bool | None) -> dict:
     """Mini-DEMON scores of the base VLM, cached beside it (recomputed when the base or the benchmark changes)."""
     from vlkit.models.io import load_vlm
-    from vlkit.recipes.vpgc import demon_scores
+    from vlkit.eval.demon import demon_scores
 
-    vpgc_cfg, _ = load_config(CONFIG_DIR / "vpgc.yaml")
+    vpgc_cfg, _ = load_config(WORLD_CONFIGS / "vpgc.yaml")
     key = {"base": read_json(out / "base" / "run.json")["config_hash"], "demon": config_hash(vpgc_cfg.demon)}
     cache = out / "base" / "demon.json"
     if cache.is_file() and not retrained and read_json(cache).get("key") == key:

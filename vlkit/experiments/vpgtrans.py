@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from vlkit.demo import CONFIG_DIR, stage_overrides
+from vlkit.eval.curves import speedup, steps_to_reach, times
 from vlkit.experiments import save_png
+from vlkit.experiments.demo import stage_overrides
+from vlkit.experiments.stages import Stages
 from vlkit.fileio import write_json, write_text
-from vlkit.recipes import load_config
-from vlkit.recipes.common import cached_results
-from vlkit.recipes.transfer import speedup, steps_to_reach, times
 
 METRICS = (("caption_cider", "caption CIDEr"), ("vqa_acc", "VQA accuracy"))
 
@@ -54,42 +53,20 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
 }
 
 
-def run_stage(name: str, overrides: list[str], console: Console, config: str | None = None,
-              force: bool = False, progress: bool | None = None) -> tuple[dict, bool]:
-    """Results of a config (cached when this exact config already finished in its output_dir)."""
-    cfg, run = load_config(CONFIG_DIR / f"{config or name}.yaml", overrides)
-    cached = None if force else cached_results(cfg, Path(cfg.output_dir))
-    if cached is not None:
-        console.print(f"[bold]{name}[/bold]: cached in {cfg.output_dir}")
-        return cached, False
-    console.print(f"[bold]{name}[/bold]: training -> {cfg.output_dir}")
-    t0 = time.perf_counter()
-    res = run(cfg, overwrite=True, progress=progress)
-    console.print(f"[bold]{name}[/bold]: done in {time.perf_counter() - t0:.0f}s")
-    return res, True
-
-
 def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/demo",
                    progress: bool | None = None, only: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     out, demo = Path(out), Path(demo)
     t_all = time.perf_counter()
-    trained: set[str] = set()
+    stages = Stages(console, progress)
     for name in ("lm_llama_small", "clip_vit"):
-        _, did = run_stage(name, stage_overrides(name, demo), console, progress=progress)
-        if did:
-            trained.add(name)
+        stages.run(name, stage_overrides(name, demo))
     for name in ("lm_llama_large", "lm_opt_small"):
-        _, did = run_stage(name, [f"output_dir={out / name}"], console, progress=progress)
-        if did:
-            trained.add(name)
-    source_run, did = run_stage("source_small", [f"output_dir={out / 'source_small'}", f"train.steps={SOURCE_STEPS}",
+        stages.run(name, [f"output_dir={out / name}"])
+    source_run = stages.run("source_small", [f"output_dir={out / 'source_small'}", f"train.steps={SOURCE_STEPS}",
                                              f"model.tower.path={demo / 'clip_vit' / 'vision'}",
                                              f"model.llm.path={demo / 'lm_llama_small' / 'model'}"],
-                            console, config="vpg_qformer", force=bool({"lm_llama_small", "clip_vit"} & trained),
-                            progress=progress)
-    if did:
-        trained.add("source_small")
+                            config="vpg_qformer", after=("lm_llama_small", "clip_vit"))
     sources = {"small": out / "source_small" / "model", "large": out / "scratch_large" / "model"}
     runs: dict[str, dict] = {}
     for name, (target, source, extra) in RUNS.items():
@@ -98,12 +75,9 @@ def run_experiment(out: str | Path = "runs/vpgtrans", demo: str | Path = "runs/d
         target_dir = out / target / "model"
         over = [f"output_dir={out / name}", f"source={sources[source]}", f"target.path={target_dir}",
                 "eval.tasks=[caption,vqa]", "eval.blind=false", *extra]  # the report compares runs, not image vs blind
-        upstream = {"source_small", target} | ({"scratch_large"} if source == "large" else set())
-        res, did = run_stage(name, over, console, config="transfer_llama_small_to_large" if "large" in target
-                             else "transfer_llama_to_opt", force=bool(upstream & trained), progress=progress)
-        if did:
-            trained.add(name)
-        runs[name] = res
+        upstream = ("source_small", target) + (("scratch_large",) if source == "large" else ())
+        runs[name] = stages.run(name, over, config="transfer_llama_small_to_large" if "large" in target
+                                else "transfer_llama_to_opt", after=upstream)
     summary = summarize(runs)
     summary["source"] = {"steps": source_run["steps"], **{m: source_run["eval"]["image"].get(m) for m, _ in METRICS}}
     summary["total_seconds"] = time.perf_counter() - t_all

@@ -1,8 +1,8 @@
 """Generation for VisionLanguageModels: greedy or sampled, batched with left padding, streamed.
 
-The fused prompt (text + visual tokens) is prefilled once as ``inputs_embeds``; every further token
-reuses the KV cache of that prefix (Hugging Face's ``generate`` loop on the LLM), so image features
-are computed once per request.
+The fused prompt (text + visual tokens) is prefilled once as ``inputs_embeds``, inside the context in
+which the model's fusions act (`VisionLanguageModel.fused`); every further token reuses the KV cache of
+that prefix (Hugging Face's ``generate`` loop on the LLM), so image features are computed once per request.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class GenerationConfig:
 
 
 def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
-            image_features: torch.Tensor | None = None) -> dict:
-    """Prompts (generation prompt added) left-padded, with fused input embeddings."""
+            image_inputs: dict | None = None) -> dict:
+    """Prompts (generation prompt added) left-padded, with fused input embeddings and the context in which the
+    model's fusions act on the LLM's passes (`fused`). Images are given as files, PIL images or arrays, or, for
+    all of them at once, as model inputs (`image_inputs`: {"pixel_values"} or {"image_features"}, in order)."""
     if len(conversations) != len(images):
         raise VlkitError(f"{len(conversations)} conversations but {len(images)} image lists")
     encs = [processor.encode(conv, len(imgs), record_id=f"conversation {i}", add_generation_prompt=True)
@@ -45,15 +47,14 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     batch = processor.pad(encs, side="left")
     device = next(model.llm.parameters()).device
     flat = [im for i, imgs in enumerate(images) for im in list(imgs)[: encs[i]["num_images"]]]
+    if image_inputs is None:
+        image_inputs = {"pixel_values": processor.pixel_values(flat)} if flat else {}
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     with torch.no_grad():
-        if image_features is None and flat:
-            image_features = model.vision(processor.pixel_values(flat).to(device))
-        features = image_features.to(device) if image_features is not None else None
-        embeds = model.embed(ids, image_features=features)
-    # VPG-C's prefill context for these prompts (a no-op for models without it)
-    return {"inputs_embeds": embeds, "attention_mask": mask, "completing": model.completing(ids, features, mask)}
+        x = model.fusion_inputs(ids, mask, images_per_row=batch["images_per_row"], **image_inputs)
+        embeds = model.embed_inputs(x)
+    return {"inputs_embeds": embeds, "attention_mask": mask, "fused": model.fused(x)}
 
 
 def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:
@@ -76,16 +77,16 @@ def trim(text: str, stop: Sequence[str]) -> str:
 
 @torch.no_grad()
 def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
-             gen: GenerationConfig | None = None, image_features: torch.Tensor | None = None,
+             gen: GenerationConfig | None = None, image_inputs: dict | None = None,
              return_ids: bool = False) -> list[dict]:
     """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation
     (+ "ids", the generated token ids before the end-of-sequence token, with `return_ids`)."""
     gen = gen or GenerationConfig()
     kw = _generate_kwargs(processor, gen)
-    inputs = prepare(model, processor, conversations, images, image_features)
+    inputs = prepare(model, processor, conversations, images, image_inputs)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    with inputs.pop("completing"):
+    with inputs.pop("fused"):
         out = model.llm.generate(**inputs, **kw)
     tok = processor.tokenizer
     results = []
@@ -112,11 +113,11 @@ def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequ
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     error: list[BaseException] = []
 
-    completing = inputs.pop("completing")
+    fused = inputs.pop("fused")
 
     def work():
         try:
-            with torch.no_grad(), completing:
+            with torch.no_grad(), fused:
                 model.llm.generate(**inputs, **kw, streamer=streamer)
         except BaseException as e:  # surfaced in the caller's thread
             error.append(e)

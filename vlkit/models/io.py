@@ -1,13 +1,19 @@
 """Save and load VisionLanguageModels as Hugging Face-style directories; export to stock formats.
 
 A vlkit model directory:
-    config.json              {"model_type": "vlkit_vlm", "vlm": {tower, vpg, llm, max_length} with the
-                             towers' and LLM's HF configs inlined as `arch`, "image_token_id", "trainable_groups"}
-    model.safetensors        all weights, prefixed vision. / vpg. / llm.
-    processor_config.json    image size, mean, std, image tokens, max_length (+ tokenizer files)
+    config.json              {"model_type": "vlkit_vlm", "format": 2, "vlm": {tower, vpg, llm, max_length, fusions}
+                             with the encoders' and LLM's configs inlined as `arch`, "image_token_id",
+                             "trainable_groups"}
+    model.safetensors        all weights, prefixed vision. / vpg. / fusions. / llm.
+    processor_config.json    each encoder's transform, image token slots, max_length (+ tokenizer files)
 
-`export_llava` writes a stock `LlavaForConditionalGeneration` directory (MLP VPG, CLIP/SigLIP tower);
-`export_blip2` a stock `Blip2ForConditionalGeneration` (Q-Former VPG, BLIP-2 vision tower).
+Directories written before format 2 (one tower, VPG-C in a key of its own, feature_layer -1 meaning the
+tower's final output) load as they always did.
+
+`export_llava` writes a stock `LlavaForConditionalGeneration` directory with its `LlavaProcessor` (MLP VPG,
+CLIP or SigLIP encoder); `export_blip2` a stock `Blip2ForConditionalGeneration` (Q-Former VPG, BLIP-2
+encoder). Both refuse what the stock model cannot represent, rather than export something that computes
+other logits.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 import vlkit
 from vlkit.data.processor import VLProcessor
@@ -25,6 +31,9 @@ from vlkit.fileio import atomic_dir, read_json, write_json
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
 
 MODEL_TYPE = "vlkit_vlm"
+FORMAT = 2
+# format 1 -> 2: the one tower became encoder 0 of the vision stack, VPG-C one of the fusions
+RENAMED = (("vision.model.", "vision.encoders.0.model."), ("vpgc.", "fusions.vpgc."))
 
 
 def _arch(hf_config) -> dict:
@@ -34,20 +43,42 @@ def _arch(hf_config) -> dict:
     return d
 
 
-def save_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None) -> Path:
+def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None) -> Path:
+    """Write a model directory's files into `directory` (which exists); `save_vlm` does it atomically."""
     directory = Path(directory)
     cfg = model.config.model_copy(deep=True)
-    sources = {"tower": cfg.tower.path, "llm": cfg.llm.path}
-    cfg.tower.path, cfg.tower.arch = None, _arch(model.vision.hf_config)
+    sources = {"tower": [c.path for c in (cfg.tower if isinstance(cfg.tower, list) else [cfg.tower])],
+               "llm": cfg.llm.path}
+    cfg.tower = model.vision.saved_config()
     cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, _arch(model.llm.config)
-    with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", {"model_type": MODEL_TYPE, "vlkit_version": vlkit.__version__,
-                                         "vlm": cfg.model_dump(mode="json"), "image_token_id": model.image_token_id,
-                                         "trainable_groups": model.trainable_groups, "sources": sources})
-        save_model(model, str(tmp / "model.safetensors"))
-        if processor is not None:
-            processor.save(tmp)
+    write_json(directory / "config.json", {"model_type": MODEL_TYPE, "format": FORMAT,
+                                           "vlkit_version": vlkit.__version__, "vlm": cfg.model_dump(mode="json"),
+                                           "image_token_id": model.image_token_id,
+                                           "trainable_groups": model.trainable_groups, "sources": sources})
+    save_model(model, str(directory / "model.safetensors"))
+    if processor is not None:
+        processor.save(directory)
     return directory
+
+
+def save_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None) -> Path:
+    with atomic_dir(directory) as tmp:
+        write_vlm(model, tmp, processor)
+    return Path(directory)
+
+
+def _upgrade(meta: dict, processor: VLProcessor) -> dict:
+    """A format-1 config as format 2 says it: feature_layer -1 was the tower's final output, and the tower's
+    normalisation was the processor's."""
+    vlm = dict(meta["vlm"])
+    tower = dict(vlm["tower"])
+    if tower.get("feature_layer") == -1:
+        tower["feature_layer"] = "output"
+    t = processor.config.transforms[0]
+    tower["image_mean"] = tower.get("image_mean") or t.mean
+    tower["image_std"] = tower.get("image_std") or t.std
+    vlm["tower"] = tower
+    return vlm
 
 
 def load_vlm(directory: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, VLProcessor]:
@@ -56,14 +87,18 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     meta = read_json(directory / "config.json")
     if meta.get("model_type") != MODEL_TYPE:
         raise VlkitError(f"{directory}: not a vlkit model (config.json model_type is {meta.get('model_type')!r})")
-    cfg = VLMConfig.model_validate(meta["vlm"])
     processor = VLProcessor.load(directory)
+    old = meta.get("format", 1) < FORMAT
+    cfg = VLMConfig.model_validate(_upgrade(meta, processor) if old else meta["vlm"])
     model = VisionLanguageModel.build(cfg, image_token_id=meta["image_token_id"])
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise VlkitError(f"{weights}: weights file not found; the model directory is incomplete")
     try:
-        load_model(model, str(weights), strict=True)
+        state = load_file(str(weights))
+        if old:
+            state = {_renamed(k): v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise VlkitError(f"{weights}: corrupt, truncated or mismatched weights ({str(e).splitlines()[0][:160]}); "
                          "re-save the model") from None
@@ -71,34 +106,71 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), processor
 
 
+def _renamed(key: str) -> str:
+    for old, new in RENAMED:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+# -- stock exports ----------------------------------------------------------------------------------------
+def _check_fusions(model: VisionLanguageModel, fmt: str) -> None:
+    for kind, fusion in model.fusions.items():
+        if fmt not in fusion.exports:
+            raise VlkitError(f"export {fmt}: the {kind} fusion has no counterpart in a stock {fmt} checkpoint; "
+                             "export a model without it")
+
+
+def _single_encoder(model: VisionLanguageModel, fmt: str):
+    if len(model.vision.encoders) != 1 or not hasattr(model.vision.encoders[0], "hf_config"):
+        raise VlkitError(f"export {fmt}: needs one transformers vision encoder; this model's stack has "
+                         f"{[e.kind for e in model.vision.encoders]}")
+    return model.vision.encoders[0]
+
+
 def _base(causal_lm):
     return getattr(causal_lm, causal_lm.base_model_prefix)
 
 
 def export_llava(model: VisionLanguageModel, processor: VLProcessor, directory: str | Path) -> Path:
-    """Write a stock `llava` checkpoint (transformers' LlavaForConditionalGeneration)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """Write a stock `llava` checkpoint (transformers' LlavaForConditionalGeneration) and its LlavaProcessor."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from vlkit.models.vpg.mlp import MLPVPG
 
     if not isinstance(model.vpg, MLPVPG):
         raise VlkitError("export llava: needs an mlp VPG (LLaVA's projector); this model's VPG is "
                          f"{type(model.vpg).__name__}")
-    tower_type = model.vision.hf_config.model_type
+    _check_fusions(model, "llava")
+    enc = _single_encoder(model, "llava")
+    tower_type = enc.hf_config.model_type
     if tower_type not in ("clip_vision_model", "siglip_vision_model"):
-        raise VlkitError(f"export llava: needs a CLIP or SigLIP tower, not {tower_type}")
+        raise VlkitError(f"export llava: needs a CLIP or SigLIP encoder, not {tower_type}")
+    layer = enc.cfg.feature_layer
+    if layer == "output":  # llava reads hidden_states[i]; CLIP's final output is hidden_states[-1]
+        if tower_type != "clip_vision_model":
+            raise VlkitError("export llava: llava reads hidden_states[i], not SigLIP's post-layernorm output; set "
+                             "tower.feature_layer to an index (-1 for the last layer) and retrain")
+        layer = -1
+    # llava's "default" strategy drops exactly one leading token (CLIP's class token); "full" keeps all
+    strategy = "default" if enc.num_special == 1 and enc.cfg.select == "patch" else "full"
+    if enc.cfg.select == "patch" and enc.num_special not in (0, 1):
+        raise VlkitError(f"export llava: the encoder has {enc.num_special} special tokens, llava drops one")
+    text = model.llm.config
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        raise VlkitError(f"export llava: the LLM ({text.model_type}) caps its logits (final_logit_softcapping={cap}), "
+                         "which LlavaForConditionalGeneration's head does not do; the export would change every logit")
     # Untied in the export: llava's weight-tying map assumes LLaMA-style module names (not OPT's); the
     # head gets a copy of the embedding matrix, which computes the same logits.
-    text_config = {**model.llm.config.to_dict(), "tie_word_embeddings": False}
-    cfg = LlavaConfig(vision_config=model.vision.hf_config.to_dict(), text_config=text_config,
+    text_config = {**text.to_dict(), "tie_word_embeddings": False}
+    cfg = LlavaConfig(vision_config=enc.hf_config.to_dict(), text_config=text_config,
                       image_token_index=model.image_token_id, projector_hidden_act=model.vpg.act_name,
-                      vision_feature_layer=model.vision.cfg.feature_layer,
-                      vision_feature_select_strategy="default" if model.vision.cfg.select == "patch" else "full",
-                      image_seq_length=model.num_image_tokens, multimodal_projector_bias=True,
-                      tie_word_embeddings=False)
+                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                      image_seq_length=model.image_slots, multimodal_projector_bias=True, tie_word_embeddings=False)
     llava = LlavaForConditionalGeneration(cfg).eval()
     inner = llava.model if hasattr(llava, "model") and hasattr(llava.model, "vision_tower") else llava
-    inner.vision_tower.load_state_dict(model.vision.model.state_dict())
+    inner.vision_tower.load_state_dict(enc.model.state_dict())
     inner.multi_modal_projector.linear_1.load_state_dict(model.vpg.linear_1.state_dict())
     inner.multi_modal_projector.linear_2.load_state_dict(model.vpg.linear_2.state_dict())
     lm = inner.language_model
@@ -107,7 +179,11 @@ def export_llava(model: VisionLanguageModel, processor: VLProcessor, directory: 
     else:
         lm.load_state_dict(_base(model.llm).state_dict())
         llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
-    return _write_export(llava, processor, directory)
+    stock = LlavaProcessor(image_processor=enc.transform.hf_image_processor(), tokenizer=processor.tokenizer,
+                           patch_size=enc.hf_config.patch_size, vision_feature_select_strategy=strategy,
+                           num_additional_image_tokens=enc.num_special, image_token="<image>",
+                           chat_template=processor.tokenizer.chat_template)
+    return _write_export(llava, stock, directory)
 
 
 def export_blip2(model: VisionLanguageModel, processor: VLProcessor, directory: str | Path) -> Path:
@@ -118,38 +194,36 @@ def export_blip2(model: VisionLanguageModel, processor: VLProcessor, directory: 
 
     if not isinstance(model.vpg, QFormerVPG):
         raise VlkitError(f"export blip-2: needs a qformer VPG, not {type(model.vpg).__name__}")
-    if model.vision.hf_config.model_type != "blip_2_vision_model":
+    _check_fusions(model, "blip-2")
+    enc = _single_encoder(model, "blip-2")
+    if enc.hf_config.model_type != "blip_2_vision_model":
         raise VlkitError("export blip-2: needs a BLIP-2 vision tower (blip_2_vision_model), not "
-                         f"{model.vision.hf_config.model_type}")
-    if model.vision.cfg.feature_layer != -1 or model.vision.cfg.select != "full":
+                         f"{enc.hf_config.model_type}")
+    if enc.cfg.feature_layer != "output" or enc.cfg.select != "full":
         raise VlkitError("export blip-2: BLIP-2 reads the tower's final output with every token; "
-                         "set tower.feature_layer=-1 and tower.select=full")
-    cfg = Blip2Config(vision_config=model.vision.hf_config.to_dict(), qformer_config=model.vpg.config.to_dict(),
-                      text_config=model.llm.config.to_dict(), num_query_tokens=model.num_image_tokens,
+                         "set tower.feature_layer=output and tower.select=full")
+    cfg = Blip2Config(vision_config=enc.hf_config.to_dict(), qformer_config=model.vpg.config.to_dict(),
+                      text_config=model.llm.config.to_dict(), num_query_tokens=model.image_slots,
                       image_token_index=model.image_token_id)
     blip = Blip2ForConditionalGeneration(cfg).eval()
-    blip.vision_model.load_state_dict(model.vision.model.state_dict())
+    blip.vision_model.load_state_dict(enc.model.state_dict())
     with torch.no_grad():
         blip.query_tokens.copy_(model.vpg.query_tokens)
     blip.qformer.load_state_dict(model.vpg.qformer.state_dict())
     blip.language_projection.load_state_dict(model.vpg.projector.state_dict())
     blip.language_model.load_state_dict(model.llm.state_dict())
-    return _write_export(blip, processor, directory)
+    return _write_export(blip, None, directory, processor, enc.transform)
 
 
-def _write_export(hf_model, processor: VLProcessor, directory: str | Path) -> Path:
-    """A stock transformers directory: weights, tokenizer and image processor, written atomically."""
+def _write_export(hf_model, stock_processor, directory: str | Path, processor: VLProcessor | None = None,
+                  transform=None) -> Path:
+    """A stock transformers directory: weights plus the processor (or tokenizer and image processor), atomically."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         hf_model.save_pretrained(tmp, safe_serialization=True)
-        processor.tokenizer.save_pretrained(tmp)
-        _image_processor(processor).save_pretrained(tmp)
+        if stock_processor is not None:
+            stock_processor.save_pretrained(tmp)
+        else:
+            processor.tokenizer.save_pretrained(tmp)
+            transform.hf_image_processor().save_pretrained(tmp)
     return directory
-
-
-def _image_processor(processor: VLProcessor):
-    from transformers import CLIPImageProcessor
-
-    c = processor.config
-    return CLIPImageProcessor(size={"height": c.image_size, "width": c.image_size}, do_center_crop=False,
-                              resample=3, image_mean=c.image_mean, image_std=c.image_std, do_convert_rgb=True)

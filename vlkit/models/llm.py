@@ -95,5 +95,50 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
                      "vlkit.models.llm.decoder_layers")
 
 
+def base_model(llm: nn.Module) -> PreTrainedModel:
+    """The HF causal LM itself, under a peft wrapper if there is one."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def norm_modules(llm: nn.Module) -> list[nn.Module]:
+    """The normalisation layers of a causal LM, found by structure: leaf modules whose every parameter is a vector
+    (LayerNorm, RMSNorm and each family's variants: a weight and maybe a bias of one width). Linear layers,
+    embeddings and attention blocks all hold matrices, so none of them qualifies."""
+    return [m for m in llm.modules() if not list(m.children()) and list(m.parameters(recurse=False))
+            and all(p.ndim == 1 for p in m.parameters(recurse=False))]
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The adapter weights of peft LoRA layers (found by module type, not by parameter name)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    out = []
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            for d in (m.lora_A, m.lora_B):
+                out += [p for sub in d.values() for p in sub.parameters()]
+    return out
+
+
+def llm_groups(llm: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The LLM's named trainable groups: llm (all of it), llm.embeddings, llm.head, llm.norms, lora."""
+    base = base_model(llm)
+    head = base.get_output_embeddings()
+    lora = lora_parameters(llm)
+    lora_ids = {id(p) for p in lora}
+    return {"llm": [p for p in llm.parameters() if id(p) not in lora_ids],
+            "llm.embeddings": list(base.get_input_embeddings().parameters()),
+            "llm.head": list(head.parameters()) if head is not None else [],
+            "llm.norms": [p for m in norm_modules(base) for p in m.parameters(recurse=False)],
+            "lora": lora}
+
+
+def position_limit(llm: nn.Module) -> int | None:
+    """The longest sequence the LLM's position embeddings cover (None: no stated limit)."""
+    return getattr(base_model(llm).config.get_text_config(), "max_position_embeddings", None)
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

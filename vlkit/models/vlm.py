@@ -1,29 +1,31 @@
-"""VisionLanguageModel: vision tower -> VPG -> any HF causal LM.
+"""VisionLanguageModel: vision stack -> VPG -> fusions -> any HF causal LM.
 
-    images -> VisionTower (B, N, C) -> VPG (B, M, D) --+
-    text   -> tokenizer -> LLM input embeddings -------+-> fused sequence -> LLM -> logits
+    images -> VisionStack (n, N, C) -> VPG (n, M, D) ---------+
+    text   -> tokenizer -> LLM input embeddings -> fusions ---+-> LLM (fusions active inside) -> logits
 
-Modules declare named parameter groups (``vision``, ``vpg.queries``, ``vpg.qformer``,
-``vpg.projector``, ``llm``, ``llm.embeddings``, ``llm.head``, ``llm.norms``); recipes choose groups by
-name and everything else is frozen.
+The model knows no particular encoder, VPG or fusion: it asks each part. Every part declares its named
+parameter groups (the stack: ``vision``; the VPG: ``vpg``, ``vpg.queries``, ``vpg.qformer``,
+``vpg.projector``; each fusion its own, e.g. ``vpgc``; the LLM: ``llm``, ``llm.embeddings``, ``llm.head``,
+``llm.norms``, ``lora``); the model only collects them, and recipes choose groups by name.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from pathlib import Path
+import contextlib
+from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from vlkit.config import Section
 from vlkit.errors import VlkitError
-from vlkit.models.fusion.tokens import scatter_image_tokens
-from vlkit.models.fusion.vpgc import VPGC, VPGCConfig
-from vlkit.models.llm import load_llm
-from vlkit.models.vision.tower import TowerConfig, VisionTower, on_device
+from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
+from vlkit.models.llm import base_model, llm_groups, load_llm, position_limit
+from vlkit.models.vision import EncoderConfig, VisionStack
+from vlkit.models.vision.encoder import on_device
+from vlkit.models.vision.stack import count
 from vlkit.models.vpg import VPGConfig, build_vpg
 
 
@@ -36,46 +38,52 @@ class LLMSource(Section):
 
 
 class VLMConfig(Section):
-    tower: TowerConfig = Field(default_factory=TowerConfig)
+    tower: EncoderConfig | list[EncoderConfig] = Field(
+        default_factory=EncoderConfig, description="The vision encoder, or a list of them (a vision stack).")
     vpg: VPGConfig = Field(default_factory=VPGConfig)
     llm: LLMSource = Field(default_factory=LLMSource)
     max_length: int = Field(256, gt=0, description="Longest token sequence (image tokens included).")
-    vpgc: VPGCConfig | None = Field(None, description="Add a VPG-C module (Cheetor): images re-queried half-way "
-                                    "through the LLM, guided by the instruction.")
+    fusions: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"kind": "tokens"}],
+        description="How visual information enters the LLM, applied in order: [{kind: tokens}] (visual tokens in "
+                    "the text), + {kind: vpgc, layer: k} (VPG-C), ... (vlkit.models.fusion.FUSIONS).")
 
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The adapter weights of peft LoRA layers (found by module type, not by parameter name)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    out = []
-    for m in module.modules():
-        if isinstance(m, LoraLayer):
-            for d in (m.lora_A, m.lora_B):
-                out += [p for sub in d.values() for p in sub.parameters()]
-    return out
+    @model_validator(mode="before")
+    @classmethod
+    def _vpgc_key(cls, data):
+        """Configs written before fusions were a list name VPG-C in a key of its own."""
+        if isinstance(data, dict) and "vpgc" in data:
+            data = dict(data)
+            old = data.pop("vpgc")
+            if old is not None:
+                data["fusions"] = list(data.get("fusions") or [{"kind": "tokens"}]) + [{"kind": "vpgc", **old}]
+        return data
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vision: VisionTower, vpg: nn.Module, llm: PreTrainedModel, image_token_id: int,
-                 config: VLMConfig):
+    def __init__(self, vision: VisionStack | None, vpg: nn.Module | None, llm: PreTrainedModel,
+                 image_token_id: int, config: VLMConfig):
         super().__init__()
+        limit = position_limit(llm)
+        if vision is not None and limit is not None and config.max_length > limit:
+            raise VlkitError(f"max_length: {config.max_length} tokens exceed the LLM's {limit} positions "
+                             f"(max_position_embeddings of {config.llm.path or type(llm).__name__}); set max_length "
+                             f"to at most {limit}")
         self.vision, self.vpg, self.llm = vision, vpg, llm
         self.image_token_id = image_token_id
-        self.config = config
+        self.config = config.model_copy(update={"fusions": []})
         self.trainable_groups: list[str] = []
-        self.vpgc: VPGC | None = None
-        if config.vpgc is not None:
-            self.add_vpgc(config.vpgc)
+        self.fusions = nn.ModuleDict()
+        for i, spec in enumerate(config.fusions if vision is not None else []):
+            cls, cfg = fusion_config(spec, f"model.fusions[{i}]")
+            self.add_fusion(cls, cfg)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def build(cls, cfg: VLMConfig, image_token_id: int | None = None, vocab_size: int | None = None,
               device: str | None = None) -> "VisionLanguageModel":
         """Build from parts: load what has a path, create what has an arch (`device="meta"`: no weights)."""
-        tower = VisionTower.build(cfg.tower, device=device)
+        vision = VisionStack.build(cfg.tower, device=device)
         if cfg.llm.path and device != "meta":
             llm = load_llm(cfg.llm.path)
         elif cfg.llm.arch:
@@ -87,57 +95,61 @@ class VisionLanguageModel(nn.Module):
             raise VlkitError("llm: set path (a local directory) or arch (an HF config)")
         if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(vocab_size)  # a tokenizer that gained <image>
-        vpg = build_vpg(cfg.vpg, tower.hidden_size, llm.config.get_text_config().hidden_size, tower.num_features())
+        vpg = build_vpg(cfg.vpg, vision.width, llm.config.get_text_config().hidden_size, vision.num_tokens)
         if device == "meta":
             vpg = vpg.to("meta")
         if image_token_id is None:
             image_token_id = llm.get_input_embeddings().num_embeddings - 1
-        return cls(tower, vpg, llm, image_token_id, cfg)
+        return cls(vision, vpg, llm, image_token_id, cfg)
+
+    @classmethod
+    def text_only(cls, llm: PreTrainedModel) -> "VisionLanguageModel":
+        """A plain causal LM behind the same interface: no vision stack, no VPG, no fusions; it takes no images."""
+        return cls(None, None, llm, -1, VLMConfig(fusions=[]))
 
     @property
-    def num_image_tokens(self) -> int:
-        return self.vpg.num_tokens
+    def takes_images(self) -> bool:
+        return self.vision is not None
 
-    # -- trainable groups ----------------------------------------------------------------------------
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups = {"vision": list(self.vision.parameters())}
-        groups.update({f"vpg.{k}": v for k, v in self.vpg.param_groups().items()})
-        groups["vpg"] = list(self.vpg.parameters())
-        groups["llm"] = list(self.llm.parameters())
-        groups["llm.embeddings"] = list(self.llm.get_input_embeddings().parameters())
-        head = self.llm.get_output_embeddings()
-        groups["llm.head"] = list(head.parameters()) if head is not None else []
-        groups["llm.norms"] = [p for m in self.llm.modules() if "norm" in type(m).__name__.lower()
-                               for p in m.parameters(recurse=False)]
-        groups["lora"] = lora_parameters(self.llm)
-        groups["vpgc"] = list(self.vpgc.parameters()) if self.vpgc is not None else []
-        return groups
+    @property
+    def base_llm(self) -> PreTrainedModel:
+        return base_model(self.llm)
 
-    # -- VPG-C (Cheetor) ---------------------------------------------------------------------------
-    def add_vpgc(self, cfg: VPGCConfig | None = None) -> VPGC:
-        """Attach a zero-initialised VPG-C (its parameters form the group `vpgc`); the logits are unchanged until
-        it is trained. Its weights follow the VPG's device and dtype."""
-        cfg = cfg or VPGCConfig()
-        if self.vpgc is not None:
-            raise VlkitError("vpgc: this model already has a VPG-C module")
-        width = self.llm.config.get_text_config().hidden_size
-        qformer_width = getattr(getattr(self.vpg, "config", None), "hidden_size", None)
-        if qformer_width is None:
-            raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(self.vpg).__name__}")
+    @property
+    def llm_width(self) -> int:
+        return self.llm.config.get_text_config().hidden_size
+
+    @property
+    def image_slots(self) -> int:
+        """Token slots one image takes in the text: what the fusions ask for (0 when none places tokens)."""
+        return sum(f.image_slots(self) for f in self.fusions.values())
+
+    num_image_tokens = image_slots  # the name the processor and reports have always used
+
+    # -- fusions -------------------------------------------------------------------------------------
+    def add_fusion(self, kind: str | type[Fusion], config: Section | None = None, **options) -> Fusion:
+        """Attach a fusion (by registered kind or class); its weights follow the VPG's device and dtype. A model
+        holds one fusion of each kind; the fusion's resolved settings join the model's config."""
+        if isinstance(kind, str):
+            cls, parsed = fusion_config({"kind": kind, **options})
+            config = parsed if config is None else config
+        else:
+            cls, config = kind, kind.Config(**options) if config is None else config
+        if cls.kind in self.fusions:
+            raise VlkitError(f"fusions: this model already has a {cls.kind} fusion")
         p = next(self.vpg.parameters())
         with on_device("meta" if p.is_meta else None):
-            module = VPGC(width, qformer_width, self.num_image_tokens, cfg.layer)
-        self.vpgc = module.to(dtype=p.dtype) if p.is_meta else module.to(device=p.device, dtype=p.dtype)
-        self.vpgc.attach(self.llm, self.vpg)
-        self.config = self.config.model_copy(update={"vpgc": cfg.model_copy(update={"layer": self.vpgc.layer})})
-        return self.vpgc
+            fusion = cls.build(config, self)
+        fusion = fusion.to(dtype=p.dtype) if p.is_meta else fusion.to(device=p.device, dtype=p.dtype)
+        self.fusions[cls.kind] = fusion
+        fusion.attach(self)
+        self.config = self.config.model_copy(update={"fusions": [*self.config.fusions, fusion.settings()]})
+        return fusion
 
-    def completing(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        """A context in which an LLM forward pass over `input_ids` is completed by VPG-C (a no-op without one)."""
-        if self.vpgc is None:
-            return nullcontext()
-        return self.vpgc.prefill(input_ids, image_features, self.image_token_id, attention_mask, labels)
+    def fusion(self, kind: str) -> Fusion:
+        if kind not in self.fusions:
+            raise VlkitError(f"this model has no {kind} fusion (it has {list(self.fusions) or 'none'})")
+        return self.fusions[kind]
 
     # -- LoRA (peft) -------------------------------------------------------------------------------
     def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -160,6 +172,20 @@ class VisionLanguageModel(nn.Module):
         if hasattr(self.llm, "merge_and_unload"):
             self.llm = self.llm.merge_and_unload()
 
+    # -- trainable groups ----------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every part's declared groups, collected."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        if self.vision is not None:
+            groups.update(self.vision.param_groups())
+        if self.vpg is not None:
+            groups["vpg"] = list(self.vpg.parameters())
+            groups.update({f"vpg.{k}": v for k, v in self.vpg.param_groups().items()})
+        for fusion in self.fusions.values():
+            groups.update(fusion.param_groups())
+        groups.update(llm_groups(self.llm))
+        return groups
+
     def set_trainable(self, groups: list[str]) -> None:
         """Freeze everything, then unfreeze the named groups."""
         available = self.param_groups()
@@ -173,47 +199,76 @@ class VisionLanguageModel(nn.Module):
         self.trainable_groups = list(groups)
 
     # -- forward -----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor | None = None,
-                      image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, 3, H, W) pixels or (n, N, C) cached tower features -> visual tokens (n, M, D)."""
+    @property
+    def vpg_dtype(self) -> torch.dtype:
+        return next(self.vpg.parameters()).dtype
+
+    def image_features(self, pixel_values=None, image_features=None) -> torch.Tensor | None:
+        """The stack's features (n, N, C) of images given as pixels or as cached per-encoder features (None
+        without images)."""
+        if count(image_features):
+            if self.vision is None:
+                raise VlkitError("this model is a text-only LM: it takes no images")
+            return self.vision.combine(image_features)
+        if count(pixel_values):
+            if self.vision is None:
+                raise VlkitError("this model is a text-only LM: it takes no images")
+            return self.vision(pixel_values)
+        return None
+
+    def encode_images(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Pixels or cached features of n images -> visual tokens (n, M, D)."""
         features = self.image_features(pixel_values, image_features)
         if features is None:
             raise VlkitError("encode_images needs pixel_values or image_features")
         return self.vpg(features.to(self.vpg_dtype))
 
-    @property
-    def vpg_dtype(self) -> torch.dtype:
-        return next(self.vpg.parameters()).dtype
+    def fusion_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None, pixel_values=None, image_features=None,
+                      images_per_row: torch.Tensor | None = None) -> FusionInputs:
+        """What this batch hands every fusion: the stack's features and the VPG's tokens computed once."""
+        features = self.image_features(pixel_values, image_features)
+        visual = self.vpg(features.to(self.vpg_dtype)) if features is not None else None
+        n = 0 if features is None else len(features)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return FusionInputs(input_ids, mask, labels, self.image_token_id, features, visual,
+                            self._owners(input_ids, n, images_per_row))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        has_images = (pixel_values is not None and len(pixel_values)) or \
-            (image_features is not None and len(image_features))
-        if has_images:
-            visual = self.encode_images(pixel_values, image_features)
-        else:
-            visual = embeds.new_zeros(0, self.num_image_tokens, embeds.shape[-1])
-        return scatter_image_tokens(embeds, input_ids, self.image_token_id, visual)
+    def _owners(self, input_ids: torch.Tensor, n: int, images_per_row: torch.Tensor | None) -> torch.Tensor:
+        """(n,) the batch row of each image, in text order."""
+        if images_per_row is not None:
+            per_row = images_per_row.to(input_ids.device)
+            if int(per_row.sum()) != n:
+                raise VlkitError(f"image features and image tokens do not match: the text holds {int(per_row.sum())} "
+                                 f"images (images_per_row), {n} were given; encode inputs with the model's processor")
+            return torch.repeat_interleave(torch.arange(len(per_row), device=input_ids.device), per_row)
+        slots = self.image_slots
+        if slots:
+            return (input_ids == self.image_token_id).nonzero()[:, 0][::slots][:n]
+        if n and len(input_ids) > 1:
+            raise VlkitError("images_per_row is needed to place images in a batch whose fusions take no token slots; "
+                             "encode batches with the model's processor")
+        return torch.zeros(n, dtype=torch.long, device=input_ids.device)
 
-    def image_features(self, pixel_values: torch.Tensor | None = None,
-                       image_features: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Tower features (n, N, C) of the images given as pixels or as cached features (None without images)."""
-        if image_features is not None and len(image_features):
-            return image_features
-        if pixel_values is not None and len(pixel_values):
-            return self.vision(pixel_values)
-        return None
+    def embed_inputs(self, x: FusionInputs) -> torch.Tensor:
+        """Fused input embeddings (B, L, D)."""
+        embeds = self.llm.get_input_embeddings()(x.input_ids)
+        for fusion in self.fusions.values():
+            embeds = fusion.embed(embeds, x)
+        return embeds
+
+    @contextlib.contextmanager
+    def fused(self, x: FusionInputs):
+        """The context in which an LLM pass over `x` is acted on by every fusion (entered when used)."""
+        with contextlib.ExitStack() as stack:
+            for fusion in self.fusions.values():
+                stack.enter_context(fusion.active(x))
+            yield
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, **kwargs):
-        features = self.image_features(pixel_values, image_features)
-        embeds = self.embed(input_ids, image_features=features)
-        with self.completing(input_ids, features, attention_mask, labels):
+                labels: torch.Tensor | None = None, pixel_values=None, image_features=None,
+                images_per_row: torch.Tensor | None = None, **kwargs):
+        x = self.fusion_inputs(input_ids, attention_mask, labels, pixel_values, image_features, images_per_row)
+        embeds = self.embed_inputs(x)
+        with self.fused(x):
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-
-    def save(self, directory: str | Path, processor=None) -> None:
-        from vlkit.models.io import save_vlm
-
-        save_vlm(self, directory, processor)

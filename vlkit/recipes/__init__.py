@@ -11,6 +11,9 @@ from pydantic import BaseModel
 from vlkit.config import apply_overrides, read_yaml, validate
 from vlkit.errors import VlkitError
 
+# the configs that ship inside the package (a checkout also has them as ./configs)
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 # name -> (module, config class); each module has run(cfg, resume, overwrite, progress) -> results
 RECIPES: dict[str, tuple[str, str]] = {
     "lm": ("vlkit.recipes.lm", "LMRecipe"),
@@ -30,8 +33,22 @@ def get(name: str) -> tuple[type[BaseModel], Callable]:
     return getattr(module, cls_name), module.run
 
 
+def find_config(path: str | Path) -> Path:
+    """A config file as given, else the packaged config of that name (`configs/world/vpg_qformer.yaml`,
+    `world/vpg_qformer.yaml` and `world/vpg_qformer` all name it), so an installed vlkit runs its own configs."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    for candidate in (CONFIGS / rel, (CONFIGS / rel).with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[BaseModel, Callable]:
     """Read a recipe config file (+ overrides) and return (validated config, the recipe's run)."""
+    path = find_config(path)
     data = apply_overrides(read_yaml(path), overrides, str(path))
     name = data.get("recipe")
     if name is None:

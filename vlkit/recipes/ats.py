@@ -21,7 +21,7 @@ from vlkit.config import Section
 from vlkit.data.processor import pad_encodings
 from vlkit.data.tokenizer import TokenizerConfig, encode_chat, load_tokenizer, train_bpe
 from vlkit.errors import VlkitError
-from vlkit.fileio import atomic_dir, write_json
+from vlkit.fileio import write_json
 from vlkit.models.llm import LLMConfig, build_llm, count_parameters
 from vlkit.recipes.common import finish, prepare_output
 from vlkit.train import TrainConfig, Trainer
@@ -147,12 +147,12 @@ def run(cfg: ATSRecipe, resume: bool = False, overwrite: bool = False, progress:
                       run_config=cfg.model_dump(mode="json"), desc=f"ats {cfg.data.format}")
     trainer.fit(resume=resume, overwrite=overwrite)
     model_dir = out / "model"
-    if trainer.rt.is_main:
-        with atomic_dir(model_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            write_json(Path(tmp) / "reason.json", {"method": cfg.data.format, "style": "tuned",
-                                                  "games": cfg.data.games})
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "reason.json", {"method": cfg.data.format, "style": "tuned", "games": cfg.data.games})
+
+    trainer.save_model(model_dir, write)
     results = {"recipe": "ats", "format": cfg.data.format, "params": count_parameters(model),
                "train_examples": len(dataset), "dropped_too_long": dataset.dropped,
                "train_tokens": sum(len(ids) for ids, _ in dataset.items), "steps": cfg.train.steps,

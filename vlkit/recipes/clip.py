@@ -17,11 +17,10 @@ from pydantic import Field
 from transformers import CLIPVisionModel
 
 from vlkit.config import Section
-from vlkit.data.sources import RecordsConfig, load_splits
+from vlkit.world.sources import RecordsConfig, load_splits
 from vlkit.data.tokenizer import TokenizerConfig, load_tokenizer, train_bpe
-from vlkit.data.transforms import cached_image_array, normalize, unique_paths
+from vlkit.data.transforms import unique_paths
 from vlkit.errors import VlkitError
-from vlkit.fileio import atomic_dir
 from vlkit.models.llm import count_parameters
 from vlkit.models.vision.clip import TextTowerConfig, ViTConfig, build_clip, image_processor
 from vlkit.recipes.common import finish, prepare_output
@@ -78,7 +77,7 @@ def encode_caption(tok, text: str, max_length: int) -> list[int]:
 
 def make_collate(vit: ViTConfig, pad_id: int):
     def collate(items):
-        pixels = normalize(torch.stack([p for p, _ in items]), vit.image_mean, vit.image_std)
+        pixels = vit.transform().normalize(torch.stack([p for p, _ in items]))
         width = max(len(ids) for _, ids in items)
         ids = torch.full((len(items), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -141,9 +140,9 @@ def run(cfg: CLIPRecipe, resume: bool = False, overwrite: bool = False,
         raise VlkitError(f"{out}: the clip recipe needs caption records in both splits; check data.tasks")
     tok = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else \
         train_bpe([c for r in train_recs for c in captions_of(r)], cfg.tokenizer.vocab_size, cfg.tokenizer.style)
-    res = cfg.vision.image_size
+    res, transform = cfg.vision.image_size, cfg.vision.transform()
     train_paths, train_rows = unique_paths(train_recs)
-    pixels = cached_image_array(train_paths, res)
+    pixels = transform.cached_arrays(train_paths, progress)
     pairs = []
     for rec, row in zip(train_recs, train_rows):
         for text in captions_of(rec):
@@ -154,8 +153,7 @@ def run(cfg: CLIPRecipe, resume: bool = False, overwrite: bool = False,
     for rec, row in zip(test_recs, test_rows):
         first.setdefault(row, rec)
     rows = sorted(first)[: cfg.eval_size]
-    gallery_px = normalize(cached_image_array([test_paths[r] for r in rows], res), cfg.vision.image_mean,
-                           cfg.vision.image_std)
+    gallery_px = transform.normalize(transform.cached_arrays([test_paths[r] for r in rows]))
     texts = [captions_of(first[r])[0] for r in rows]
     g = make_collate(cfg.vision, tok.pad_token_id)([(torch.zeros(res, res, 3, dtype=torch.uint8),
                                                      encode_caption(tok, t, cfg.text.max_length)) for t in texts])
@@ -165,15 +163,18 @@ def run(cfg: CLIPRecipe, resume: bool = False, overwrite: bool = False,
                       clip_loss, out, run_config=cfg.model_dump(mode="json"), desc="clip",
                       evaluate=lambda m: retrieval(m, gallery_px, g["input_ids"], g["attention_mask"], texts))
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
-    if trainer.rt.is_main:
-        vision = vision_tower_of(model)
-        with atomic_dir(out / "vision") as tmp:
-            vision.save_pretrained(tmp, safe_serialization=True)
-            image_processor(cfg.vision).save_pretrained(tmp)
-        with atomic_dir(out / "clip") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            image_processor(cfg.vision).save_pretrained(tmp)
+
+    def write_vision(tmp):
+        vision_tower_of(model).save_pretrained(tmp, safe_serialization=True)
+        image_processor(cfg.vision).save_pretrained(tmp)
+
+    def write_clip(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        image_processor(cfg.vision).save_pretrained(tmp)
+
+    trainer.save_model(out / "vision", write_vision)
+    trainer.save_model(out / "clip", write_clip)
     return finish(out, {"recipe": "clip", "vision_params": count_parameters(model.vision_model),
                         "gallery": len(texts), **{f"heldout_{k}": v for k, v in metrics.items()},
                         "steps": cfg.train.steps, "vision_dir": str(out / "vision")})

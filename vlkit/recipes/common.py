@@ -1,15 +1,34 @@
-"""What every recipe does around the trainer: output directory, config copy, results, caching."""
+"""What every recipe does around the trainer, and the VLM training loop the VLM recipes share.
+
+Run preamble: output directory, config copy, results, caching of finished runs. VLM loop
+(`train_and_evaluate`): records -> `VLDataset` (encoded, images as pixels or cached features) -> the trainer
+with `vl_loss` -> held-out evaluation beside the blind baseline -> the saved model directory.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+import warnings
+from functools import partial
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
 from vlkit.config import to_yaml
+from vlkit.data.features import ImageBank
+from vlkit.data.processor import VLProcessor
+from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
+from vlkit.eval.world import EvalConfig, evaluate_vlm
 from vlkit.fileio import read_json, stable_hash, write_json, write_text
+from vlkit.models.io import write_vlm
+from vlkit.models.llm import count_parameters
+from vlkit.models.vision.stack import count, select
+from vlkit.models.vlm import VisionLanguageModel
+from vlkit.train import Trainer
+from vlkit.world.sources import RecordsConfig, load_split
 
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the hash at
@@ -52,3 +71,141 @@ def cached_results(cfg: BaseModel, out: Path) -> dict | None:
     except VlkitError:
         return None
     return None
+
+
+# -- the VLM training loop ---------------------------------------------------------------------------------
+def splits(data: RecordsConfig, eval_data: RecordsConfig | None, progress: bool | None = None):
+    """Train records of `data`; held-out records of `eval_data` (default: data's world, every task)."""
+    eval_src = eval_data or RecordsConfig(world=data.world, train=data.train, test=data.test)
+    return load_split(data, "train", progress), load_split(eval_src, "test", progress)
+
+
+class VLDataset:
+    """Encoded records + the image rows they use. Records left with no supervised token (a conversation cut
+    to max_length before its first answer) teach nothing and would make a batch's loss 0/0: they are dropped,
+    with a warning that counts them."""
+
+    def __init__(self, records: list[dict], processor: VLProcessor, bank: ImageBank):
+        self.items = []
+        dropped = 0
+        for r in records:
+            enc = processor.encode(r["messages"], len(r["images"]), record_id=r.get("id", "?"))
+            if not any(lab != IGNORE_INDEX for lab in enc["labels"][1:]):
+                dropped += 1
+                continue
+            self.items.append((enc, bank.rows(r)[: enc["num_images"]]))
+        self.dropped = dropped
+        if dropped:
+            warnings.warn(f"{dropped} of {len(records)} training records have no supervised token within "
+                          f"max_length={processor.config.max_length} (answer cut off or absent); dropped them",
+                          stacklevel=2)
+        if records and not self.items:
+            raise VlkitError(f"every one of the {len(records)} training records has no supervised token within "
+                             f"max_length={processor.config.max_length}; raise max_length or check the records")
+        self.processor, self.bank = processor, bank
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+    def collate(self, items):
+        batch = self.processor.pad([e for e, _ in items])
+        batch.update(self.bank.inputs([row for _, rows in items for row in rows]))
+        return batch
+
+
+BATCH_KEYS = {"input_ids", "attention_mask", "labels", "image_features", "pixel_values", "images_per_row"}
+
+
+def vl_loss(model, batch, groups: int = 1):
+    """Mean next-token loss over the batch's target tokens. With `groups` > 1 the rows run as that many
+    groups of similar length, each cut to its own longest row: the same loss and gradient (up to float
+    rounding) with less compute spent on padding. Needs right padding; one group under DDP."""
+    labels = batch["labels"]
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    plain = groups <= 1 or len(labels) < 2 * groups or not isinstance(model, VisionLanguageModel) \
+        or not set(batch) <= BATCH_KEYS or "images_per_row" not in batch
+    if plain:
+        return model(**batch).loss, {"tokens": tokens}
+    lengths = batch["attention_mask"].sum(1)
+    if bool((batch["attention_mask"].gather(1, (lengths - 1).clamp(min=0)[:, None]) == 0).any()):
+        raise ValueError("vl_loss: length groups need right-padded batches")
+    images = batch["images_per_row"]
+    first = torch.cumsum(images, 0) - images
+    total = torch.tensor(float(max(tokens, 1)))
+    loss = 0.0
+    for rows in torch.argsort(lengths, stable=True).chunk(groups):
+        width = int(lengths[rows].max())
+        sub = {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "labels")}
+        sub["images_per_row"] = images[rows]
+        keep = torch.cat([torch.arange(int(first[r]), int(first[r] + images[r])) for r in rows])
+        sub.update({k: select(batch[k], keep) for k in ("image_features", "pixel_values") if count(batch.get(k))})
+        loss = loss + model(**sub, num_items_in_batch=total).loss
+    return loss, {"tokens": tokens}
+
+
+def image_banks(model: VisionLanguageModel, proc: VLProcessor, train_recs: list[dict], test_recs: list[dict],
+                cache: bool, out: Path, progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
+    """Pixel banks for both splits (the processor's transforms); with `cache`, the frozen encoders' features
+    instead (seconds spent)."""
+    bank = ImageBank(train_recs, proc.transforms, progress)
+    test_bank = ImageBank(test_recs, proc.transforms, progress)
+    t0 = time.perf_counter()
+    if cache:
+        if not model.vision.frozen:
+            raise VlkitError(f"{out}: cache_features needs frozen vision encoders; drop 'vision' from trainable or "
+                             "set cache_features=false")
+        bank.use_features(model.vision, progress)
+        test_bank.use_features(model.vision, progress)
+    return bank, test_bank, time.perf_counter() - t0
+
+
+def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train_recs: list[dict],
+                       test_recs: list[dict], out: Path, resume: bool = False, overwrite: bool = False,
+                       progress: bool | None = None, save: bool = True,
+                       banks: tuple[ImageBank, ImageBank] | None = None, before_eval=None,
+                       model_dir: Path | None = None) -> dict:
+    """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
+    (cfg.eval), save the model to `model_dir` (default <out>/model). `cfg` has train, eval, cache_features and
+    model_dump(); `banks` (train, held-out) are reused when given."""
+    model_dir = model_dir or out / "model"
+    if banks is None:
+        bank, test_bank, feature_seconds = image_banks(model, proc, train_recs, test_recs, cfg.cache_features, out,
+                                                       progress)
+    else:
+        (bank, test_bank), feature_seconds = banks, 0.0
+    data = VLDataset(train_recs, proc, bank)
+    periodic, last = None, {}
+    if cfg.train.eval_every:
+        def periodic(m):
+            last.update(step=trainer.step, result=evaluate_vlm(m, proc, test_recs, quick(cfg.eval), test_bank))
+            return dict(last["result"]["image"])
+    loss = partial(vl_loss, groups=cfg.train.length_groups)
+    trainer = Trainer(model, cfg.train, data, data.collate, loss, out, run_config=cfg.model_dump(mode="json"),
+                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic)
+    trainer.fit(resume=resume, overwrite=overwrite)
+    trainable_params = count_parameters(model, True)
+    if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
+        before_eval()
+        last.clear()
+    # the evaluation at the last step saw the same records with images when during_training >= max_per_task;
+    # it ran under the trainer's autocast, so it stands for this fp32 evaluation only where there is none
+    reuse = last.get("step") == cfg.train.steps and cfg.eval.during_training >= cfg.eval.max_per_task \
+        and trainer.rt.autocast_dtype is None
+    model.eval()
+    with torch.no_grad():
+        result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress,
+                              with_images=last["result"] if reuse else None)
+    if save:
+        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc))
+    return {"trainable_params": trainable_params, "total_params": count_parameters(model),
+            "num_image_tokens": model.image_slots, "steps": cfg.train.steps,
+            "train_seconds": trainer.train_seconds, "feature_seconds": feature_seconds, "eval": result,
+            "history": trainer.history, "dropped_records": data.dropped, "model_dir": str(model_dir)}
+
+
+def quick(cfg: EvalConfig) -> EvalConfig:
+    """Evaluation during training: `during_training` records per task, no blind pass."""
+    return cfg.model_copy(update={"max_per_task": min(cfg.max_per_task, cfg.during_training), "blind": False})

@@ -24,7 +24,7 @@ from pydantic import Field
 from vlkit.config import Section
 from vlkit.data.tokenizer import TokenizerConfig, load_tokenizer, train_bpe
 from vlkit.errors import VlkitError
-from vlkit.fileio import atomic_dir, write_json
+from vlkit.fileio import write_json
 from vlkit.guard.data import any_unsafe, load_moderation, read_examples, to_example
 from vlkit.guard.prompt import build_prompt, target_text
 from vlkit.guard.taxonomy import Taxonomy, load_taxonomy
@@ -209,11 +209,12 @@ def run(cfg: GuardRecipe, resume: bool = False, overwrite: bool = False, progres
     trainer.fit(resume=resume, overwrite=overwrite)
     settings = {"taxonomy": tax.to_yaml_dict(), "version": cfg.version, "template": cfg.template,
                 "threshold": cfg.threshold}
-    if trainer.rt.is_main:
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "guard_config.json", settings)
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "guard_config.json", settings)
+
+    trainer.save_model(out / "model", write)
     guard = Guard(model.eval(), tok, tax, cfg.version, cfg.template, cfg.threshold)
     with torch.no_grad():
         evaluation = auprc(guard, test, tax) if test else None

@@ -15,11 +15,10 @@ from typing import Literal
 from pydantic import Field
 
 from vlkit.config import Section
-from vlkit.data.sources import RecordsConfig
+from vlkit.world.sources import RecordsConfig
 from vlkit.eval.world import EvalConfig
 from vlkit.models.io import load_vlm
-from vlkit.recipes.common import finish, prepare_output
-from vlkit.recipes.vpg import splits, train_and_evaluate
+from vlkit.recipes.common import finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 

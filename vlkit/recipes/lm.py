@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 
 from vlkit.config import Section
-from vlkit.data.sources import RecordsConfig, load_splits, text_only
+from vlkit.data.records import text_only
+from vlkit.world.sources import RecordsConfig, load_splits
 from vlkit.data.tokenizer import TokenizerConfig, load_tokenizer, render, train_bpe
-from vlkit.fileio import atomic_dir
 from vlkit.models.llm import LLMConfig, build_llm, count_parameters
 from vlkit.recipes.common import finish, prepare_output
 from vlkit.train import TrainConfig, Trainer
@@ -164,10 +164,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
                       evaluate=lambda m: {"ppl": perplexity(m, test_blocks)},
                       run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}")
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
-    if trainer.rt.is_main:
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+    trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                                   tok.save_pretrained(tmp)))
     return finish(out, {"recipe": "lm", "family": cfg.model.family, "params": count_parameters(model),
                         "vocab_size": len(tok), "train_tokens": int(train_blocks.numel()),
                         "test_tokens": int(test_blocks.numel()), "heldout_ppl": metrics["ppl"],

@@ -23,18 +23,19 @@ from pydantic import Field
 from torch import nn
 
 from vlkit.config import Section
-from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.processor import VLProcessor
 from vlkit.data.records import message_text
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.errors import VlkitError
+from vlkit.eval.curves import eval_curve, point
 from vlkit.eval.world import EvalConfig, evaluate_vlm
-from vlkit.models.io import load_vlm, save_vlm
+from vlkit.models.io import load_vlm
 from vlkit.models.llm import load_llm
 from vlkit.models.vlm import LLMSource, VisionLanguageModel
-from vlkit.models.vpg import QFormerVPG, build_vpg
+from vlkit.models.vpg import build_vpg
 from vlkit.models.vpg.converter import compose_projector, token_pairs, train_converter
-from vlkit.recipes.common import finish, prepare_output
-from vlkit.recipes.vpg import VPGData, image_banks, quick, splits, train_and_evaluate
+from vlkit.recipes.common import finish, image_banks, prepare_output, quick, splits, train_and_evaluate
+from vlkit.recipes.vpg import VPGData
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 
@@ -78,12 +79,10 @@ class TransferRecipe(Section):
 
 
 def projector_of(vpg: nn.Module) -> nn.Linear:
-    """The linear layer that writes into the LLM's width (Q-Former: projector; MLP: linear_2)."""
-    if isinstance(vpg, QFormerVPG):
-        return vpg.projector
-    if hasattr(vpg, "linear_2"):
-        return vpg.linear_2
-    raise VlkitError(f"transfer: VPG {type(vpg).__name__} has no projector to convert; use a qformer or mlp VPG")
+    """The linear layer that writes into the LLM's width (each VPG names its own)."""
+    if not hasattr(vpg, "out_projection"):
+        raise VlkitError(f"transfer: VPG {type(vpg).__name__} names no output projection to convert")
+    return vpg.out_projection()
 
 
 def build_target(cfg: TransferRecipe) -> tuple[VisionLanguageModel, VLProcessor, VisionLanguageModel]:
@@ -103,13 +102,10 @@ def build_target(cfg: TransferRecipe) -> tuple[VisionLanguageModel, VLProcessor,
     vcfg.llm = cfg.target
     if cfg.max_length:
         vcfg.max_length = cfg.max_length
-    tower = source.vision
-    vpg = build_vpg(vcfg.vpg, tower.hidden_size, llm.config.get_text_config().hidden_size, tower.num_features())
-    model = VisionLanguageModel(tower, vpg, llm, tok.convert_tokens_to_ids("<image>"), vcfg)
-    pc = src_proc.config
-    proc = VLProcessor(tok, ProcessorConfig(pc.image_size, pc.image_mean, pc.image_std, model.num_image_tokens,
-                                            vcfg.max_length))
-    return model, proc, source
+    vision = source.vision
+    vpg = build_vpg(vcfg.vpg, vision.width, llm.config.get_text_config().hidden_size, vision.num_tokens)
+    model = VisionLanguageModel(vision, vpg, llm, tok.convert_tokens_to_ids("<image>"), vcfg)
+    return model, VLProcessor.for_model(tok, model), source
 
 
 def corpus(records: list[dict], tasks: list[str], unit: str = "text") -> list[str]:
@@ -165,10 +161,11 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
                       corpus(train_recs, cfg.converter.tasks, cfg.converter.unit), progress)
     del source
     model.set_trainable(cfg.trainable)
-    bank, test_bank, feature_seconds = image_banks(model, train_recs, test_recs, cfg.cache_features, out, progress)
+    bank, test_bank, feature_seconds = image_banks(model, proc, train_recs, test_recs, cfg.cache_features, out,
+                                                   progress)
     during = quick(cfg.eval)
     done = {"step": 0, "samples": 0, "train_seconds": (init["converter"] or {}).get("seconds", 0.0)}
-    curve = [_point(done, {"step": 0, "samples": 0, "train_seconds": 0.0},
+    curve = [point(done, {"step": 0, "samples": 0, "train_seconds": 0.0},
                     evaluate_vlm(model.eval(), proc, test_recs, during, test_bank)["image"])]
     stages: dict = {}
     if cfg.inherit and cfg.warmup.enabled:
@@ -182,16 +179,15 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
         r = train_and_evaluate(model, proc, stage, warm, test_recs, out / "warmup", resume, overwrite, progress,
                                save=False, banks=(bank, test_bank))
         stages["warmup"] = _brief(r)
-        curve.append(_point(done, {"step": steps, "samples": steps * tc.batch_size * tc.grad_accum,
+        curve.append(point(done, {"step": steps, "samples": steps * tc.batch_size * tc.grad_accum,
                                    "train_seconds": r["train_seconds"]}, r["eval"]["image"]))
         done = {k: curve[-1][k] for k in done}
         model.set_trainable(cfg.trainable)
     stage = _Stage(recipe="transfer/finetune", train=cfg.train, eval=cfg.eval, cache_features=cfg.cache_features)
     r = train_and_evaluate(model, proc, stage, train_recs, test_recs, out / "finetune", resume, overwrite, progress,
-                           banks=(bank, test_bank))
+                           banks=(bank, test_bank), model_dir=out / "model")
     stages["finetune"] = _brief(r)
     curve += eval_curve(r["history"], done)
-    save_vlm(model, out / "model", proc)
     return finish(out, {"recipe": "transfer", "source": cfg.source, "target": cfg.target.path, "init": init,
                         "warmup": cfg.warmup.model_dump() if cfg.inherit and cfg.warmup.enabled else None,
                         "stages": stages, "curve": curve, "feature_seconds": feature_seconds,
@@ -202,51 +198,5 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
                         "total_params": r["total_params"]})
 
 
-def _point(offset: dict, at: dict, metrics: dict) -> dict:
-    return {"step": offset["step"] + at["step"], "samples": offset["samples"] + at["samples"],
-            "train_seconds": offset["train_seconds"] + at["train_seconds"], **metrics}
-
-
 def _brief(r: dict) -> dict:
     return {k: r[k] for k in ("steps", "train_seconds", "feature_seconds", "trainable_params")}
-
-
-def eval_curve(history: list[dict], offset: dict | None = None) -> list[dict]:
-    """The evaluation records of a trainer's history as curve points ("eval/" dropped from the metric
-    names), shifted by `offset` (step, samples, train_seconds of the stages before)."""
-    zero = {"step": 0, "samples": 0, "train_seconds": 0.0}
-    return [_point(offset or zero, h, {k[5:]: v for k, v in h.items() if k.startswith("eval/")})
-            for h in history if any(k.startswith("eval/") for k in h)]
-
-
-def speedup(scratch: list[dict], trans: list[dict], metric: str) -> dict:
-    """The paper's speed-up on one metric: the step at which from-scratch reaches its best score, divided by
-    the first step at which the transfer exceeds that score; also in samples and optimisation seconds.
-    Curves are lists of evaluations with "step", "samples", "train_seconds" and the metric. Where from
-    scratch's best is at step 0 (training never improved on it) the ratios are None: undefined."""
-    best = max(scratch, key=lambda p: (p[metric], -p["step"]))
-    beat = next((p for p in trans if p[metric] > best[metric]), None)
-    out = {"metric": metric, "scratch_best": best[metric], "scratch_best_step": best["step"],
-           "scratch_final": scratch[-1][metric], "transfer_final": trans[-1][metric],
-           "transfer_best": max(p[metric] for p in trans), "transfer_steps": trans[-1]["step"]}
-    if beat is None:
-        return {**out, "reached": False}
-    if best["step"] == 0:  # from scratch never improved on its untrained start: no training to save
-        ratio = dict.fromkeys(("step", "samples", "train_seconds"))
-    else:
-        ratio = {k: best[k] / beat[k] if beat[k] else float("inf") for k in ("step", "samples", "train_seconds")}
-    return {**out, "reached": True, "transfer_step": beat["step"], "speedup_steps": ratio["step"],
-            "speedup_samples": ratio["samples"], "speedup_seconds": ratio["train_seconds"]}
-
-
-def times(ratio: float | None) -> str:
-    """A speed-up for a report: "4.2x", or what an infinite one means (the transfer was there at step 0),
-    or an undefined one (None: from scratch's best is its untrained start)."""
-    if ratio is None:
-        return "undefined (from scratch best at step 0)"
-    return "no steps needed (step 0)" if ratio == float("inf") else f"{ratio:.1f}x"
-
-
-def steps_to_reach(curve: list[dict], metric: str, value: float) -> int | None:
-    """The first evaluated step at which `metric` reaches `value` (None: never)."""
-    return next((p["step"] for p in curve if p[metric] >= value), None)

@@ -25,19 +25,17 @@ from vlkit.config import Section
 from vlkit.console import bar
 from vlkit.data.features import ImageBank
 from vlkit.data.records import assistant, save_records, user
-from vlkit.data.sources import RecordsConfig, mix_tasks
+from vlkit.data.tasks import mix_tasks
+from vlkit.world.sources import RecordsConfig
 from vlkit.errors import VlkitError
-from vlkit.eval.demon import evaluate_demon, load_demon
+from vlkit.eval.demon import DemonEval, demon_scores
 from vlkit.eval.world import EvalConfig
-from vlkit.fileio import write_json
 from vlkit.models.fusion.vpgc import VPGCConfig
 from vlkit.models.io import load_vlm
-from vlkit.recipes.common import finish, prepare_output
-from vlkit.recipes.vpg import splits, train_and_evaluate
+from vlkit.recipes.common import finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 from vlkit.world.dataset import DIFF_PROMPTS
-from vlkit.world.demon import MiniDemonConfig, build_mini_demon
 from vlkit.world.edits import edit_scene
 from vlkit.world.render import render
 from vlkit.world.scene import Scene
@@ -53,15 +51,6 @@ class SyntheticConfig(Section):
     scenes: int | None = Field(None, gt=0, description="Train scenes to edit (default: all).")
     captions: float = Field(1.0, ge=0, description="Weight of plain caption records mixed in (edits: 1).")
     seed: int = Field(0, ge=0)
-
-
-class DemonEval(Section):
-    mini: MiniDemonConfig | None = Field(default_factory=MiniDemonConfig, description="Generate mini-DEMON with "
-                                         "these settings (ignored when root is set).")
-    root: str | None = Field(None, description="A DEMON-format directory to evaluate on instead.")
-    max_per_task: int | None = Field(None, gt=0, description="Instances per task (default: all).")
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(32, gt=0)
 
 
 class VPGCRecipe(Section):
@@ -86,20 +75,17 @@ class VPGCRecipe(Section):
 def object_attention(model, features: torch.Tensor, scenes: list[Scene]) -> list[np.ndarray]:
     """Per scene, the VPG's cross-attention mass inside each object's box: the attention maps (B, heads, M, N) of
     every Q-Former cross-attention block averaged over blocks, heads and queries, then summed over the patches
-    whose centres lie in the box (the nearest patch when none does). Features are (B, N, C) patch tokens of a
-    square grid (a leading CLS token is dropped)."""
+    whose centres lie in the box (the nearest patch when none does). Features are the (B, N, C) features of a
+    one-encoder stack; the encoder says where its patches lie and on what grid."""
+    if len(model.vision.encoders) != 1:
+        raise VlkitError("vpgc: attention guidance reads one encoder's patch grid; this stack has "
+                         f"{len(model.vision.encoders)} encoders (use synthetic.guidance=random)")
+    encoder = model.vision.encoders[0]
     q = model.vpg.query_tokens.expand(len(features), -1, -1)
     _, maps = model.vpg.query(features.to(model.vpg_dtype), q, output_attentions=True)
-    att = torch.stack([m.float().mean(dim=(1, 2)) for m in maps]).mean(0)  # (B, N)
-    n = att.shape[1]
-    g = int(round(n ** 0.5))
-    if g * g != n:
-        g = int(round((n - 1) ** 0.5))
-        if g * g != n - 1:
-            raise VlkitError(f"vpgc: {n} vision tokens are not a square grid of patches; attention guidance needs one")
-        att = att[:, 1:]
-    centres = (np.arange(g) + 0.5) / g
-    cx, cy = np.meshgrid(centres, centres)  # row-major patches: row = y, column = x
+    att = torch.stack([m.float().mean(dim=(1, 2)) for m in maps]).mean(0)[:, encoder.patch_slice()]  # (B, patches)
+    rows, cols = encoder.grid
+    cx, cy = np.meshgrid((np.arange(cols) + 0.5) / cols, (np.arange(rows) + 0.5) / rows)  # row-major: row = y
     cx, cy = cx.ravel(), cy.ravel()
     out = []
     for a, scene in zip(att.numpy(), scenes):
@@ -108,7 +94,7 @@ def object_attention(model, features: torch.Tensor, scenes: list[Scene]) -> list
             x1, y1, x2, y2 = o.box
             inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
             if not inside.any():
-                inside = np.zeros(g * g, bool)
+                inside = np.zeros(rows * cols, bool)
                 inside[np.argmin((cx - o.cx) ** 2 + (cy - o.cy) ** 2)] = True
             mass.append(float(a[inside].sum()))
         out.append(np.array(mass))
@@ -120,8 +106,7 @@ def synthetic_records(model, processor, scenes: list[tuple[Scene, str]], cfg: Sy
     """Edit each (scene, image path) and write the edited image under `out`; one "edit" record per scene.
     Returns (records, stats: how many scenes, and how often each edit was made)."""
     rng = np.random.default_rng(cfg.seed)
-    c = processor.config
-    bank = ImageBank([{"images": [p]} for _, p in scenes], c.image_size, c.image_mean, c.image_std) \
+    bank = ImageBank([{"images": [p]} for _, p in scenes], processor.transforms) \
         if cfg.guidance == "attention" else None  # random edits need no pixels
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -131,10 +116,7 @@ def synthetic_records(model, processor, scenes: list[tuple[Scene, str]], cfg: Sy
         chunk = scenes[start:start + 128]
         masses = None
         if bank is not None:
-            inputs = bank.inputs([bank.index[p] for _, p in chunk])
-            feats = inputs.get("image_features")
-            if feats is None:
-                feats = model.vision(inputs["pixel_values"])
+            feats = model.image_features(**bank.inputs([bank.index[p] for _, p in chunk]))
             masses = object_attention(model, feats, [s for s, _ in chunk])
         for k, (scene, path) in enumerate(chunk):
             index = int(np.argmin(masses[k])) if masses is not None else int(rng.integers(len(scene.objects)))
@@ -156,7 +138,7 @@ def run(cfg: VPGCRecipe, resume: bool = False, overwrite: bool = False, progress
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     seed_everything(cfg.train.seed)
     model, proc = load_vlm(cfg.init)
-    model.add_vpgc(cfg.vpgc)
+    model.add_fusion("vpgc", cfg.vpgc)
     model.set_trainable(cfg.trainable)
 
     scenes, seen = [], set()
@@ -179,22 +161,7 @@ def run(cfg: VPGCRecipe, resume: bool = False, overwrite: bool = False, progress
     model.train()
     result = train_and_evaluate(model, proc, cfg, mixed, test_recs, out, resume, overwrite, progress)
     result["synthetic"] = stats
-    result["vpgc_layer"] = model.vpgc.layer
+    result["vpgc_layer"] = model.fusion("vpgc").layer
     if cfg.demon is not None:
         result["demon"] = demon_scores(model, proc, cfg.demon, out, progress)
     return finish(out, {"recipe": "vpgc", "init": cfg.init, **result})
-
-
-def demon_scores(model, proc, cfg: DemonEval, out: Path | None = None, progress: bool | None = None,
-                 keep_predictions: bool = False) -> dict:
-    """Zero-shot DEMON-format scores; per-instance predictions go to <out>/demon_predictions.json when `out` is
-    given, or stay in the result (key "predictions") with `keep_predictions`."""
-    root = Path(cfg.root) if cfg.root else build_mini_demon(cfg.mini or MiniDemonConfig(), progress)
-    res = evaluate_demon(model, proc, load_demon(root), cfg.max_per_task, cfg.max_new_tokens, cfg.batch_size,
-                         progress)
-    predictions = res.pop("predictions")
-    if out is not None:
-        write_json(out / "demon_predictions.json", predictions)
-    if keep_predictions:
-        res["predictions"] = predictions
-    return res

@@ -9,7 +9,6 @@ forward passes. Streaming requests run alone, token by token.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -19,41 +18,22 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import nn
 
-from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import load_tokenizer
-from vlkit.errors import VlkitError
 from vlkit.fileio import read_json
 from vlkit.models.generate import GenerationConfig, generate, stream, trim
 from vlkit.models.io import load_vlm
-from vlkit.models.llm import load_llm
-
-
-class TextOnlyLM(nn.Module):
-    """A plain HF causal LM behind the interface vlkit's generation uses (`llm`, `embed`, `completing`); no
-    images."""
-
-    num_image_tokens = 1
-
-    def __init__(self, llm):
-        super().__init__()
-        self.llm = llm
-
-    def embed(self, input_ids, pixel_values=None, image_features=None):
-        if pixel_values is not None or image_features is not None:
-            raise VlkitError("this model is a text-only LM: it takes no images")
-        return self.llm.get_input_embeddings()(input_ids)
-
-    def completing(self, *args, **kwargs):
-        return contextlib.nullcontext()  # nothing to complete: no VPG-C without images
+from vlkit.models.llm import load_llm, position_limit
+from vlkit.models.vlm import VisionLanguageModel
 
 
 def text_only(path: Path):
+    """A plain HF causal LM, served as a model without eyes."""
     tok = load_tokenizer(path)
     llm = load_llm(path)
-    ctx = getattr(llm.config, "max_position_embeddings", None) or 2048
-    return TextOnlyLM(llm), VLProcessor(tok, ProcessorConfig(224, [0.5] * 3, [0.5] * 3, 1, ctx))
+    model = VisionLanguageModel.text_only(llm)
+    return model, VLProcessor.for_model(tok, model, position_limit(llm) or 2048)
 
 
 def load_model(path: str | Path):
@@ -98,7 +78,7 @@ class Engine:
 
     @property
     def takes_images(self) -> bool:
-        return not isinstance(self.model, TextOnlyLM)
+        return self.model.takes_images
 
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])

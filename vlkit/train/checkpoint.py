@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlkit.errors import VlkitError
-from vlkit.fileio import atomic_dir, read_json, write_text
+from vlkit.fileio import read_json, write_text
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,26 +41,30 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
                          "delete it and re-run the stage that wrote it") from None
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any], keep: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
-    with atomic_dir(ckpt_root / name) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
-        state = {"step": step, "python_rng": _py_rng_to_json(random.getstate()), **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def write_checkpoint(tmp: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                     extra: dict[str, Any]) -> None:
+    """The files of one checkpoint, written into the (temporary) directory `tmp`."""
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    state = {"step": step, "python_rng": _py_rng_to_json(random.getstate()), **extra}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+
+
+def publish(ckpt_root: Path, name: str, keep: int) -> None:
+    """Point `latest` at a complete checkpoint, then prune: the newest `keep` stay."""
     write_text(ckpt_root / "latest", name + "\n")
-    # Prune old checkpoints, newest `keep` stay.
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return ckpt_root / name
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -23,8 +23,10 @@ from torch import nn
 
 from vlkit.console import bar as progress_bar
 from vlkit.errors import VlkitError
-from vlkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vlkit.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, publish, trainable_state, \
+    write_checkpoint
 from vlkit.train.config import TrainConfig
+from vlkit.train.distributed import save_once, wrap
 from vlkit.train.runtime import Runtime, make_runtime, seed_everything
 from vlkit.train.schedule import lr_at
 
@@ -71,12 +73,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.run_config = run_config or {}
         self.desc = desc
-        self.wrapped = model
-        if self.rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.wrapped = DistributedDataParallel(model, device_ids=ids)
+        self.wrapped = wrap(model, self.rt)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.step = 0
@@ -187,12 +184,18 @@ class Trainer:
         self._log(record)
         return result
 
-    def save(self) -> Path | None:
-        if not self.rt.is_main:
-            return None
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                               {"config": self.run_config, "history": self.history,
-                                "train_seconds": self.train_seconds}, self.cfg.keep_checkpoints)
+    def save(self) -> Path:
+        """A checkpoint of this step: every rank takes part, rank 0 writes."""
+        name = checkpoint_name(self.step)
+        trainable, opt = trainable_state(self.model), self.optimizer.state_dict()
+        extra = {"config": self.run_config, "history": self.history, "train_seconds": self.train_seconds}
+        return save_once(self.rt, self.ckpt_root / name,
+                         lambda tmp: write_checkpoint(tmp, self.step, trainable, opt, extra),
+                         then=lambda: publish(self.ckpt_root, name, self.cfg.keep_checkpoints))
+
+    def save_model(self, directory: str | Path, write: Callable[[Path], None]) -> Path:
+        """The trained model as a directory: every rank calls this, `write(tmp)` runs once (rank 0)."""
+        return save_once(self.rt, directory, write)
 
     # -- metrics log ------------------------------------------------------------------------------
     def _log(self, record: dict[str, float]) -> None:

@@ -1,1 +1,7 @@
-"""How visual prompts enter the LLM."""
+"""How visual information enters the LLM: the fusion interface (base.py) and its implementations."""
+
+from vlkit.models.fusion.base import FUSIONS, Fusion, FusionInputs, fusion_config, register_fusion
+from vlkit.models.fusion.tokens import TokenFusion
+from vlkit.models.fusion.vpgc import VPGC
+
+__all__ = ["FUSIONS", "Fusion", "FusionInputs", "TokenFusion", "VPGC", "fusion_config", "register_fusion"]

@@ -33,6 +33,7 @@ from torch import nn
 from vlkit.config import Section
 from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
+from vlkit.models.fusion.base import Fusion, FusionInputs, register_fusion
 from vlkit.models.llm import decoder_layers
 
 
@@ -63,9 +64,14 @@ def instruction_positions(attention_mask: torch.Tensor, labels: torch.Tensor | N
     return torch.where(supervised.any(1), (first - 1).clamp(min=0), last)
 
 
-class VPGC(nn.Module):
-    def __init__(self, llm_width: int, qformer_width: int, num_queries: int, layer: int | None = None):
-        super().__init__()
+@register_fusion("vpgc")
+class VPGC(Fusion):
+    """Completes the image tokens that another fusion (`tokens`) placed in the text; takes no slots itself."""
+
+    Config = VPGCConfig
+
+    def __init__(self, config: VPGCConfig, llm_width: int, qformer_width: int, num_queries: int):
+        super().__init__(config)
         self.queries = nn.Parameter(torch.zeros(1, num_queries, qformer_width))
         nn.init.normal_(self.queries, std=0.02)
         self.to_query = nn.Linear(llm_width, qformer_width)
@@ -73,40 +79,46 @@ class VPGC(nn.Module):
         for linear in (self.to_query, self.to_llm):  # zero-init: the base model, exactly, until trained
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
-        self.layer = layer  # None until attach(): then L/2 of the LLM it is attached to
         self._prefill: _Prefill | None = None
         self._vpg: tuple = ()  # (the VPG whose Q-Former is re-run,): in a tuple so it is not registered as ours
 
-    def attach(self, llm: nn.Module, vpg: nn.Module) -> None:
-        """Hook into the input of decoder layer `self.layer` (default: L/2); `vpg` is a Q-Former VPG (its Q-Former
-        is reused)."""
-        if not hasattr(vpg, "query"):
-            raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(vpg).__name__}")
-        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # peft-wrapped LLMs too
-        layers = decoder_layers(base)
-        if self.layer is None:
-            self.layer = len(layers) // 2
-        if self.layer >= len(layers):
-            raise VlkitError(f"vpgc.layer: {self.layer} is out of range for an LLM with {len(layers)} layers; "
+    @property
+    def layer(self) -> int | None:
+        return self.config.layer
+
+    @classmethod
+    def build(cls, config: VPGCConfig, model) -> "VPGC":
+        """Sized for `model`; its VPG must be able to re-query images (a Q-Former VPG)."""
+        if not hasattr(model.vpg, "query"):
+            raise VlkitError(f"vpgc: needs a qformer VPG to re-query images, not {type(model.vpg).__name__}")
+        layers = decoder_layers(model.base_llm)
+        layer = len(layers) // 2 if config.layer is None else config.layer
+        if layer >= len(layers):
+            raise VlkitError(f"vpgc.layer: {layer} is out of range for an LLM with {len(layers)} layers; "
                              f"choose 0..{len(layers) - 1}")
-        self._vpg = (vpg,)
-        layers[self.layer].register_forward_pre_hook(self._complete, with_kwargs=True)
+        return cls(config.model_copy(update={"layer": layer}), model.llm_width, model.vpg.config.hidden_size,
+                   model.vpg.num_tokens)
+
+    def attach(self, model) -> None:
+        """Hook into the input of decoder layer `self.layer`; the VPG's own Q-Former is reused."""
+        if not any(f.image_slots(model) for f in model.fusions.values()):
+            raise VlkitError("vpgc: completes image tokens, but no fusion of this model places them in the text; "
+                             "add the `tokens` fusion before it")
+        self._vpg = (model.vpg,)
+        decoder_layers(model.base_llm)[self.layer].register_forward_pre_hook(self._complete, with_kwargs=True)
 
     @contextmanager
-    def prefill(self, input_ids: torch.Tensor, features: torch.Tensor | None, image_token_id: int,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        """Within this block, a forward pass over `input_ids` (B, L) is completed with `features` (n, N, C)."""
-        if features is None or not len(features):
+    def active(self, x: FusionInputs):
+        """Within this block, a forward pass over `x.input_ids` (B, L) is completed with `x.features` (n, N, C)."""
+        if x.features is None or not len(x.features):
             yield
             return
-        mask = input_ids == image_token_id
         m = self.queries.shape[1]
-        rows = mask.nonzero()[:, 0]
-        if len(rows) != len(features) * m:
-            raise VlkitError(f"vpgc: {len(rows)} image tokens but {len(features)} images x {m} tokens")
-        attn = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        self._prefill = _Prefill(input_ids.shape[1], features, mask, rows[::m],
-                                 instruction_positions(attn, labels))
+        mask = x.image_mask
+        if int(mask.sum()) != len(x.features) * m:
+            raise VlkitError(f"vpgc: {int(mask.sum())} image tokens but {len(x.features)} images x {m} tokens")
+        self._prefill = _Prefill(x.input_ids.shape[1], x.features, mask, x.owner,
+                                 instruction_positions(x.attention_mask, x.labels))
         try:
             yield
         finally:
@@ -119,7 +131,7 @@ class VPGC(nn.Module):
             return None  # no images, or a decoding step
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[batch, p.instruction.to(hidden.device)]                    # (B, D)
-        q = self.queries + self.to_query(h.to(self.queries.dtype))[p.owner][:, None, :]
+        q = self.queries + self.to_query(h.to(self.queries.dtype))[p.owner.to(hidden.device)][:, None, :]
         r = self._vpg[0].query(p.features.to(self.queries.dtype), q)             # (n, M, Dq)
         delta = self.to_llm(r).to(hidden.dtype)
         completed = hidden + torch.zeros_like(hidden).masked_scatter(p.image_mask.unsqueeze(-1), delta)

@@ -7,10 +7,10 @@ as it loads openai/clip-vit-*: the same code path serves real CLIP checkpoints.
 from __future__ import annotations
 
 from pydantic import Field
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig, \
-    PreTrainedTokenizerBase
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerBase
 
 from vlkit.config import Section
+from vlkit.data.transforms import ImageTransform
 
 
 class ViTConfig(Section):
@@ -22,6 +22,10 @@ class ViTConfig(Section):
     intermediate_size: int = Field(768, gt=0)
     image_mean: list[float] = Field([0.5, 0.5, 0.5], description="Per-channel mean after scaling to [0, 1].")
     image_std: list[float] = Field([0.5, 0.5, 0.5], description="Per-channel std after scaling to [0, 1].")
+
+    def transform(self) -> ImageTransform:
+        """The world ViT sees images squashed to its square input."""
+        return ImageTransform.of(self.image_size, self.image_mean, self.image_std, "squash")
 
 
 class TextTowerConfig(Section):
@@ -48,9 +52,6 @@ def build_clip(vit: ViTConfig, text: TextTowerConfig, projection_dim: int,
     return CLIPModel(cfg)
 
 
-def image_processor(vit: ViTConfig) -> CLIPImageProcessor:
-    """The HF processor that reproduces vlkit's transform (resize, scale to [0, 1], normalise)."""
-    return CLIPImageProcessor(size={"height": vit.image_size, "width": vit.image_size}, do_center_crop=False,
-                              do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
-                              do_normalize=True, image_mean=vit.image_mean, image_std=vit.image_std,
-                              do_convert_rgb=True)
+def image_processor(vit: ViTConfig):
+    """The HF image processor saved beside the world ViT: it preprocesses as vlkit's transform does."""
+    return vit.transform().hf_image_processor()

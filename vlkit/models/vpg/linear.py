@@ -18,3 +18,7 @@ class LinearVPG(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"projector": list(self.projector.parameters())}
+
+    def out_projection(self) -> nn.Linear:
+        """The layer that writes into the LLM's width (VPGTrans converts it)."""
+        return self.projector

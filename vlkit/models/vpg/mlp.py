@@ -22,3 +22,7 @@ class MLPVPG(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"projector": [*self.linear_1.parameters(), *self.linear_2.parameters()]}
+
+    def out_projection(self) -> nn.Linear:
+        """The layer that writes into the LLM's width (VPGTrans converts it)."""
+        return self.linear_2

@@ -48,3 +48,7 @@ class QFormerVPG(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"queries": [self.query_tokens], "qformer": list(self.qformer.parameters()),
                 "projector": list(self.projector.parameters())}
+
+    def out_projection(self) -> nn.Linear:
+        """The layer that writes into the LLM's width (VPGTrans converts it)."""
+        return self.projector

@@ -17,14 +17,14 @@ from rich.table import Table
 
 from vlkit.data.records import load_records
 from vlkit.errors import VlkitError
+from vlkit.eval.curves import eval_curve, speedup, steps_to_reach, times
+from vlkit.experiments.stages import WORLD_CONFIGS, Stages
 from vlkit.fileio import write_text
 from vlkit.recipes import load_config
-from vlkit.recipes.common import cached_results
-from vlkit.recipes.transfer import eval_curve, speedup, steps_to_reach, times
 from vlkit.world.dataset import build, info
 from vlkit.world.preview import contact_sheet, preview_records
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "world"
+CONFIG_DIR = WORLD_CONFIGS
 
 STAGES = (
     ("lm_llama_small", "tiny LLaMA"),
@@ -79,20 +79,10 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     preview_records(load_records(world_dir / "test.jsonl")[:6], out / "world_preview.png",
                     title="shapes world: held-out samples")
 
-    trained: set[str] = set()
+    stages = Stages(console, progress, fresh, config_dir)
     for name, label in STAGES:
-        cfg, run = load_config(config_dir / f"{name}.yaml", stage_overrides(name, out))
-        t0 = time.perf_counter()
-        stale = fresh or any(d in trained for d in DEPENDS.get(name, ()))
-        cached = None if stale else cached_results(cfg, out / name)
-        if cached is not None:
-            console.print(f"[bold]{label}[/bold]: cached in {out / name}")
-            results[name] = cached
-        else:
-            console.print(f"[bold]{label}[/bold]: training ({cfg.train.steps} steps) -> {out / name}")
-            results[name] = run(cfg, overwrite=True, progress=progress)
-            trained.add(name)
-        timings[name] = time.perf_counter() - t0
+        results[name] = stages.run(name, stage_overrides(name, out), after=DEPENDS.get(name, ()), label=label)
+    timings.update(stages.seconds)
     timings["total"] = time.perf_counter() - t_all
 
     samples = write_samples(results["vlm_instruct"]["eval"]["examples"], out / "vlm_samples.png")

@@ -1,14 +1,12 @@
-"""Where a recipe's records come from: the shapes world (default) or JSONL files of records."""
+"""Where a recipe's records come from: the shapes world (the embedded default) or JSONL files of records."""
 
 from __future__ import annotations
-
-import random
 
 from pydantic import Field
 
 from vlkit.config import Section
 from vlkit.data.records import load_records
-from vlkit.errors import VlkitError
+from vlkit.data.tasks import mix_tasks
 from vlkit.world.dataset import WorldData, build
 
 
@@ -41,40 +39,3 @@ def load_split(cfg: RecordsConfig, split: str, progress: bool | None = None) -> 
         return records[: cfg.max_test]
     records = records[: cfg.max_train]
     return mix_tasks(records, cfg.mix, seed=cfg.world.seed) if cfg.mix else records
-
-
-def text_only(messages: list[dict]) -> list[dict]:
-    """The conversation with image parts removed (for text-only training)."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if not isinstance(content, str):
-            content = [p for p in content if p.get("type") != "image"]
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def mix_tasks(records: list[dict], weights: dict[str, float], seed: int = 0) -> list[dict]:
-    """Resample records so that task t makes up weights[t] / sum(weights) of them (same total count).
-
-    Tasks not named are dropped; a task with fewer records than its share is repeated (whole passes,
-    then a seeded sample), one with more is subsampled. Deterministic for a seed."""
-    by_task: dict[str, list[dict]] = {}
-    for r in records:
-        by_task.setdefault(r.get("task"), []).append(r)
-    missing = [t for t, w in weights.items() if w > 0 and t not in by_task]
-    if missing:
-        raise VlkitError(f"data.mix: no records of task(s) {missing}; the records have {sorted(map(str, by_task))}")
-    total_w = sum(w for w in weights.values() if w > 0)
-    if total_w <= 0:
-        raise VlkitError("data.mix: give at least one task a positive weight")
-    kept = sum(len(v) for t, v in by_task.items() if weights.get(t, 0) > 0)
-    rng = random.Random(seed)
-    out: list[dict] = []
-    for task, w in weights.items():
-        if w <= 0:
-            continue
-        pool, n = by_task[task], round(kept * w / total_w)
-        out += pool * (n // len(pool)) + rng.sample(pool, n % len(pool))
-    rng.shuffle(out)
-    return out
