@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from vlkit.data.processor import ProcessorConfig, VLProcessor
+from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import train_bpe
 from vlkit.models.io import export_llava
-from vlkit.models.vision.tower import TowerConfig
+from vlkit.models.vision import EncoderConfig
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
 from vlkit.models.vpg import VPGConfig
 
@@ -37,10 +37,10 @@ def build(batch: int):
     tok = train_bpe(["describe the image. a large red circle at the top left and a small blue star."] * 50, 400)
     arch = {**LLM, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id}
-    cfg = VLMConfig(tower=TowerConfig(arch=TOWER), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch), max_length=512)
+    cfg = VLMConfig(tower=EncoderConfig(arch=TOWER), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch),
+                    max_length=512)
     model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>"))
-    t = model.vision
-    proc = VLProcessor(tok, ProcessorConfig(t.image_size, t.image_mean, t.image_std, model.num_image_tokens, 512))
+    proc = VLProcessor.for_model(tok, model)
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]},
             {"role": "assistant", "content": "a large red circle at the top left and a small blue star."}]
     b = proc.pad([proc.encode(conv, 1)] * batch)
@@ -89,10 +89,11 @@ def main() -> None:
         feats = model.vision(batch["pixel_values"])
     cached = dict(batch, image_features=feats)
     cached.pop("pixel_values")
+    stock = {k: v for k, v in batch.items() if k != "images_per_row"}  # llava places images by their tokens
     ours_params = [p for p in model.parameters() if p.requires_grad]
     t = time_interleaved({
         "vlkit": (lambda b: model(**b).loss, ours_params, batch),
-        "llava": (lambda b: llava(**b).loss, [p for p in llava.parameters() if p.requires_grad], batch),
+        "llava": (lambda b: llava(**b).loss, [p for p in llava.parameters() if p.requires_grad], stock),
         "cached": (lambda b: model(**b).loss, ours_params, cached)}, args.steps)
     ours, theirs, ours_cached = t["vlkit"], t["llava"], t["cached"]
     tower_times = []
@@ -114,8 +115,10 @@ def main() -> None:
           "pad_token_id": proc.tokenizer.pad_token_id, "eos_token_id": proc.tokenizer.eos_token_id}
 
     def run_ours():
-        embeds = model.embed(pb["input_ids"], pixel_values=px)
-        return model.llm.generate(inputs_embeds=embeds, attention_mask=pb["attention_mask"], **kw)
+        x = model.fusion_inputs(pb["input_ids"], pb["attention_mask"], pixel_values=px,
+                                images_per_row=pb["images_per_row"])
+        with model.fused(x):
+            return model.llm.generate(inputs_embeds=model.embed_inputs(x), attention_mask=pb["attention_mask"], **kw)
 
     def run_llava():
         return llava.generate(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], pixel_values=px, **kw)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlkit.data.images import load_image
@@ -175,3 +176,28 @@ def test_decompression_bomb_is_refused(tmp_path):
     assert path.stat().st_size < 100_000
     with pytest.raises(VlkitError, match="bomb.png: image is 8000x8000"):
         load_image(path, max_pixels=10_000_000)
+
+
+def test_records_cut_before_their_answer_are_dropped_with_a_count_not_a_nan(tiny_tokenizer, tiny_world):
+    """A record truncated to zero supervised tokens would make the loss 0/0 (NaN) and the trainer blame the
+    learning rate: VLDataset drops it and says how many; if none is left, that is an error naming max_length."""
+    from test_vlm import make
+    from vlkit.data.features import ImageBank
+    from vlkit.data.records import assistant, user
+    from vlkit.recipes.common import VLDataset, vl_loss
+
+    model, proc = make(tiny_tokenizer)
+    _, root = tiny_world
+    img = str(next((root / "img").glob("train-*.png")))
+    short = {"id": "ok", "images": [img], "messages": [user(None, "what color?"), assistant("red")]}
+    long_ = {"id": "cut", "images": [img], "messages": [user(None, "describe " * 200), assistant("red")]}
+    recs = [short, long_, long_]
+    bank = ImageBank(recs, proc.transforms)
+    with pytest.warns(UserWarning, match="2 of 3 training records have no supervised token within max_length=128"):
+        data = VLDataset(recs, proc, bank)
+    assert len(data) == 1 and data.dropped == 2
+    loss, _ = vl_loss(model, data.collate([data[0]]))
+    assert torch.isfinite(loss)
+    with pytest.warns(UserWarning), pytest.raises(VlkitError, match="every one of the 2 training records .* raise "
+                                                                     "max_length"):
+        VLDataset([long_, long_], proc, bank)

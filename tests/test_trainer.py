@@ -123,7 +123,8 @@ def test_empty_dataset_and_frozen_model_are_errors(tmp_path):
 
 
 def test_two_ranks_under_torchrun(tmp_path):
-    """DDP on CPU (gloo): both ranks train, only rank 0 writes, and the result loads."""
+    """DDP on CPU (gloo): both ranks train, only rank 0 writes (checkpoints and the model, which every rank asks
+    for), and a failed write is an error on every rank."""
     import os
     import subprocess
     import sys
@@ -141,7 +142,18 @@ w = torch.cat([p.detach().flatten() for p in t.model.parameters()])
 gathered = [torch.zeros_like(w) for _ in range(2)]
 dist.all_gather(gathered, w)
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
-sys.stdout.write(f"rank {{dist.get_rank()}} ok\\n"); sys.stdout.flush()  # one write: ranks share the pipe
+from pathlib import Path
+def write(tmp):
+    (tmp / "weights.txt").write_text("saved")
+    with open(Path(sys.argv[1]) / "writers.txt", "a") as f:
+        f.write(f"{{dist.get_rank()}}\\n")
+t.save_model(Path(sys.argv[1]) / "model", write)
+try:
+    t.save_model(Path(sys.argv[1]) / "broken", lambda tmp: 1 / 0)
+    failed = "none"
+except Exception as e:
+    failed = type(e).__name__
+sys.stdout.write(f"rank {{dist.get_rank()}} ok {{failed}}\\n"); sys.stdout.flush()  # one write: ranks share the pipe
 dist.destroy_process_group()
 import os; os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort ("terminate called ...")
 """)
@@ -161,3 +173,6 @@ import os; os._exit(0)  # skip interpreter teardown, where gloo's threads someti
     assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-1500:]
     assert res.stdout.count(" ok") == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    assert (out / "writers.txt").read_text() == "0\n" and (out / "model" / "weights.txt").read_text() == "saved"
+    assert "rank 0 ok ZeroDivisionError" in res.stdout and "rank 1 ok VlkitError" in res.stdout
+    assert not (out / "broken").exists()

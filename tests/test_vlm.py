@@ -28,6 +28,10 @@ LLMS = {
             "word_embed_proj_dim": 48},
     "qwen2": {"model_type": "qwen2", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2},
+    "mistral": {"model_type": "mistral", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 64},
+    "gemma2": {"model_type": "gemma2", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "sliding_window": 64},
 }
 
 CONV = [
@@ -149,19 +153,42 @@ def test_truncated_weights_are_a_clear_error(tiny_tokenizer, tmp_path):
         load_vlm(tmp_path / "m")
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_llava_export_loads_in_transformers_with_equal_logits(tiny_tokenizer, tmp_path, family):
-    from transformers import LlavaForConditionalGeneration
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt"])
+def test_llava_export_round_trips_in_transformers(tiny_tokenizer, tmp_path, family, tower):
+    """transformers loads the export and its processor: the processor's tokens and pixels are vlkit's, and the
+    logits are equal. SigLIP has no class token (llava's "default" strategy would drop a real patch) and its
+    hidden_states[-1] is not its post-layernorm output: both must come out right."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model, proc = make(tiny_tokenizer, family, vpg="mlp")
+    arch, layer = (CLIP, -2) if tower == "clip" else (SIGLIP, -1)
+    model, proc = make(tiny_tokenizer, family, vpg="mlp", tower=arch, feature_layer=layer)
     export_llava(model, proc, tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    stock = AutoProcessor.from_pretrained(tmp_path / "llava")
+    imgs = images(2, size=40)  # not the encoder's size: both processors resize
+    text = proc.tokenizer.apply_chat_template(CONV, tokenize=False)
+    theirs_in = stock(images=imgs, text=text, return_tensors="pt")
     b = batch(proc)
-    b.pop("labels")
+    b["pixel_values"] = proc.pixel_values(imgs)
+    assert torch.equal(theirs_in["input_ids"], b["input_ids"])
+    assert torch.allclose(theirs_in["pixel_values"], b["pixel_values"], atol=1e-5)
     with torch.no_grad():
         ours = model(**b).logits
-        theirs = llava(**b).logits
+        theirs = llava(input_ids=theirs_in["input_ids"], attention_mask=theirs_in["attention_mask"],
+                       pixel_values=theirs_in["pixel_values"]).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_llava_export_refuses_what_llava_cannot_compute(tiny_tokenizer, tmp_path):
+    model, proc = make(tiny_tokenizer, "gemma2", vpg="mlp")
+    with pytest.raises(VlkitError, match="final_logit_softcapping"):
+        export_llava(model, proc, tmp_path / "g")  # llava's head would drop Gemma-2's logit cap
+    model, proc = make(tiny_tokenizer, "llama", vpg="mlp", tower=SIGLIP, feature_layer="output")
+    with pytest.raises(VlkitError, match="post-layernorm"):
+        export_llava(model, proc, tmp_path / "s")
+    model, proc = make(tiny_tokenizer, "llama", vpg="mlp")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()  # nothing half-written
 
 
 def test_blip2_export_loads_in_transformers_with_equal_logits(tiny_tokenizer, tmp_path):
@@ -186,3 +213,65 @@ def test_export_refuses_the_wrong_architecture(tiny_tokenizer, tmp_path):
         export_llava(model, proc, tmp_path / "x")
     with pytest.raises(VlkitError, match="needs a BLIP-2 vision tower"):
         export_blip2(model, proc, tmp_path / "y")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "gemma2"])
+def test_parts_declare_their_groups_and_norms_are_found_by_structure(tiny_tokenizer, family):
+    from torch import nn
+
+    from vlkit.models.llm import norm_modules
+
+    model, _ = make(tiny_tokenizer, family)
+    groups = model.param_groups()
+    by_name = [p for m in model.llm.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)]
+    assert {id(p) for p in groups["llm.norms"]} == {id(p) for p in by_name} and by_name  # today's families: same set
+    assert {id(p) for p in groups["vision"]} == {id(p) for p in model.vision.parameters()}
+    assert {id(p) for p in groups["vpg"]} == {id(p) for p in model.vpg.parameters()}
+    assert {id(p) for p in groups["llm"]} == {id(p) for p in model.llm.parameters()}
+
+    class Gain(nn.Module):  # a norm whose class name says nothing: found all the same
+        def __init__(self, w):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(w))
+
+        def forward(self, x):
+            return x * self.weight
+
+    base = model.llm.base_model
+    final = "norm" if hasattr(base, "norm") else "decoder.final_layer_norm"
+    owner = base if final == "norm" else base.decoder
+    setattr(owner, final.split(".")[-1], Gain(48))
+    assert any(isinstance(m, Gain) for m in norm_modules(model.llm))
+
+
+def test_a_model_saved_before_format_2_loads_with_the_logits_it_had(tmp_path):
+    """tests/fixtures/format1_vlm was written by vlkit before the vision stack and fusions (SigLIP read at
+    feature_layer -1, its final output then; VPG-C in a key of its own): it loads with exactly its old logits,
+    and saved again it round-trips."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "format1_vlm"
+    expected = load_file(fixture / "expected.safetensors")
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle?"}]}]
+    img = (np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3)
+    model, proc = load_vlm(fixture)
+    assert list(model.fusions) == ["tokens", "vpgc"] and model.trainable_groups == ["vpgc"]
+    b = proc.pad([proc.encode(conv, 1, add_generation_prompt=True)])
+    b["pixel_values"] = proc.pixel_values([img])
+    assert torch.equal(b["pixel_values"], expected["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**b).logits, expected["logits"])
+    save_vlm(model, tmp_path / "m", proc)
+    again, _ = load_vlm(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(again(**b).logits, expected["logits"])
+
+
+def test_max_length_beyond_the_llms_positions_is_refused_when_built(tiny_tokenizer):
+    arch = {**LLMS["opt"], "vocab_size": len(tiny_tokenizer), "max_position_embeddings": 64}
+    cfg = VLMConfig(tower=EncoderConfig(arch=CLIP), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch), max_length=65)
+    with pytest.raises(VlkitError, match="max_length: 65 tokens exceed the LLM's 64 positions"):
+        VisionLanguageModel.build(cfg)
+    VisionLanguageModel.build(cfg.model_copy(update={"max_length": 64}))
