@@ -183,3 +183,49 @@ def test_a_zero_init_fusion_leaves_the_logits_exactly_equal(tiny_tokenizer):
         assert not torch.allclose(model(**b).logits, before)
     assert "test-mean-bias" in model.param_groups()
     assert proc.encode(CONV, 2) == VLProcessor.for_model(proc.tokenizer, model).encode(CONV, 2)  # no new slots
+
+
+def test_a_stack_of_two_encoders_each_with_its_own_transform(tiny_tokenizer, tiny_world, tmp_path):
+    """Two encoders of one width, different sizes and normalisation: their tokens join one sequence, the processor
+    makes one pixel tensor per encoder, cached features per encoder give the pixels' loss, and it saves and loads."""
+    from test_vlm import CLIP, CONV, LLMS
+    from vlkit.data.features import ImageBank
+    from vlkit.data.records import load_records
+    from vlkit.models.io import load_vlm, save_vlm
+    from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
+    from vlkit.models.vpg import VPGConfig
+    from vlkit.recipes.common import VLDataset
+
+    small = {**CLIP, "image_size": 16}
+    tok = tiny_tokenizer
+    arch = {**LLMS["llama"], "vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
+    cfg = VLMConfig(tower=[EncoderConfig(arch=CLIP), EncoderConfig(arch=small, image_mean=[0.2] * 3, resize="pad")],
+                    vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch), max_length=128)
+    torch.manual_seed(0)
+    model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>")).eval()
+    proc = VLProcessor.for_model(tok, model)
+    assert model.vision.num_tokens == model.image_slots == 16 + 4
+    assert [t.size for t in proc.transforms] == [32, 16] and proc.transforms[1].mean == [0.2] * 3
+    px = proc.pixel_values([np.zeros((20, 30, 3), np.uint8)])
+    assert isinstance(px, list) and [tuple(p.shape) for p in px] == [(1, 3, 32, 32), (1, 3, 16, 16)]
+    assert {"vision", "vision.0", "vision.1"} <= set(model.param_groups())
+
+    _, root = tiny_world
+    recs = [r for r in load_records(root / "train.jsonl") if r["task"] in ("caption", "edit")][:6]
+    pixels = VLDataset(recs, proc, ImageBank(recs, proc.transforms))
+    cached = VLDataset(recs, proc, ImageBank(recs, proc.transforms).use_features(model.vision))
+    b1, b2 = pixels.collate(pixels.items), cached.collate(cached.items)
+    assert isinstance(b2["image_features"], list) and len(b2["image_features"]) == 2
+    with torch.no_grad():
+        assert torch.allclose(model(**b1).loss, model(**b2).loss, atol=1e-6)
+    save_vlm(model, tmp_path / "m", proc)
+    loaded, proc2 = load_vlm(tmp_path / "m")
+    assert proc2.transforms == proc.transforms
+    b = proc.pad([proc.encode(CONV, 2)])
+    b["pixel_values"] = proc.pixel_values([np.full((8, 8, 3), 90, np.uint8), np.full((8, 9), 200, np.uint8)])
+    with torch.no_grad():
+        assert torch.equal(loaded(**b).logits, model(**b).logits)
+    wide = VLMConfig(tower=[EncoderConfig(arch=CLIP), EncoderConfig(arch={**small, "hidden_size": 64})],
+                     vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch), max_length=128)
+    with pytest.raises(VlkitError, match=r"encoders of widths \[32, 64\] cannot be joined"):
+        VisionLanguageModel.build(wide)

@@ -102,7 +102,7 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
         return
     if benchmark != "world":
         raise VlkitError(f"eval: unknown benchmark {benchmark!r}; choose world or demon")
-    from vlkit.eval.simple import evaluate_dir
+    from vlkit.evaluate import evaluate_dir
 
     typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes,
                                        max_per_task=max_per_task or 200), indent=2))

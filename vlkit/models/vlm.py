@@ -25,7 +25,7 @@ from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
 from vlkit.models.llm import base_model, llm_groups, load_llm, position_limit
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
-from vlkit.models.vision.stack import count
+from vlkit.models.vision.stack import as_list, count
 from vlkit.models.vpg import VPGConfig, build_vpg
 
 
@@ -209,7 +209,8 @@ class VisionLanguageModel(nn.Module):
         if count(image_features):
             if self.vision is None:
                 raise VlkitError("this model is a text-only LM: it takes no images")
-            return self.vision.combine(image_features)
+            device = next(self.vpg.parameters()).device  # cached features come from the CPU
+            return self.vision.combine([f.to(device) for f in as_list(image_features)])
         if count(pixel_values):
             if self.vision is None:
                 raise VlkitError("this model is a text-only LM: it takes no images")

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from vlkit.config import Section
 from vlkit.errors import VlkitError
-
-if TYPE_CHECKING:
-    from vlkit.models.vlm import VisionLanguageModel
 
 
 @dataclass
@@ -63,14 +60,14 @@ class Fusion(nn.Module):
         self.config = config
 
     @classmethod
-    def build(cls, config: Section, model: "VisionLanguageModel") -> "Fusion":
+    def build(cls, config: Section, model: nn.Module) -> "Fusion":
         """A fusion sized for `model` (its parameters are created here, then moved to the VPG's device)."""
         return cls(config)
 
-    def attach(self, model: "VisionLanguageModel") -> None:
+    def attach(self, model: nn.Module) -> None:
         """Called once the fusion belongs to `model` (register hooks on decoder layers here)."""
 
-    def image_slots(self, model: "VisionLanguageModel") -> int:
+    def image_slots(self, model: nn.Module) -> int:
         """Token slots an image takes in the text for this fusion."""
         return 0
 

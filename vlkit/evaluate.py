@@ -1,4 +1,5 @@
-"""`vlkit eval DIR` on held-out world data: LM perplexity, CLIP retrieval, VLM tasks beside the blind baseline."""
+"""`vlkit eval DIR`: a model directory evaluated as what it is, on held-out world data: LM perplexity, CLIP
+retrieval, VLM tasks beside the blind baseline (it reuses the recipes' data preparation, so it sits above them)."""
 
 from __future__ import annotations
 
