@@ -264,3 +264,52 @@ def test_guard_examples_keep_the_answer_and_the_end_of_a_long_prompt(tiny_tokeni
     data = GuardDataset([], tok, GuardRecipe(), TAX, 0)
     batch = data.collate([(ids, w), (short, sw)])
     assert batch["attention_mask"].sum(1).tolist() == [len(ids), len(short)]
+
+
+@pytest.mark.parametrize("text", ["unsafe", "Unsafe", "UNSAFE", " unsafe", "unsafe\nX1", "Unsafe: X2", "unsafe."])
+def test_an_answer_that_says_unsafe_blocks_whatever_its_score(tiny_guard_model, tiny_tokenizer, text):
+    g = Guard(tiny_guard_model, tiny_tokenizer, TAX, threshold=0.5)
+    v = g.decide(text, score=0.01)  # the first token's probability can miss a capitalised or spaced spelling
+    assert v.verdict == "unsafe" and v.blocked
+    assert g.decide("unsafe\nX1", 0.01).categories == ["X1"]
+
+
+def test_safe_needs_the_text_and_the_score(tiny_guard_model, tiny_tokenizer):
+    g = Guard(tiny_guard_model, tiny_tokenizer, TAX, threshold=0.5)
+    assert not g.decide("safe", 0.1).blocked and not g.decide(" Safe.", 0.1).blocked
+    assert g.decide("safe", 0.7).verdict == "unsafe"           # the score says unsafe: blocked
+    assert g.decide("safe\nbut here is how", 0.1).verdict == "error"
+    assert g.decide("", 0.0).verdict == "error"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.0, -0.1, "0.5", True, None])
+def test_a_threshold_that_is_not_a_probability_is_refused(tiny_guard_model, tiny_tokenizer, tmp_path, bad):
+    import json
+
+    with pytest.raises(VlkitError, match="not a probability"):
+        Guard(tiny_guard_model, tiny_tokenizer, TAX, threshold=bad)
+    (tmp_path / "guard_config.json").write_text(json.dumps({"threshold": bad}))
+    with pytest.raises(VlkitError, match="guard_config.json: threshold: .* not a probability"):
+        Guard.from_pretrained(tmp_path)  # refused before any weights are read
+
+
+def test_fuzzed_answers_are_safe_only_when_they_say_exactly_safe(tiny_guard_model, tiny_tokenizer):
+    from hypothesis import given, settings, strategies as st
+
+    g = Guard(tiny_guard_model, tiny_tokenizer, TAX, threshold=0.5)
+    words = st.sampled_from(["safe", "Safe", "SAFE", "unsafe", "Unsafe", "UNSAFE", "X1", "x2", "X9", "not", "\n",
+                             " ", ".", ",", "safe-ish", "maybe"])
+    texts = st.one_of(st.text(max_size=40), st.lists(words, max_size=6).map("".join))
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(texts, st.floats(0, 1))
+    def check(text, score):
+        v = g.decide(text, score)
+        normal = text.strip().lower().rstrip(".").strip()
+        if not v.blocked:
+            assert normal == "safe" and score < 0.5, (text, score)
+        if normal.startswith("unsafe") and not normal[6:7].isalpha():
+            assert v.blocked, (text, score)
+        assert v.verdict in ("safe", "unsafe", "error")
+
+    check()

@@ -9,11 +9,14 @@ encoders caches each encoder's features on its own.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from vlkit.console import bar
 from vlkit.data.transforms import ImageTransform
+from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_path, cache_root, read_json, stable_hash, write_json
 
 
@@ -93,7 +96,11 @@ class ImageBank:
         index: dict[str, int] = {}
         for r in records:
             for p in r["images"]:
-                index.setdefault(p, len(index))
+                if p not in index:
+                    if not os.path.isfile(p):
+                        raise VlkitError(f"record {r.get('id', '?')}: image {p} not found; check the record's images "
+                                         "(paths are relative to its JSONL file)")
+                    index[p] = len(index)
         self.index = index
         self.paths = list(index)
         self.transforms = list(transforms)

@@ -59,8 +59,8 @@ def validate_record(record: dict, where: str = "record") -> None:
             if p["type"] == "text" and not isinstance(p.get("text"), str):
                 raise VlkitError(f"{where} {rid}: message {i} has a text part without a 'text' string")
     images = record.get("images", [])
-    if not isinstance(images, list):
-        raise VlkitError(f"{where} {rid}: 'images' must be a list of paths")
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise VlkitError(f"{where} {rid}: 'images' must be a list of image paths (strings)")
     n = count_image_parts(record)
     if n != len(images):
         raise VlkitError(f"{where} {rid}: {n} image placeholders but {len(images)} images; "

@@ -1,15 +1,18 @@
 """A Llama Guard-style classifier around any HF causal LM.
 
 score   = P(first generated token is the first token of "unsafe") after the prompt, a softmax over the
-          whole vocabulary at the last prompt position (one forward pass per batch);
-verdict = "unsafe" if score >= threshold else "safe", unless the generated answer is malformed, which
-          is the explicit verdict "error" (never "safe");
-categories = the codes on the answer's second line, parsed tolerantly ("S1, s2", "O3 ,O1").
+          whole vocabulary at the last prompt position (one forward pass per batch), as Llama Guard defines it;
+verdict = fails closed: "safe" only when the answer is exactly "safe" (any case, spacing, a final full stop)
+          AND the score is below the threshold; an answer that says unsafe is "unsafe" whatever the score,
+          a "safe" answer with a score at or above the threshold is "unsafe", anything else is "error" (never
+          "safe"). Without generation (`generate=False`) the score alone decides;
+categories = the codes after "unsafe" (its second line, or the rest of its line), parsed tolerantly ("S1, s2").
 Batched with left padding; generation reuses the prompt's KV cache (HF generate).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,23 +45,35 @@ class Verdict:
 
 
 def parse_answer(text: str, taxonomy: Taxonomy) -> tuple[str, list[str], str | None]:
-    """("safe"|"unsafe"|"error", codes, error message). Tolerant of case, spaces and separators."""
+    """("safe"|"unsafe"|"error", codes, error message). "safe" is an answer that is exactly safe (any case,
+    spacing, a final full stop) and nothing else; one whose first word is unsafe (any case) is "unsafe", with the
+    codes that follow it; everything else is "error"."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         return "error", [], "empty answer"
-    first = lines[0].lower().rstrip(".")
-    if first == "safe":
+    first = lines[0].lower()
+    if first.rstrip(".").strip() == "safe":
+        if len(lines) > 1:
+            return "error", [], "'safe' followed by more text"
         return "safe", [], None
-    if first != "unsafe":
+    word = re.match(r"[a-z]+", first)
+    if word is None or word.group() != "unsafe":
         return "error", [], f"first line is {lines[0][:40]!r}, not 'safe' or 'unsafe'"
-    if len(lines) < 2:
-        return "unsafe", [], None
-    codes = [c for c in re.split(r"[\s,;]+", lines[1].upper()) if c]
+    rest = " ".join([lines[0][len("unsafe"):], *lines[1:2]])
+    codes = [c for c in re.split(r"[\s,;:.]+", rest.upper()) if c]
     known = {c.upper(): c for c in taxonomy.codes()}
     unknown = [c for c in codes if c not in known]
     if unknown:
         return "error", [], f"unknown category code(s) {unknown[:3]}"
     return "unsafe", list(dict.fromkeys(known[c] for c in codes)), None
+
+
+def check_threshold(threshold, where: str = "guard threshold") -> float:
+    """A threshold is a finite number in [0, 1] (0 blocks everything; NaN or 2.0 would let every unsafe score pass)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or not 0 <= threshold <= 1:
+        raise VlkitError(f"{where}: {threshold!r} is not a probability in [0, 1]; set it to, e.g., 0.5")
+    return float(threshold)
 
 
 def first_token(tokenizer, prompt: str, word: str) -> int:
@@ -79,7 +94,8 @@ class Guard:
                  max_new_tokens: int = 16):
         self.model, self.tok = model.eval(), tokenizer
         self.taxonomy = load_taxonomy(taxonomy) if isinstance(taxonomy, (str, Path)) else taxonomy
-        self.version, self.template, self.threshold = version, template, threshold
+        self.version, self.template = version, template
+        self.threshold = check_threshold(threshold)
         self.max_new_tokens = max_new_tokens
         probe = self.prompt([{"role": "user", "content": "hello"}], "User")
         self.unsafe_id = first_token(tokenizer, probe, "unsafe")
@@ -96,8 +112,20 @@ class Guard:
 
         path = Path(path)
         settings = read_json(path / "guard_config.json") if (path / "guard_config.json").is_file() else {}
+        if not isinstance(settings, dict):
+            raise VlkitError(f"{path / 'guard_config.json'}: expected a JSON object of guard settings")
+        if "threshold" in settings:
+            check_threshold(settings["threshold"], f"{path / 'guard_config.json'}: threshold")
+        if settings.get("version", 3) not in (1, 2, 3) or settings.get("template", "inst") not in ("inst", "chat",
+                                                                                                  "native"):
+            raise VlkitError(f"{path / 'guard_config.json'}: version must be 1, 2 or 3 and template inst, chat or "
+                             "native")
         if "taxonomy" in settings and "taxonomy" not in kwargs:
-            kwargs["taxonomy"] = Taxonomy.model_validate(settings["taxonomy"])
+            try:
+                kwargs["taxonomy"] = Taxonomy.model_validate(settings["taxonomy"])
+            except ValueError as e:
+                raise VlkitError(f"{path / 'guard_config.json'}: taxonomy is malformed ({str(e).splitlines()[0]})") \
+                    from None
         for k in ("version", "template", "threshold"):
             if k in settings and k not in kwargs:
                 kwargs[k] = settings[k]
@@ -125,22 +153,25 @@ class Guard:
             self.tok.padding_side = side
         if not generate:
             logits = self.model(**enc).logits[:, -1].float()
-            scores = torch.softmax(logits, -1)[:, self.unsafe_id].tolist()
-            return [Verdict("unsafe" if s >= self.threshold else "safe", s) for s in scores]
+            return [Verdict("unsafe" if s >= self.threshold else "safe", s) for s in self._p_unsafe(logits)]
         gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, output_scores=True,
                                   return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
-        scores = torch.softmax(gen.scores[0].float(), -1)[:, self.unsafe_id].tolist()
+        scores = self._p_unsafe(gen.scores[0].float())
         texts = self.tok.batch_decode(gen.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        verdicts = []
-        for s, text in zip(scores, texts):
-            said, codes, err = parse_answer(text, self.taxonomy)
-            if err:
-                verdicts.append(Verdict("error", s, raw=text, error=err))
-                continue
-            verdict = "unsafe" if s >= self.threshold else "safe"
-            codes = codes if verdict == "unsafe" else []
-            verdicts.append(Verdict(verdict, s, codes, [self.taxonomy.by_code(c).name for c in codes], text))
-        return verdicts
+        return [self.decide(text, s) for s, text in zip(scores, texts)]
+
+    def _p_unsafe(self, logits: torch.Tensor) -> list[float]:
+        return torch.softmax(logits, -1)[:, self.unsafe_id].tolist()
+
+    def decide(self, text: str, score: float) -> Verdict:
+        """The verdict of an answer and its P(unsafe): safe only if both say safe (fails closed)."""
+        said, codes, err = parse_answer(text, self.taxonomy)
+        if said == "error":
+            return Verdict("error", score, raw=text, error=err)
+        if said == "unsafe" or score >= self.threshold:
+            names = [self.taxonomy.by_code(c).name for c in codes]
+            return Verdict("unsafe", score, codes, names, text, error=err)
+        return Verdict("safe", score, raw=text)
 
 
 class GuardMiddleware:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 import vlkit
+from vlkit.config import validate
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, read_json, write_json
@@ -71,6 +72,8 @@ def _upgrade(meta: dict, processor: VLProcessor) -> dict:
     """A format-1 config as format 2 says it: feature_layer -1 was the tower's final output, and the tower's
     normalisation was the processor's."""
     vlm = dict(meta["vlm"])
+    if not isinstance(vlm.get("tower"), dict) or not processor.config.transforms:
+        return vlm  # not what format 1 wrote: validation names what is wrong
     tower = dict(vlm["tower"])
     if tower.get("feature_layer") == -1:
         tower["feature_layer"] = "output"
@@ -85,12 +88,24 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu") -> tuple
     """Load a vlkit model directory; trainable groups are restored, everything else stays frozen."""
     directory = Path(directory)
     meta = read_json(directory / "config.json")
-    if meta.get("model_type") != MODEL_TYPE:
-        raise VlkitError(f"{directory}: not a vlkit model (config.json model_type is {meta.get('model_type')!r})")
-    processor = VLProcessor.load(directory)
+    where = directory / "config.json"
+    if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE:
+        kind = meta.get("model_type") if isinstance(meta, dict) else type(meta).__name__
+        raise VlkitError(f"{directory}: not a vlkit model (config.json model_type is {kind!r})")
+    for key, kind in (("vlm", dict), ("image_token_id", int), ("trainable_groups", list), ("format", int)):
+        if key in meta and not isinstance(meta[key], kind) or key in ("vlm", "image_token_id") and key not in meta:
+            raise VlkitError(f"{where}: key {key!r} is missing or not a {kind.__name__}; re-save the model")
     old = meta.get("format", 1) < FORMAT
-    cfg = VLMConfig.model_validate(_upgrade(meta, processor) if old else meta["vlm"])
-    model = VisionLanguageModel.build(cfg, image_token_id=meta["image_token_id"])
+    if not old:
+        cfg = validate(VLMConfig, meta["vlm"], f"{where} (vlm)")
+    processor = VLProcessor.load(directory)
+    if old:
+        cfg = validate(VLMConfig, _upgrade(meta, processor), f"{where} (vlm)")
+    try:
+        model = VisionLanguageModel.build(cfg, image_token_id=meta["image_token_id"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise VlkitError(f"{where}: cannot build the model it describes ({str(e).splitlines()[0][:160]}); "
+                         "re-save the model") from None
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise VlkitError(f"{weights}: weights file not found; the model directory is incomplete")

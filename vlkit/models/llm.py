@@ -66,14 +66,26 @@ def build_llm(cfg: LLMConfig, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
     return BUILDERS[cfg.family](cfg, tok)
 
 
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.bin")
+
+
+def check_weights(path: Path) -> None:
+    """vlkit reads safetensors only, so that loading a directory never runs code hidden in a pickle."""
+    if not list(path.glob("*.safetensors")) and any(list(path.glob(g)) for g in PICKLE_WEIGHTS):
+        raise VlkitError(f"{path}: this directory holds only pickle weights (e.g. pytorch_model.bin); vlkit loads "
+                         "safetensors only: convert them to safetensors first (transformers: "
+                         "model.save_pretrained(dir, safe_serialization=True), in an environment you trust)")
+
+
 def load_llm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load any HF causal LM from a local directory (never from a hub)."""
+    """Load any HF causal LM from a local directory (never from a hub; safetensors only)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise VlkitError(f"{path}: no config.json; point to a Hugging Face model directory")
+    check_weights(path)
     try:
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise VlkitError(f"{path}: cannot load the model ({str(e).splitlines()[0]}); "
                          "check that its weights are complete") from None

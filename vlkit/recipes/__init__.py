@@ -53,7 +53,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[BaseMo
     name = data.get("recipe")
     if name is None:
         raise VlkitError(f"{path}: key 'recipe' is missing; set it to one of {sorted(RECIPES)}")
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise VlkitError(f"{path}: key 'recipe': unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     schema, run = get(name)
     return validate(schema, data, str(path)), run

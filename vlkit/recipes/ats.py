@@ -127,7 +127,7 @@ def evaluate(model_dir: Path, cfg: ATSRecipe, progress: bool | None = None) -> d
 
 def run(cfg: ATSRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     # the tokenizer is trained on all formats (same data config, same tokenizer): token counts compare
     formats = [cfg.data.format] if cfg.tokenizer.path else list(FORMATS)
     traces = trace_examples(cfg.data, formats)
@@ -144,7 +144,7 @@ def run(cfg: ATSRecipe, resume: bool = False, overwrite: bool = False, progress:
     seed_everything(cfg.train.seed)
     model = build_llm(cfg.model, tok)
     trainer = Trainer(model, cfg.train, dataset, dataset.collate, sft_loss, out,
-                      run_config=cfg.model_dump(mode="json"), desc=f"ats {cfg.data.format}")
+                      run_config=cfg.model_dump(mode="json"), desc=f"ats {cfg.data.format}", on_start=record)
     trainer.fit(resume=resume, overwrite=overwrite)
     model_dir = out / "model"
     def write(tmp):

@@ -134,7 +134,7 @@ def _tensor(x):
 def run(cfg: CLIPRecipe, resume: bool = False, overwrite: bool = False,
         progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = load_splits(cfg.data, progress=progress)
     if not train_recs or not test_recs:
         raise VlkitError(f"{out}: the clip recipe needs caption records in both splits; check data.tasks")
@@ -161,7 +161,8 @@ def run(cfg: CLIPRecipe, resume: bool = False, overwrite: bool = False,
     model = build_clip(cfg.vision, cfg.text, cfg.projection_dim, tok)
     trainer = Trainer(model, cfg.train, PairSet(pixels, pairs), make_collate(cfg.vision, tok.pad_token_id),
                       clip_loss, out, run_config=cfg.model_dump(mode="json"), desc="clip",
-                      evaluate=lambda m: retrieval(m, gallery_px, g["input_ids"], g["attention_mask"], texts))
+                      evaluate=lambda m: retrieval(m, gallery_px, g["input_ids"], g["attention_mask"], texts),
+                      on_start=record)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
 
     def write_vision(tmp):

@@ -12,6 +12,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from pydantic import BaseModel
@@ -45,17 +46,29 @@ def config_hash(cfg: BaseModel) -> str:
     return stable_hash(data)
 
 
-def prepare_output(cfg: BaseModel, out: Path, resume: bool) -> None:
-    """Create `out` and record the config; refuse to mix a resumed run with a different config."""
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.yaml"
+def prepare_output(cfg: BaseModel, out: Path, resume: bool, overwrite: bool = False) -> Callable[[], None]:
+    """Check, writing nothing, that `cfg` may run in `out`: a resumed run must continue the config that wrote it,
+    a fresh one must not land on an earlier run's checkpoints unless `overwrite`. Returns `record`, which writes
+    config.yaml and run.json; the trainer calls it once every input is validated, right before its first step,
+    so a run that fails on bad records, a bad device or a refused setting leaves the run it landed on as it was."""
     if resume and (out / "run.json").is_file():
-        old = read_json(out / "run.json").get("config_hash")
-        if old and old != config_hash(cfg):
+        old = read_json(out / "run.json")
+        if not isinstance(old, dict) or old.get("config_hash") != config_hash(cfg):
             raise VlkitError(f"{out}: was written by a different config; resume with the same config and "
                              "overrides, or choose another output_dir")
-    write_text(saved, to_yaml(cfg))
-    write_json(out / "run.json", {"config_hash": config_hash(cfg), "recipe": getattr(cfg, "recipe", None)})
+    if not resume and not overwrite and any(out.glob("checkpoints/latest")) | any(out.glob("*/checkpoints/latest")):
+        raise VlkitError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or --overwrite to "
+                         "start over")
+    done: list[bool] = []
+
+    def record() -> None:
+        if done:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", to_yaml(cfg))
+        write_json(out / "run.json", {"config_hash": config_hash(cfg), "recipe": getattr(cfg, "recipe", None)})
+        done.append(True)
+    return record
 
 
 def finish(out: Path, results: dict) -> dict:
@@ -166,10 +179,11 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
                        test_recs: list[dict], out: Path, resume: bool = False, overwrite: bool = False,
                        progress: bool | None = None, save: bool = True,
                        banks: tuple[ImageBank, ImageBank] | None = None, before_eval=None,
-                       model_dir: Path | None = None) -> dict:
+                       model_dir: Path | None = None, on_start: Callable[[], None] | None = None) -> dict:
     """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
     (cfg.eval), save the model to `model_dir` (default <out>/model). `cfg` has train, eval, cache_features and
-    model_dump(); `banks` (train, held-out) are reused when given."""
+    model_dump(); `banks` (train, held-out) are reused when given; `on_start` runs before the first step (the run's
+    record: see prepare_output)."""
     model_dir = model_dir or out / "model"
     if banks is None:
         bank, test_bank, feature_seconds = image_banks(model, proc, train_recs, test_recs, cfg.cache_features, out,
@@ -184,7 +198,7 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
             return dict(last["result"]["image"])
     loss = partial(vl_loss, groups=cfg.train.length_groups)
     trainer = Trainer(model, cfg.train, data, data.collate, loss, out, run_config=cfg.model_dump(mode="json"),
-                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic)
+                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic, on_start=on_start)
     trainer.fit(resume=resume, overwrite=overwrite)
     trainable_params = count_parameters(model, True)
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM

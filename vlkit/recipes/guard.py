@@ -189,7 +189,7 @@ def run(cfg: GuardRecipe, resume: bool = False, overwrite: bool = False, progres
     from vlkit.guard.classify import Guard
 
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     tax = load_taxonomy(cfg.taxonomy)
     train, test = examples_of(cfg)
     for ex in train + test:
@@ -205,7 +205,7 @@ def run(cfg: GuardRecipe, resume: bool = False, overwrite: bool = False, progres
             cfg.model.max_position_embeddings, cfg.max_length + 2)}), tok)
     data = GuardDataset(train, tok, cfg, tax, cfg.train.seed)
     trainer = Trainer(model, cfg.train, data, data.collate, guard_loss, out, run_config=cfg.model_dump(mode="json"),
-                      desc="guard")
+                      desc="guard", on_start=record)
     trainer.fit(resume=resume, overwrite=overwrite)
     settings = {"taxonomy": tax.to_yaml_dict(), "version": cfg.version, "template": cfg.template,
                 "threshold": cfg.threshold}

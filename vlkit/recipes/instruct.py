@@ -48,7 +48,7 @@ class InstructRecipe(Section):
 
 def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     seed_everything(cfg.train.seed)
     model, proc = load_vlm(cfg.init)
@@ -57,5 +57,5 @@ def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, prog
     model.set_trainable(cfg.trainable)
     model.train()
     result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress,
-                                before_eval=model.merge_lora if cfg.lora else None)
+                                before_eval=model.merge_lora if cfg.lora else None, on_start=record)
     return finish(out, {"recipe": "instruct", "init": cfg.init, "trainable": cfg.trainable, **result})

@@ -150,7 +150,7 @@ def collate_blocks(items: list[torch.Tensor]) -> dict:
 def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = load_splits(cfg.data, progress=progress)
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
@@ -162,7 +162,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     model = build_llm(cfg.model, tok)
     trainer = Trainer(model, cfg.train, train_blocks, collate_blocks, lm_loss, out,
                       evaluate=lambda m: {"ppl": perplexity(m, test_blocks)},
-                      run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}")
+                      run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}", on_start=record)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))

@@ -154,7 +154,7 @@ class _Stage(Section):
 
 def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     model, proc, source = build_target(cfg)
     init = initialise(model, proc.tokenizer, source, load_tokenizer(cfg.source), cfg,
@@ -177,7 +177,7 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
         model.set_trainable(["vpg.projector"])
         stage = _Stage(recipe="transfer/warmup", train=tc, eval=during, cache_features=cfg.cache_features)
         r = train_and_evaluate(model, proc, stage, warm, test_recs, out / "warmup", resume, overwrite, progress,
-                               save=False, banks=(bank, test_bank))
+                               save=False, banks=(bank, test_bank), on_start=record)
         stages["warmup"] = _brief(r)
         curve.append(point(done, {"step": steps, "samples": steps * tc.batch_size * tc.grad_accum,
                                    "train_seconds": r["train_seconds"]}, r["eval"]["image"]))
@@ -185,7 +185,7 @@ def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, prog
         model.set_trainable(cfg.trainable)
     stage = _Stage(recipe="transfer/finetune", train=cfg.train, eval=cfg.eval, cache_features=cfg.cache_features)
     r = train_and_evaluate(model, proc, stage, train_recs, test_recs, out / "finetune", resume, overwrite, progress,
-                           banks=(bank, test_bank), model_dir=out / "model")
+                           banks=(bank, test_bank), model_dir=out / "model", on_start=record)
     stages["finetune"] = _brief(r)
     curve += eval_curve(r["history"], done)
     return finish(out, {"recipe": "transfer", "source": cfg.source, "target": cfg.target.path, "init": init,

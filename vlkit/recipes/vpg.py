@@ -57,8 +57,9 @@ def build_model(cfg: VPGRecipe) -> tuple[VisionLanguageModel, VLProcessor]:
 
 def run(cfg: VPGRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     model, proc = build_model(cfg)
-    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress)
+    result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress,
+                                on_start=record)
     return finish(out, {"recipe": "vpg", "vpg": cfg.model.vpg.kind, **result})

@@ -134,7 +134,7 @@ def synthetic_records(model, processor, scenes: list[tuple[Scene, str]], cfg: Sy
 
 def run(cfg: VPGCRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
-    prepare_output(cfg, out, resume)
+    record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     seed_everything(cfg.train.seed)
     model, proc = load_vlm(cfg.init)
@@ -159,7 +159,8 @@ def run(cfg: VPGCRecipe, resume: bool = False, overwrite: bool = False, progress
     mixed = mix_tasks(synthetic + captions, {"edit": 1.0, "caption": cfg.synthetic.captions},
                       seed=cfg.synthetic.seed) if cfg.synthetic.captions > 0 else synthetic
     model.train()
-    result = train_and_evaluate(model, proc, cfg, mixed, test_recs, out, resume, overwrite, progress)
+    result = train_and_evaluate(model, proc, cfg, mixed, test_recs, out, resume, overwrite, progress,
+                                on_start=record)
     result["synthetic"] = stats
     result["vpgc_layer"] = model.fusion("vpgc").layer
     if cfg.demon is not None:

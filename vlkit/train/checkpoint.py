@@ -12,6 +12,8 @@ directory is complete, so a crash mid-write leaves the previous checkpoint in fo
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -60,11 +62,27 @@ def write_checkpoint(tmp: Path, step: int, trainable: dict[str, torch.Tensor], o
 
 
 def publish(ckpt_root: Path, name: str, keep: int) -> None:
-    """Point `latest` at a complete checkpoint, then prune: the newest `keep` stay."""
+    """Point `latest` at a complete checkpoint, then prune: the newest `keep` stay. A pruned checkpoint is first
+    renamed out of the `step-*` namespace (one atomic rename), so a kill while it is deleted never leaves a
+    `step-*` directory without its weights."""
     write_text(ckpt_root / "latest", name + "\n")
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_temporaries(ckpt_root: Path) -> None:
+    """Remove what a killed run left half-done: checkpoints being written (`.step-*.tmp`, `.step-*.old-*`) or
+    pruned (`.step-*.deleting`), and `step-*` directories without their weights file."""
+    if not ckpt_root.is_dir():
+        return
+    for p in ckpt_root.iterdir():
+        stale = p.name.startswith(".step-") or (p.name.startswith("step-") and p.is_dir()
+                                                and not (p / "trainable.safetensors").is_file())
+        if stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -87,13 +105,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         extra = sorted(set(weights) - expected)[:3]
         raise VlkitError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {extra}); "
                          "resume with the config that wrote it")
+    wrong = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in weights.items() if t.shape != params[n].shape]
+    if wrong:
+        n, saved, now = wrong[0]
+        raise VlkitError(f"{path}: checkpoint of another model size ({n}: {saved} saved, {now} now); resume with "
+                         "the config that wrote it")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     opt_file = path / "optimizer.pt"
     try:
         optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise VlkitError(f"{opt_file}: unreadable optimiser state ({str(e).splitlines()[0]}); "
                          "delete this checkpoint directory to fall back to an earlier one") from None
     rng = load_safetensors(path / "rng.safetensors")

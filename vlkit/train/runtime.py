@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlkit.errors import VlkitError
+
 
 @dataclass
 class Runtime:
@@ -41,7 +43,19 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise VlkitError(f"train.device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VlkitError(f"train.device: {name!r} asks for CUDA, which this machine does not have; use auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise VlkitError(f"train.device: {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise VlkitError(f"train.device: {name!r}: MPS is not available here; use auto or cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise VlkitError(f"train.device: {name!r} is not a device vlkit trains on; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

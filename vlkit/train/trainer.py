@@ -23,8 +23,9 @@ from torch import nn
 
 from vlkit.console import bar as progress_bar
 from vlkit.errors import VlkitError
-from vlkit.train.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, publish, trainable_state, \
-    write_checkpoint
+from vlkit.fileio import write_text
+from vlkit.train.checkpoint import checkpoint_name, clean_temporaries, latest_checkpoint, load_checkpoint, publish, \
+    trainable_state, write_checkpoint
 from vlkit.train.config import TrainConfig
 from vlkit.train.distributed import save_once, wrap
 from vlkit.train.runtime import Runtime, make_runtime, seed_everything
@@ -60,7 +61,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Sequence, collate: Callable[[list], Any],
                  loss_fn: LossFn, out_dir: str | Path, evaluate: EvalFn | None = None,
-                 runtime: Runtime | None = None, run_config: dict | None = None, desc: str = "train"):
+                 runtime: Runtime | None = None, run_config: dict | None = None, desc: str = "train",
+                 on_start: Callable[[], None] | None = None):
         if len(dataset) == 0:
             raise VlkitError(f"{out_dir}: the training dataset is empty; check the data section of the config")
         self.cfg = cfg
@@ -73,6 +75,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.run_config = run_config or {}
         self.desc = desc
+        self.on_start = on_start
         self.wrapped = wrap(model, self.rt)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
@@ -100,6 +103,8 @@ class Trainer:
         start over existing checkpoints unless `overwrite`."""
         cfg = self.cfg
         seed_everything(cfg.seed + self.rt.rank)
+        if self.rt.is_main:
+            clean_temporaries(self.ckpt_root)
         if resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is None:
@@ -115,6 +120,10 @@ class Trainer:
                                  "it or --overwrite to start over")
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
             (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if self.on_start is not None and self.rt.is_main:
+            self.on_start()  # every input is validated by now: the run may be recorded
+        if self.step >= cfg.steps:  # resumed after the final checkpoint: the run had finished
+            return self._final_eval()
         self.model.train()
         bar = progress_bar(total=cfg.steps, initial=self.step, desc=self.desc,
                            enabled=cfg.progress if self.rt.is_main else False)
@@ -172,6 +181,15 @@ class Trainer:
             bar.close()
         return last_eval
 
+    def _final_eval(self) -> dict[str, float]:
+        """The evaluation at the last step, from the history when it was logged there, else run now."""
+        last = self.history[-1] if self.history else {}
+        if self.evaluate_fn is None:
+            return {}
+        if last.get("step") == self.step and any(k.startswith("eval/") for k in last):
+            return {k[5:]: v for k, v in last.items() if k.startswith("eval/")}
+        return self.run_eval()
+
     def run_eval(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad(), self.rt.autocast():
@@ -209,5 +227,12 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not self.rt.is_main or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by the kill that ended the run
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
+        write_text(path, "".join(line + "\n" for line in keep))

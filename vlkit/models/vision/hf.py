@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from vlkit.data.transforms import ImageTransform
 from vlkit.errors import VlkitError
 from vlkit.fileio import read_json
+from vlkit.models.llm import check_weights
 from vlkit.models.vision.encoder import EncoderConfig, VisionEncoder, on_device, register_encoder
 
 # model_type -> (where its special tokens sit, how many besides registers)
@@ -58,9 +59,11 @@ class HFEncoder(VisionEncoder):
             path = Path(cfg.path)
             if not (path / "config.json").is_file():
                 raise VlkitError(f"{path}: no config.json; point tower.path at a Hugging Face vision model directory")
+            check_weights(path)
             try:
                 model_type = read_json(path / "config.json").get("model_type", "")
-                model = _model_class(model_type).from_pretrained(str(path), local_files_only=True)
+                model = _model_class(model_type).from_pretrained(str(path), local_files_only=True,
+                                                                 use_safetensors=True)
             except (OSError, ValueError, RuntimeError) as e:
                 raise VlkitError(f"{path}: cannot load the vision tower ({str(e).splitlines()[0]})") from None
             if model.config.model_type not in LAYOUTS:
