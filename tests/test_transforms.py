@@ -94,8 +94,9 @@ def test_an_hf_encoder_takes_its_preprocessor_config_and_the_processor_saves_it(
     from vlkit.models.vision import EncoderConfig
     from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
 
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tmp_path / "t")
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8))
+    tower.save_pretrained(tmp_path / "t")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
                        image_mean=MEAN, image_std=STD).save_pretrained(tmp_path / "t")
     tok = tiny_tokenizer
