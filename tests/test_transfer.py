@@ -328,3 +328,15 @@ def test_a_setting_added_later_keeps_finished_runs_cached_at_its_old_value():
     assert config_hash(cfg) == stable_hash(before)
     assert config_hash(cfg.model_copy(update={"train": cfg.train.model_copy(update={"length_groups": 4})})) \
         != config_hash(cfg)
+
+
+def test_a_source_holding_a_trained_fusion_is_refused(tmp_path, tiny_world, source_vlm, wide_lm):
+    """VPG-C is trained on its own LLM: moving the VPG would silently drop it, so the transfer says so."""
+    from vlkit.models.io import load_vlm, save_vlm
+    from vlkit.recipes.transfer import build_target
+
+    model, proc = load_vlm(source_vlm)
+    model.add_fusion("vpgc")
+    save_vlm(model, tmp_path / "with_vpgc", proc)
+    with pytest.raises(VlkitError, match="holds the vpgc fusion"):
+        build_target(transfer_cfg(tmp_path / "run", tiny_world, tmp_path / "with_vpgc", wide_lm))

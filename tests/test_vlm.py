@@ -275,3 +275,16 @@ def test_max_length_beyond_the_llms_positions_is_refused_when_built(tiny_tokeniz
     with pytest.raises(VlkitError, match="max_length: 65 tokens exceed the LLM's 64 positions"):
         VisionLanguageModel.build(cfg)
     VisionLanguageModel.build(cfg.model_copy(update={"max_length": 64}))
+
+
+@pytest.mark.parametrize("family", ["opt", "gemma2"])
+def test_llms_with_tied_embeddings_save_and_load(tiny_tokenizer, tmp_path, family):
+    """safetensors stores a tied tensor once; loading accepts the name left out only where it is tied."""
+    model, proc = make(tiny_tokenizer, family, vpg="mlp")
+    assert model.llm.get_input_embeddings().weight is model.llm.get_output_embeddings().weight
+    save_vlm(model, tmp_path / "m", proc)
+    loaded, _ = load_vlm(tmp_path / "m")
+    b = batch(proc)
+    with torch.no_grad():
+        assert torch.equal(loaded(**b).logits, model(**b).logits)
+    assert loaded.llm.get_input_embeddings().weight is loaded.llm.get_output_embeddings().weight

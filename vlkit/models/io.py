@@ -47,6 +47,8 @@ def _arch(hf_config) -> dict:
 def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None) -> Path:
     """Write a model directory's files into `directory` (which exists); `save_vlm` does it atomically."""
     directory = Path(directory)
+    if not model.takes_images:
+        raise VlkitError("save: a text-only LM is saved as the HF model it is (model.llm.save_pretrained)")
     cfg = model.config.model_copy(deep=True)
     sources = {"tower": [c.path for c in (cfg.tower if isinstance(cfg.tower, list) else [cfg.tower])],
                "llm": cfg.llm.path}
@@ -113,12 +115,25 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu") -> tuple
         state = load_file(str(weights))
         if old:
             state = {_renamed(k): v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
+        _load_state(model, state)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise VlkitError(f"{weights}: corrupt, truncated or mismatched weights ({str(e).splitlines()[0][:160]}); "
                          "re-save the model") from None
     model.set_trainable(meta.get("trainable_groups", []))
     return model.to(device).eval(), processor
+
+
+def _load_state(model: VisionLanguageModel, state: dict) -> None:
+    """Load every tensor strictly; a name left out of the file is fine only where it shares its tensor with one in
+    it (tied embeddings: safetensors stores a shared tensor once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"unexpected weights {unexpected[:3]}")
+    params = model.state_dict(keep_vars=True)
+    stored = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if params[k].data_ptr() not in stored]
+    if untied:
+        raise RuntimeError(f"missing weights {untied[:3]}")
 
 
 def _renamed(key: str) -> str:

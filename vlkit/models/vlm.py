@@ -137,6 +137,8 @@ class VisionLanguageModel(nn.Module):
             cls, config = kind, kind.Config(**options) if config is None else config
         if cls.kind in self.fusions:
             raise VlkitError(f"fusions: this model already has a {cls.kind} fusion")
+        if self.vpg is None:
+            raise VlkitError(f"fusions: a text-only LM takes no images, so no {cls.kind} fusion")
         p = next(self.vpg.parameters())
         with on_device("meta" if p.is_meta else None):
             fusion = cls.build(config, self)

@@ -97,6 +97,10 @@ def build_target(cfg: TransferRecipe) -> tuple[VisionLanguageModel, VLProcessor,
     llm = load_llm(cfg.target.path)
     if len(tok) > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tok))
+    trained = [k for k, f in source.fusions.items() if any(True for _ in f.parameters())]
+    if trained:
+        raise VlkitError(f"{cfg.source}: holds the {', '.join(trained)} fusion, trained on its own LLM; VPGTrans moves "
+                         "the VPG alone: transfer from the model before that fusion was added")
     seed_everything(cfg.train.seed)
     vcfg = source.config.model_copy(deep=True)
     vcfg.llm = cfg.target

@@ -28,6 +28,7 @@ from vlkit.data.records import assistant, save_records, user
 from vlkit.data.tasks import mix_tasks
 from vlkit.world.sources import RecordsConfig
 from vlkit.errors import VlkitError
+from vlkit.fileio import atomic_path
 from vlkit.eval.demon import DemonEval, demon_scores
 from vlkit.eval.world import EvalConfig
 from vlkit.models.fusion.vpgc import VPGCConfig
@@ -123,7 +124,8 @@ def synthetic_records(model, processor, scenes: list[tuple[Scene, str]], cfg: Sy
             edited, kind, desc = edit_scene(scene, rng, index=index, kinds=tuple(cfg.edits))
             kinds[kind] = kinds.get(kind, 0) + 1
             name = f"{start + k:06d}.png"
-            render(edited, resolution).save(img_dir / name, optimize=False, compress_level=1)
+            with atomic_path(img_dir / name) as tmp:  # ranks that render the same file never see it half-written
+                render(edited, resolution).save(tmp, format="PNG", optimize=False, compress_level=1)
             prompt = DIFF_PROMPTS[rng.integers(len(DIFF_PROMPTS))]
             records.append({"id": f"synthetic-{start + k:06d}", "task": "edit", "images": [path, str(img_dir / name)],
                             "messages": [user(None, None, prompt), assistant(desc)],
