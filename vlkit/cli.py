@@ -214,15 +214,21 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
           max_body_bytes: int = typer.Option(8 * 1024 * 1024, help="Request body size."),
           max_in_flight: int = typer.Option(64, help="Requests in flight; more get HTTP 429."),
           timeout: float = typer.Option(120.0, help="Seconds a request may take (HTTP 504 after)."),
-          allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs (SSRF risk)."),
-          allow_local_images: bool = typer.Option(False, help="Read image paths on this machine.")):
+          allow_remote_images: bool = typer.Option(False, help="Fetch http(s) image URLs (public hosts only, "
+                                                   "every redirect checked)."),
+          image_host: Optional[List[str]] = typer.Option(None, help="With --allow-remote-images: fetch only from "
+                                                         "this host (repeat for more)."),
+          allow_local_images: bool = typer.Option(False, help="Read image paths on this machine."),
+          api_key: Optional[str] = typer.Option(None, envvar="VLKIT_API_KEY", show_default=False,
+                                                help="Require 'Authorization: Bearer <key>' on /v1/* and /metrics "
+                                                "(default: $VLKIT_API_KEY; none: open).")):
     """Serve a model with an OpenAI-compatible API (POST /v1/chat/completions), a chat page at /."""
     import uvicorn
 
     from vlkit.serve import Engine, ServeLimits, create_app
 
     engine = Engine.load(model, name=name, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                         batching=not no_batching)
+                         batching=not no_batching, max_queue=max(max_in_flight, 1))
     middleware = None
     if guard is not None:
         from vlkit.guard import Guard, GuardMiddleware
@@ -230,8 +236,13 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
         middleware = GuardMiddleware(Guard.from_pretrained(guard))
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_images=max_images, max_pixels=max_pixels,
                          max_tokens=max_tokens, max_in_flight=max_in_flight, timeout_s=timeout,
-                         allow_remote_images=allow_remote_images, allow_local_images=allow_local_images)
-    uvicorn.run(create_app(engine, limits, middleware), host=host, port=port, log_level="warning")
+                         allow_remote_images=allow_remote_images, allow_local_images=allow_local_images,
+                         image_hosts=list(image_host or []))
+    try:  # SIGTERM: in-flight requests get 5 s, then the server stops whatever is stuck
+        uvicorn.run(create_app(engine, limits, middleware, api_key=api_key or None), host=host, port=port,
+                    log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close(timeout=2)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
@@ -70,6 +70,28 @@ def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:
     return kw
 
 
+class Cancelled(StoppingCriteria):
+    """Ends the rows whose event is set (a client that went away): they stop at the next step, the others go on."""
+
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
+
+
+class _Either:
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def _cancellable(kw: dict, events: Sequence[threading.Event] | None) -> dict:
+    return {**kw, "stopping_criteria": StoppingCriteriaList([Cancelled(events)])} if events else kw
+
+
 def trim(text: str, stop: Sequence[str]) -> str:
     cut = min([text.find(s) for s in stop if s and s in text], default=-1)
     return text if cut < 0 else text[:cut]
@@ -78,11 +100,12 @@ def trim(text: str, stop: Sequence[str]) -> str:
 @torch.no_grad()
 def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]], images: Sequence[Sequence],
              gen: GenerationConfig | None = None, image_inputs: dict | None = None,
-             return_ids: bool = False) -> list[dict]:
+             return_ids: bool = False, cancelled: Sequence[threading.Event] | None = None) -> list[dict]:
     """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation
-    (+ "ids", the generated token ids before the end-of-sequence token, with `return_ids`)."""
+    (+ "ids", the generated token ids before the end-of-sequence token, with `return_ids`). A row whose
+    `cancelled` event is set stops generating at the next step."""
     gen = gen or GenerationConfig()
-    kw = _generate_kwargs(processor, gen)
+    kw = _cancellable(_generate_kwargs(processor, gen), cancelled)
     inputs = prepare(model, processor, conversations, images, image_inputs)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
@@ -105,10 +128,11 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
 
 
 def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequence,
-           gen: GenerationConfig | None = None) -> Iterator[str]:
-    """Yield the answer's text as it is generated (one conversation)."""
+           gen: GenerationConfig | None = None, cancelled: threading.Event | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is generated (one conversation); setting `cancelled` ends it."""
     gen = gen or GenerationConfig()
-    kw = _generate_kwargs(processor, gen)
+    halt = threading.Event()  # set when this generator ends early: the generation thread stops at its next step
+    kw = _cancellable(_generate_kwargs(processor, gen), [_Either(halt, cancelled)])
     inputs = prepare(model, processor, [conversation], [images])
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     error: list[BaseException] = []
@@ -126,16 +150,19 @@ def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequ
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     emitted = ""
-    for piece in streamer:
-        candidate = emitted + piece
-        if gen.stop and any(s in candidate for s in gen.stop):
-            rest = trim(candidate, gen.stop)[len(emitted):]
-            if rest:
-                yield rest
-            break
-        emitted = candidate
-        if piece:
-            yield piece
-    thread.join()
+    try:
+        for piece in streamer:
+            candidate = emitted + piece
+            if gen.stop and any(s in candidate for s in gen.stop):
+                rest = trim(candidate, gen.stop)[len(emitted):]
+                if rest:
+                    yield rest
+                break
+            emitted = candidate
+            if piece:
+                yield piece
+    finally:  # a stop string, an error or a consumer that went away: no step more than needed
+        halt.set()
+        thread.join()
     if error:
         raise error[0]

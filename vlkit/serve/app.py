@@ -1,45 +1,56 @@
 """An OpenAI-compatible chat-completions server for vlkit models (FastAPI).
 
     POST /v1/chat/completions   text + image_url parts (base64 `data:` URLs), stream, temperature, top_p,
-                                max_tokens, stop, n=1; usage counts
+                                max_tokens, stop, seed, n=1; usage counts
     GET  /v1/models             the served model
-    GET  /health                {"status": "ok", ...}
+    GET  /health                {"status": "ok" | "dead" | "stuck", ...}; 503 unless ok
+    GET  /metrics               Prometheus text format
+    GET  /                      a chat page
 
-Limits (ServeLimits) protect the server: body bytes, images per request, pixels per image, max_tokens,
-context tokens, requests in flight (more get HTTP 429) and a per-request timeout (HTTP 504). Remote
-image URLs and local paths are refused unless allowed (server-side request forgery). Errors use the
-OpenAI error format: {"error": {"message", "type", "param", "code"}}.
+Every request field is validated by a typed schema (vlkit.serve.protocol): what is wrong is an OpenAI-style
+400 naming the field, and fields this server does not implement are refused by name. Limits (ServeLimits)
+protect the server: body bytes, images per request, pixels per image, max_tokens (by default what fits the
+context), requests in flight, streams included (more get HTTP 429), a per-request timeout (HTTP 504; the
+generation is cancelled), and a client that disconnects cancels its generation. JSON parsing, image
+decoding and tokenising run off the event loop, so one heavy request does not stall the others. An error
+inside the server is a JSON 500 on a connection that stays usable. Remote image URLs and local paths are
+refused unless allowed (vlkit.serve.images). With an API key, /v1/* and /metrics need
+`Authorization: Bearer <key>` (compared in constant time).
 
-With a guard: the user's input is checked before generation (blocked: HTTP 400, code
-"content_filter", the categories in the message); the reply is checked after generation (blocked:
-replaced by a refusal naming the categories, finish_reason "content_filter"). A guarded streaming
-request is generated in full and checked before its first chunk is sent: the client still receives
-chunks, but only once the reply is known to pass.
+With a guard: the user's input is checked before generation (blocked: HTTP 400, code "content_filter", the
+categories in the message); the reply is checked after generation (blocked: replaced by a refusal naming the
+categories, finish_reason "content_filter"). A guarded streaming request is generated in full and checked
+before its first chunk is sent: the client still receives chunks, but only once the reply is known to pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
+import hmac
 import json
+import logging
 import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from PIL import Image
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from vlkit.data.images import to_rgb
 from vlkit.errors import VlkitError
 from vlkit.models.generate import GenerationConfig
-from vlkit.serve.engine import Engine, Request
+from vlkit.serve.engine import Engine, EngineBusy, Request
+from vlkit.serve.errors import APIError
+from vlkit.serve.images import ImagePolicy, decode_image
+from vlkit.serve.metrics import CONTENT_TYPE, ServeMetrics
+from vlkit.serve.protocol import ChatRequest, ImagePart, TextPart, parse_request
+
+log = logging.getLogger("vlkit.serve")
+
+__all__ = ["APIError", "ServeLimits", "create_app", "parse_messages"]
 
 
 @dataclass
@@ -52,104 +63,37 @@ class ServeLimits:
     timeout_s: float = 120.0
     allow_remote_images: bool = False
     allow_local_images: bool = False
+    image_hosts: list[str] = field(default_factory=list)  # remote images: only these hosts (empty: public ones)
+    stuck_after_s: float | None = None  # /health says "stuck" past this on one batch (default: 2 x timeout_s)
+
+    def images(self) -> ImagePolicy:
+        return ImagePolicy(self.max_pixels, self.max_body_bytes, self.allow_remote_images, self.allow_local_images,
+                           list(self.image_hosts))
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def decode_image(url: str, limits: ServeLimits, where: str) -> Image.Image:
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        if ";base64" not in head or not head[5:].startswith("image/"):
-            raise APIError(400, f"{where}: only base64 image data URLs (data:image/...;base64,...) are accepted",
-                           param=where)
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: invalid base64 in the image data URL", param=where) from None
-        source = io.BytesIO(raw)
-    elif url.startswith(("http://", "https://")):
-        if not limits.allow_remote_images:
-            raise APIError(400, f"{where}: remote image URLs are refused by this server (start it with "
-                           "--allow-remote-images to fetch them); send a base64 data URL", param=where)
-        source = _fetch(url, limits, where)
-    else:
-        if not limits.allow_local_images:
-            raise APIError(400, f"{where}: local image paths are refused by this server; send a base64 data URL",
-                           param=where)
-        source = url[7:] if url.startswith("file://") else url
-    try:
-        with Image.open(source) as img:
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise APIError(400, f"{where}: image is {w}x{h} = {w * h} pixels, over this server's limit of "
-                               f"{limits.max_pixels}", param=where)
-            img.load()
-            return to_rgb(img)
-    except APIError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise APIError(400, f"{where}: not a readable image", param=where) from None
-
-
-def _fetch(url: str, limits: ServeLimits, where: str) -> io.BytesIO:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (allowed explicitly by the operator)
-            data = resp.read(limits.max_body_bytes + 1)
-    except OSError as e:
-        raise APIError(400, f"{where}: could not fetch the image ({e})", param=where) from None
-    if len(data) > limits.max_body_bytes:
-        raise APIError(400, f"{where}: image larger than {limits.max_body_bytes} bytes", param=where)
-    return io.BytesIO(data)
-
-
-def parse_messages(body: dict, limits: ServeLimits) -> tuple[list[dict], list[Image.Image]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+def parse_messages(body: dict | ChatRequest, limits: ServeLimits) -> tuple[list[dict], list]:
+    """The request's messages as a vlkit conversation and its images (decoded). A system message opens the next
+    user turn (the world chat template has no system turn)."""
+    req = body if isinstance(body, ChatRequest) else parse_request(json.dumps(body).encode())
+    policy = limits.images()
     conv: list[dict] = []
-    images: list[Image.Image] = []
+    images: list = []
     system: list[dict] = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}]: role must be system, user or assistant", param=f"messages[{i}]")
-        content = m.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = []
-            for j, p in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                kind = p.get("type") if isinstance(p, dict) else None
-                if kind == "text" and isinstance(p.get("text"), str):
-                    parts.append({"type": "text", "text": p["text"]})
-                elif kind == "image_url":
-                    iu = p.get("image_url")
-                    url = iu.get("url") if isinstance(iu, dict) else iu
-                    if not isinstance(url, str):
-                        raise APIError(400, f"{where}: image_url needs a 'url' string", param=where)
-                    if len(images) >= limits.max_images:
-                        raise APIError(400, f"{where}: more than {limits.max_images} images in one request",
-                                       param=where)
-                    images.append(decode_image(url, limits, where))
-                    parts.append({"type": "image"})
-                else:
-                    raise APIError(400, f"{where}: content parts must be 'text' or 'image_url'", param=where)
-        else:
-            raise APIError(400, f"messages[{i}]: content must be a string or a list of parts",
-                           param=f"messages[{i}]")
-        if m["role"] == "system":  # the world chat template has no system turn: it opens the next user turn
+    for i, m in enumerate(req.messages):
+        raw = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        parts = []
+        for j, p in enumerate(raw):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(p, ImagePart):
+                if len(images) >= limits.max_images:
+                    raise APIError(400, f"{where}: more than {limits.max_images} images in one request", param=where)
+                images.append(decode_image(p.url, policy, where))
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": p.text})
+        if m.role == "system":
             system += parts + [{"type": "text", "text": "\n"}]
-        elif m["role"] == "user":
+        elif m.role == "user":
             conv.append({"role": "user", "content": system + parts})
             system = []
         else:
@@ -159,47 +103,118 @@ def parse_messages(body: dict, limits: ServeLimits) -> tuple[list[dict], list[Im
     return conv, images
 
 
-def generation_settings(body: dict, limits: ServeLimits) -> GenerationConfig:
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or min(256, limits.max_tokens)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
-    if max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}",
-                       param="max_tokens")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise APIError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-    temperature = body.get("temperature", 0.0)
-    top_p = body.get("top_p", 1.0)
-    gen = GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature or 0.0),
-                           top_p=float(1.0 if top_p is None else top_p), stop=stop, seed=body.get("seed"))
-    try:
-        gen.check()
-    except VlkitError as e:
-        raise APIError(400, str(e), param="temperature" if "temperature" in str(e) else "top_p") from None
-    return gen
-
-
 def text_of(conversation: list[dict]) -> list[dict]:
     """The conversation as plain text (for the guard): image parts become "[image]"."""
     return [{"role": m["role"], "content": "".join(p["text"] if p["type"] == "text" else "[image] "
                                                   for p in m["content"])} for m in conversation]
 
 
-def _include_usage(body: dict) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
+@dataclass
+class Prepared:
+    req: ChatRequest
+    conversation: list[dict]
+    images: list
+    gen: GenerationConfig
+    prompt_tokens: int
 
 
-def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
+def prepare(raw: bytes, engine: Engine, limits: ServeLimits) -> Prepared:
+    """Everything about a request that costs CPU but no generation: JSON, schema, images, tokens, settings."""
+    req = parse_request(raw)
+    if req.model not in (None, engine.name):
+        raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models lists {engine.name!r}",
+                       param="model", code="model_not_found")
+    conv, images = parse_messages(req, limits)
+    if images and not engine.takes_images:
+        raise APIError(400, f"model {engine.name!r} is a text-only LM: it takes no images", param="messages")
+    try:
+        prompt_tokens = engine.prompt_tokens(conv, len(images))
+    except VlkitError as e:
+        raise APIError(400, str(e), param="messages") from None
+    ctx = engine.processor.config.max_length
+    room = ctx - prompt_tokens
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > limits.max_tokens:
+        raise APIError(400, f"max_tokens {asked} is over this server's limit of {limits.max_tokens}",
+                       param="max_tokens")
+    if room < 1 or (asked is not None and asked > room):
+        raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({asked or 1}) is over the model's "
+                       f"context of {ctx} tokens", param="messages", code="context_length_exceeded")
+    gen = GenerationConfig(max_new_tokens=asked or min(limits.max_tokens, room),  # default: what fits
+                           temperature=0.0 if req.greedy else float(req.temperature),
+                           top_p=1.0 if req.top_p is None else float(req.top_p), stop=list(req.stop), seed=req.seed)
+    return Prepared(req, conv, images, gen, prompt_tokens)
+
+
+class Slots:
+    """Requests in flight, streams included, against a limit (thread-safe)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.n, self._lock = limit, 0, threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.n >= self.limit:
+                return False
+            self.n += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.n -= 1
+
+
+class KeepServing:
+    """ASGI middleware: an exception anywhere becomes a JSON 500 (or the end of a stream already under way),
+    never an exception that makes the server drop the connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "ended": False}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 (logged; the client gets an answer and keeps its connection)
+            log.exception("error while answering %s %s", scope.get("method"), scope.get("path"))
+            if not state["started"]:
+                body = json.dumps(APIError(500, "internal server error; the request was not answered",
+                                           "server_error").body()).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+            elif not state["ended"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, api_key: str | None = None):
     limits = limits or ServeLimits()
     app = FastAPI(title="vlkit", version="1")
-    in_flight = {"n": 0}
-    lock = threading.Lock()
+    app.add_middleware(KeepServing)
+    slots = Slots(limits.max_in_flight)
+    metrics = ServeMetrics(engine, lambda: slots.n)
     created = int(time.time())
+    stuck_after = limits.stuck_after_s if limits.stuck_after_s is not None else 2 * limits.timeout_s
+
+    def authorise(http: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = http.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -207,10 +222,20 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "in_flight": in_flight["n"], "guard": guard is not None}
+        h = engine.health()
+        status = "dead" if not h["alive"] else "stuck" if h["busy_s"] > stuck_after else "ok"
+        body = {"status": status, "model": engine.name, "in_flight": slots.n, "queued": h["queued"],
+                "busy_s": round(h["busy_s"], 3), "guard": guard is not None}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus(http: HTTPRequest):
+        authorise(http)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(http: HTTPRequest):
+        authorise(http)
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
                                             "owned_by": "vlkit"}]}
 
@@ -220,45 +245,35 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
 
     @app.post("/v1/chat/completions")
     async def chat(http: HTTPRequest):
-        raw = await http.body()
-        if len(raw) > limits.max_body_bytes:
-            raise APIError(413, f"request body of {len(raw)} bytes is over this server's limit of "
-                           f"{limits.max_body_bytes}", code="request_too_large")
+        t0, code, tokens = time.perf_counter(), 200, 0
+        streamed = False
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        if body.get("model") not in (None, engine.name):
-            raise APIError(404, f"model {body.get('model')!r} is not served here; GET /v1/models lists "
-                           f"{engine.name!r}", param="model", code="model_not_found")
-        with lock:
-            if in_flight["n"] >= limits.max_in_flight:
+            authorise(http)
+            raw = await http.body()
+            if len(raw) > limits.max_body_bytes:
+                raise APIError(413, f"request body of {len(raw)} bytes is over this server's limit of "
+                               f"{limits.max_body_bytes}", code="request_too_large")
+            if not slots.take():
                 raise APIError(429, f"server busy: {limits.max_in_flight} requests in flight; retry later",
                                type_="rate_limit_error", code="rate_limit_exceeded")
-            in_flight["n"] += 1
-        try:
-            return await _complete(body)
+            try:
+                p = await asyncio.get_running_loop().run_in_executor(None, prepare, raw, engine, limits)
+                response, tokens, streamed = await _complete(p, t0)
+                return response
+            finally:
+                if not streamed:
+                    slots.give()
+        except APIError as e:
+            code = e.status
+            raise
         finally:
-            with lock:
-                in_flight["n"] -= 1
+            if not streamed:
+                metrics.observe(code, time.perf_counter() - t0, tokens)
 
-    async def _complete(body: dict):
-        conv, images = parse_messages(body, limits)
-        if images and not engine.takes_images:
-            raise APIError(400, f"model {engine.name!r} is a text-only LM: it takes no images", param="messages")
-        gen = generation_settings(body, limits)
-        try:
-            prompt_tokens = engine.prompt_tokens(conv, len(images))
-        except VlkitError as e:
-            raise APIError(400, str(e), param="messages") from None
-        max_ctx = engine.processor.config.max_length
-        if prompt_tokens + gen.max_new_tokens > max_ctx:
-            raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({gen.max_new_tokens}) is "
-                           f"over the model's context of {max_ctx} tokens", param="messages",
-                           code="context_length_exceeded")
+    async def _complete(p: Prepared, t0: float):
+        """(response, tokens generated, whether a stream now holds the slot)"""
         loop = asyncio.get_running_loop()
+        conv = p.conversation
         if guard is not None:
             verdict = await loop.run_in_executor(None, guard.check_input, text_of(conv))
             if verdict is not None and verdict.blocked:
@@ -266,15 +281,28 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
                 raise APIError(400, f"the input was blocked by the guard ({cats})", code="content_filter",
                                param="messages")
         rid, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        streaming = bool(body.get("stream")) and guard is None
-        req = engine.submit(Request(conv, images, gen, streaming=streaming))
-        if streaming:
-            return StreamingResponse(_sse(req, rid, stamp, prompt_tokens, body), media_type="text/event-stream")
+        include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
+        streaming = p.req.stream and guard is None
         try:
-            out = await asyncio.wait_for(asyncio.wrap_future(req.future), limits.timeout_s)
+            req = engine.submit(Request(conv, p.images, p.gen, streaming=streaming))
+        except EngineBusy as e:
+            raise APIError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
+                           code="rate_limit_exceeded") from None
+        if streaming:
+            return StreamingResponse(_sse(req, rid, stamp, p.prompt_tokens, include_usage, t0),
+                                     media_type="text/event-stream"), 0, True
+        try:
+            out = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(req.future)), limits.timeout_s)
         except asyncio.TimeoutError:
+            req.cancel()
             raise APIError(504, f"generation took longer than {limits.timeout_s}s", type_="timeout",
                            code="timeout") from None
+        except asyncio.CancelledError:  # the client went away while waiting
+            req.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 (the engine failed this request; it serves the next)
+            raise APIError(500, f"generation failed ({type(e).__name__}); the request was not answered",
+                           "server_error") from None
         text, finish = out["text"], out["finish_reason"]
         if guard is not None:
             verdict = await loop.run_in_executor(None, guard.check_output, text_of(conv), text)
@@ -282,13 +310,14 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
                 cats = ", ".join(verdict.names) or verdict.verdict
                 text = f"I can't help with that: the reply was blocked by the guard ({cats})."
                 finish = "content_filter"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out["tokens"],
-                 "total_tokens": prompt_tokens + out["tokens"]}
-        if body.get("stream"):  # guarded streaming: checked in full, then sent as chunks
-            return StreamingResponse(_replay(text, finish, rid, stamp, usage, body), media_type="text/event-stream")
+        usage = {"prompt_tokens": p.prompt_tokens, "completion_tokens": out["tokens"],
+                 "total_tokens": p.prompt_tokens + out["tokens"]}
+        if p.req.stream:  # guarded streaming: checked in full, then sent as chunks
+            return StreamingResponse(_replay(text, finish, rid, stamp, usage, include_usage),
+                                     media_type="text/event-stream"), out["tokens"], False
         return {"id": rid, "object": "chat.completion", "created": stamp, "model": engine.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}], "usage": usage}
+                             "finish_reason": finish}], "usage": usage}, out["tokens"], False
 
     def _chunk(rid, stamp, delta, finish=None, usage=None):
         c = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": engine.name,
@@ -297,33 +326,46 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None):
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
 
-    async def _sse(req, rid, stamp, prompt_tokens, body):
+    async def _sse(req, rid, stamp, prompt_tokens, include_usage, t0):
+        """A stream holds its slot until it ends; a client that goes away cancels its generation."""
         loop = asyncio.get_running_loop()
-        yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
-        it = engine.iterate(req, limits.timeout_s)
-        text, done = "", object()
-        while True:
-            try:
-                piece = await loop.run_in_executor(None, next, it, done)
-            except Exception as e:  # noqa: BLE001 (reported to the client in the stream)
-                yield f"data: {json.dumps(APIError(500, f'generation failed: {e}', 'server_error').body())}\n\n"
-                return
-            if piece is done:
-                break
-            text += piece
-            yield _chunk(rid, stamp, {"content": piece})
-        n = engine.count_tokens(text)
-        finish = "length" if n >= req.gen.max_new_tokens else "stop"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        yield _chunk(rid, stamp, {}, finish, usage if _include_usage(body) else None)
-        yield "data: [DONE]\n\n"
+        text, code, done = "", 200, object()
+        try:
+            yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
+            it = engine.iterate(req, limits.timeout_s)
+            while True:
+                try:
+                    piece = await loop.run_in_executor(None, next, it, done)
+                except TimeoutError:
+                    code = 504
+                    err = APIError(504, f"generation took longer than {limits.timeout_s}s", "timeout", code="timeout")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    break
+                except Exception as e:  # noqa: BLE001 (reported to the client in the stream)
+                    code = 500
+                    err = APIError(500, f"generation failed ({type(e).__name__})", "server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    break
+                if piece is done:
+                    n = engine.count_tokens(text)
+                    finish = "length" if n >= req.gen.max_new_tokens else "stop"
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+                    yield _chunk(rid, stamp, {}, finish, usage if include_usage else None)
+                    break
+                text += piece
+                yield _chunk(rid, stamp, {"content": piece})
+            yield "data: [DONE]\n\n"
+        finally:  # the end of the stream, however it ends (a disconnect closes this generator)
+            req.cancel()
+            slots.give()
+            metrics.observe(code, time.perf_counter() - t0, engine.count_tokens(text) if text else 0)
 
-    async def _replay(text, finish, rid, stamp, usage, body):
+    async def _replay(text, finish, rid, stamp, usage, include_usage):
         yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
         for word in re.findall(r"\S+\s*|\s+", text):
             yield _chunk(rid, stamp, {"content": word})
-        yield _chunk(rid, stamp, {}, finish, usage if _include_usage(body) else None)
+        yield _chunk(rid, stamp, {}, finish, usage if include_usage else None)
         yield "data: [DONE]\n\n"
 
-    app.state.engine, app.state.limits = engine, limits
+    app.state.engine, app.state.limits, app.state.slots = engine, limits, slots
     return app

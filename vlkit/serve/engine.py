@@ -1,10 +1,14 @@
 """The serving engine: a vlkit model, one worker thread, and dynamic batching.
 
-Requests wait in a bounded queue; the worker takes what has arrived within `batch_window_ms` (up to
-`max_batch`), groups requests that sample alike (temperature, top_p, seed), and answers each group in ONE
-batched generate call (left padding). Per-request limits are applied to each answer afterwards:
-its own max_tokens and stop strings cut its text, so requests with different settings still share the
-forward passes. Streaming requests run alone, token by token.
+Requests wait in a bounded queue (a full one refuses them: `EngineBusy`); the worker takes what has arrived
+within `batch_window_ms` (up to `max_batch`), groups requests that sample alike (temperature, top_p, seed),
+and answers each group in ONE batched generate call (left padding). Per-request limits are applied to each
+answer afterwards: its own max_tokens and stop strings cut its text, so requests with different settings
+still share the forward passes. Streaming requests run alone, token by token.
+
+No request can stop the worker: whatever one raises fails that request (and the batch it shared), and the
+next is served. A cancelled request (its client went away, or it timed out) stops generating at the next
+step. `health()` says whether the worker is alive and how long it has been busy with one batch.
 """
 
 from __future__ import annotations
@@ -55,16 +59,33 @@ class Request:
     streaming: bool = False
     future: Future = field(default_factory=Future)
     pieces: "queue.Queue[str | None | BaseException]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """The client is gone: stop generating for it at the next step."""
+        self.cancelled.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.streaming:
+            self.pieces.put(error)
+        elif not self.future.done():
+            self.future.set_exception(error)
+
+
+class EngineBusy(Exception):
+    """The engine's queue is full."""
 
 
 class Engine:
     def __init__(self, model, processor, name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
-                 batching: bool = True):
+                 batching: bool = True, max_queue: int = 256):
         self.model, self.processor, self.name = model.eval(), processor, name
         self.max_batch = max_batch if batching else 1
         self.window = batch_window_ms / 1000 if batching else 0.0
-        self.inbox: "queue.Queue[Request]" = queue.Queue()
+        self.inbox: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # sizes of the batches run (for tests and benchmarks)
+        self.failures = 0  # batches that raised (each failed its requests; the worker went on)
+        self._busy_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
         self._thread.start()
@@ -89,12 +110,21 @@ class Engine:
 
     # -- API ---------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
-        self.inbox.put(req)
+        try:
+            self.inbox.put_nowait(req)
+        except queue.Full:
+            raise EngineBusy(f"{self.inbox.maxsize} requests are queued") from None
         return req
 
-    def close(self) -> None:
+    def health(self) -> dict:
+        """{"alive": the worker runs, "busy_s": seconds spent on the current batch (0 when idle), "queued": n}."""
+        since = self._busy_since
+        return {"alive": self._thread.is_alive(), "busy_s": 0.0 if since is None else time.monotonic() - since,
+                "queued": self.inbox.qsize()}
+
+    def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)
 
     # -- worker ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -103,29 +133,49 @@ class Engine:
                 first = self.inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if first.future.cancelled():
+            batch = [first]
+            try:
+                self._busy_since = time.monotonic()
+                if first.cancelled.is_set() or first.future.cancelled():
+                    first.pieces.put(None)  # a stream's reader, if still there, ends at once
+                    continue
+                if first.streaming:
+                    self._stream(first)
+                    continue
+                more, streams = self._gather()
+                batch += more + streams
+                groups: dict[tuple, list[Request]] = {}
+                for r in [first, *more]:
+                    groups.setdefault((r.gen.temperature, r.gen.top_p, r.gen.seed), []).append(r)
+                for group in groups.values():
+                    self._run(group)
+                for r in streams:  # arrived while the batch was gathered: served right after it
+                    self._stream(r)
+            except BaseException as e:  # noqa: BLE001 (nothing a request does may end the worker)
+                self.failures += 1
+                for r in batch:
+                    r.fail(e)
+            finally:
+                self._busy_since = None
+
+    def _gather(self) -> tuple[list[Request], list[Request]]:
+        """What else arrives within the batch window: (requests to batch, streaming requests for after)."""
+        more, streams, deadline = [], [], time.monotonic() + self.window
+        while len(more) + 1 < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                nxt = self.inbox.get(timeout=max(left, 0)) if left > 0 else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if nxt.cancelled.is_set():
                 continue
-            if first.streaming:
-                self._stream(first)
-                continue
-            batch, deadline = [first], time.monotonic() + self.window
-            while len(batch) < self.max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    nxt = self.inbox.get(timeout=max(left, 0)) if left > 0 else self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt.streaming:
-                    self.inbox.put(nxt)  # after this batch
-                    break
-                batch.append(nxt)
-            groups: dict[tuple, list[Request]] = {}
-            for r in batch:
-                groups.setdefault((r.gen.temperature, r.gen.top_p, r.gen.seed), []).append(r)
-            for group in groups.values():
-                self._run(group)
+            (streams if nxt.streaming else more).append(nxt)
+        return more, streams
 
     def _run(self, group: list[Request]) -> None:
+        group = [r for r in group if not r.cancelled.is_set()]
+        if not group:
+            return
         self.batches.append(len(group))
         longest = max(r.gen.max_new_tokens for r in group)
         shared = GenerationConfig(max_new_tokens=longest, temperature=group[0].gen.temperature,
@@ -133,11 +183,12 @@ class Engine:
         try:
             with torch.no_grad():
                 outs = generate(self.model, self.processor, [r.conversation for r in group],
-                                [r.images for r in group], shared, return_ids=True)
+                                [r.images for r in group], shared, return_ids=True,
+                                cancelled=[r.cancelled for r in group])
         except BaseException as e:  # every waiting request learns of it
+            self.failures += 1
             for r in group:
-                if not r.future.done():  # a request that timed out was cancelled by its waiter
-                    r.future.set_exception(e)
+                r.fail(e)
             return
         tok = self.processor.tokenizer
         for r, out in zip(group, outs):
@@ -153,19 +204,31 @@ class Engine:
                 r.future.set_result({"text": text.strip(), "tokens": len(ids), "finish_reason": finish})
 
     def _stream(self, r: Request) -> None:
+        if r.cancelled.is_set():
+            r.pieces.put(None)
+            return
         self.batches.append(1)
         try:
-            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen):
+            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen, cancelled=r.cancelled):
                 r.pieces.put(piece)
             r.pieces.put(None)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 (reported in the stream)
+            self.failures += 1
             r.pieces.put(e)
 
     def iterate(self, r: Request, timeout: float) -> Iterator[str]:
-        """The pieces of a streaming request, as they come."""
+        """The pieces of a streaming request, as they come; raises TimeoutError when none comes in time."""
         end = time.monotonic() + timeout
         while True:
-            item = r.pieces.get(timeout=max(end - time.monotonic(), 0.001))
+            try:  # short waits: a reader whose request was cancelled does not hang on for the whole timeout
+                item = r.pieces.get(timeout=max(min(end - time.monotonic(), 0.25), 0.001))
+            except queue.Empty:
+                if r.cancelled.is_set():
+                    return
+                if time.monotonic() < end:
+                    continue
+                r.cancel()
+                raise TimeoutError(f"no answer within {timeout}s") from None
             if item is None:
                 return
             if isinstance(item, BaseException):

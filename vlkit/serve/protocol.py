@@ -72,7 +72,7 @@ class ChatRequest(_Strict):
     top_p: Number | None = Field(None, gt=0, le=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop: Union[StrictStr, list[StrictStr], None] = Field(None, validate_default=True)
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -92,17 +92,27 @@ class ChatRequest(_Strict):
         return self.temperature is None or self.temperature < GREEDY_BELOW
 
 
+def _fields() -> set[str]:
+    models = (ImageURL, TextPart, ImagePart, Message, StreamOptions, ChatRequest)
+    return {name for m in models for name in m.model_fields}
+
+
 def _where(loc: tuple) -> str:
-    """A pydantic error location as the field a client wrote: messages[0].content[1].text."""
-    out = ""
+    """A pydantic error location as the field a client wrote (messages[0].content[1].text): union branches and
+    tags are left out."""
+    fields, out, last = _fields(), "", None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part not in ("TextPart", "ImagePart", "text", "image_url") or not out.endswith("]"):
-            out += ("." if out else "") + str(part)
-        else:
-            out += "." + str(part) if part in ("text", "image_url") else ""
+        elif part in fields and part != last:
+            out += ("." if out else "") + part
+        last = part
     return out
+
+
+def _first(errors: list[dict]) -> dict:
+    """The most specific of pydantic's errors (a union reports one per branch: the deepest is the one meant)."""
+    return max(errors, key=lambda e: (len(e["loc"]), e["type"] != "string_type"))
 
 
 def _bad_text(req: ChatRequest) -> str | None:
@@ -145,9 +155,17 @@ def parse_request(raw: bytes) -> ChatRequest:
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = _where(err["loc"]) or "(body)"
-        msg = "unknown field; this server does not support it" if err["type"] == "extra_forbidden" else err["msg"]
+        err = _first(e.errors())
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":  # the unknown field itself is the one to name
+            base = _where(loc[:-1])
+            where = f"{base}.{loc[-1]}" if base else str(loc[-1])
+        else:
+            where = _where(loc) or "(body)"
+        msg = {"extra_forbidden": "unknown field; this server does not support it",
+               "union_tag_invalid": "content parts must be 'text' or 'image_url'",
+               "union_tag_not_found": "content parts must be 'text' or 'image_url' (a 'type' is missing)",
+               }.get(err["type"], err["msg"])
         raise APIError(400, f"{where}: {msg}", param=where) from None
     except RecursionError:
         raise APIError(400, "the request body nests JSON too deeply") from None

@@ -1,0 +1,408 @@
+"""`vlkit serve` tried as a hostile client would, against a live uvicorn on 127.0.0.1: no request breaks the
+engine or the connection, every bad field is a 400 naming it, streams count and cancel, images are fetched and
+decoded only as allowed, an API key guards the API, /metrics reports."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import http.server
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serve import Live, http as post, png_url
+from test_vlm import make
+from vlkit.serve import Engine, ServeLimits, create_app
+
+HI = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def serve(tok, limits=None, api_key=None, **engine_kw):
+    model, proc = make(tok)
+    engine = Engine(model, proc, "tiny", **engine_kw)
+    limits = limits or ServeLimits(max_images=2, max_pixels=64 * 64)
+    return Live(create_app(engine, limits, api_key=api_key)), engine
+
+
+@pytest.fixture(scope="module")
+def live(tiny_tokenizer):
+    srv, engine = serve(tiny_tokenizer)
+    yield srv, engine
+    srv.close()
+    engine.close()
+
+
+def conn(srv) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+
+
+def ask(c: http.client.HTTPConnection, body, headers=None) -> tuple[int, dict]:
+    """One request on a kept-alive connection: (status, JSON body)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    c.request("POST", "/v1/chat/completions", raw, {"content-type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    return r.status, json.loads(r.read() or b"{}")
+
+
+@pytest.mark.parametrize("body,field", [
+    ({**HI, "temperature": "hot"}, "temperature"), ({**HI, "temperature": [1]}, "temperature"),
+    ({**HI, "top_p": "x"}, "top_p"), ({**HI, "seed": "abc"}, "seed"), ({**HI, "seed": 2 ** 70}, "seed"),
+    ({**HI, "seed": [1]}, "seed"), ({**HI, "seed": {"a": 1}}, "seed"), ({**HI, "max_tokens": 0}, "max_tokens"),
+    ({**HI, "stream_options": "yes"}, "stream_options"), ({**HI, "logprobs": True}, "logprobs"),
+    ({**HI, "tools": [{"type": "function"}]}, "tools"), ({**HI, "response_format": {"type": "json_object"}},
+                                                          "response_format"),
+    ({**HI, "frequency_penalty": 0.5}, "frequency_penalty"), ({**HI, "n": 2}, "n"), ({**HI, "stop": 5}, "stop"),
+    ({**HI, "max_tokens": True}, "max_tokens"), ({**HI, "bogus": 1}, "bogus"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+])
+def test_every_bad_field_is_a_400_naming_it_on_a_connection_that_stays_usable(live, body, field):
+    srv, _ = live
+    c = conn(srv)
+    status, err = ask(c, body)
+    assert status == 400 and err["error"]["param"] == field, err
+    assert ask(c, HI)[0] == 200  # the same connection serves the next request
+
+
+@pytest.mark.parametrize("raw,says", [
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "not valid Unicode"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests JSON too deeply"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}", "cannot be read"),
+])
+def test_bodies_that_break_parsers_are_400s(live, raw, says):
+    srv, _ = live
+    c = conn(srv)
+    status, err = ask(c, raw)
+    assert status == 400 and says in err["error"]["message"], err
+    assert ask(c, HI)[0] == 200
+
+
+def test_a_vanishing_temperature_decodes_greedily_and_the_default_max_tokens_fits_the_context(live):
+    srv, _ = live
+    c = conn(srv)
+    s1, a = ask(c, {**HI, "temperature": 1e-300})  # 1/1e-300 would make NaN probabilities
+    s2, b = ask(c, {**HI, "temperature": 0})
+    assert s1 == s2 == 200 and a["choices"][0]["message"] == b["choices"][0]["message"]
+    # no max_tokens: as many as the 128-token context leaves, not a fixed 256 that never fits
+    s3, r = ask(c, {"messages": [{"role": "user", "content": "word " * 30}]})
+    assert s3 == 200 and r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 128
+
+
+def test_no_request_stops_the_engine_and_a_500_keeps_the_connection(live, monkeypatch):
+    import vlkit.serve.engine as E
+
+    srv, engine = live
+    real = E.generate
+
+    def flaky(model, proc, convs, *a, **k):
+        if any("boom" in json.dumps(c) for c in convs):
+            raise RuntimeError("boom")
+        return real(model, proc, convs, *a, **k)
+
+    monkeypatch.setattr(E, "generate", flaky)
+    before = engine.failures
+    c = conn(srv)
+    status, err = ask(c, {"messages": [{"role": "user", "content": "boom"}]})
+    assert status == 500 and err["error"]["type"] == "server_error"
+    assert ask(c, HI)[0] == 200 and engine.failures == before + 1  # the next request, on the same connection
+    assert post(srv.url + "/health")[0] == 200
+
+
+def test_an_internal_error_outside_the_engine_is_a_json_500_not_a_dropped_connection(tiny_tokenizer, monkeypatch):
+    srv, engine = serve(tiny_tokenizer)
+    try:
+        real = engine.prompt_tokens
+        monkeypatch.setattr(engine, "prompt_tokens", lambda conv, n: 1 // 0 if "crash" in json.dumps(conv)
+                            else real(conv, n))
+        c = conn(srv)
+        status, err = ask(c, {"messages": [{"role": "user", "content": "crash"}]})
+        assert status == 500 and "internal server error" in err["error"]["message"]
+        assert ask(c, HI)[0] == 200
+    finally:
+        srv.close()
+        engine.close()
+
+
+def test_health_reports_a_dead_or_stuck_engine_and_shutdown_does_not_wait_for_it(tiny_tokenizer, monkeypatch):
+    import uvicorn
+
+    import vlkit.serve.engine as E
+
+    model, proc = make(tiny_tokenizer)
+    engine = Engine(model, proc, "tiny")
+    release = threading.Event()
+    monkeypatch.setattr(E, "generate", lambda *a, **k: release.wait(60) and [])
+    app = create_app(engine, ServeLimits(stuck_after_s=0.3, timeout_s=30))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert post(url + "/health")[1]["status"] == "ok"
+        threading.Thread(target=post, args=(url + "/v1/chat/completions", json.dumps(HI).encode()),
+                         daemon=True).start()
+        time.sleep(0.8)
+        status, h = post(url + "/health")
+        assert status == 503 and h["status"] == "stuck" and h["in_flight"] == 1
+        t0 = time.monotonic()
+        server.should_exit = True  # what SIGTERM does: the stuck request gets 1 s, then the server stops
+        thread.join(timeout=10)
+        assert not thread.is_alive() and time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        engine.close()
+    srv, engine = serve(tiny_tokenizer)
+    try:
+        engine.close()  # the worker is gone
+        status, h = post(srv.url + "/health")
+        assert status == 503 and h["status"] == "dead"
+    finally:
+        srv.close()
+
+
+def test_streams_count_against_the_limit_and_a_disconnect_cancels_the_generation(tiny_tokenizer, monkeypatch):
+    import vlkit.serve.engine as E
+
+    seen: list = []
+
+    def slow(model, proc, conv, images, gen, cancelled=None):
+        for i in range(400):
+            if cancelled.is_set():
+                seen.append(i)
+                return
+            time.sleep(0.02)
+            yield "w "
+        seen.append(None)
+
+    monkeypatch.setattr(E, "stream", slow)
+    srv, engine = serve(tiny_tokenizer, ServeLimits(max_in_flight=2, max_images=2, max_pixels=64 * 64))
+    try:
+        held = []
+        for _ in range(2):
+            c = conn(srv)
+            c.request("POST", "/v1/chat/completions", json.dumps({**HI, "stream": True}).encode(),
+                      {"content-type": "application/json"})
+            r = c.getresponse()
+            assert r.status == 200 and r.readline().startswith(b"data: ")
+            held.append((c, r))
+        status, err = post(srv.url + "/v1/chat/completions", json.dumps(HI).encode())
+        assert status == 429 and post(srv.url + "/health")[1]["in_flight"] == 2
+        for c, r in held:  # the clients go away mid-stream
+            r.close()
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.close()
+        deadline = time.monotonic() + 10
+        while (not seen or post(srv.url + "/health")[1]["in_flight"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        # the running stream stopped early; the queued one, cancelled before it started, never ran
+        assert len(seen) == 1 and seen[0] is not None and seen[0] < 200, seen
+        assert post(srv.url + "/health")[1]["in_flight"] == 0
+        assert post(srv.url + "/v1/chat/completions", json.dumps(HI).encode())[0] == 200
+    finally:
+        srv.close()
+        engine.close()
+
+
+def test_the_engine_queue_is_bounded(tiny_tokenizer, monkeypatch):
+    import vlkit.serve.engine as E
+    from vlkit.models.generate import GenerationConfig
+
+    release = threading.Event()
+    monkeypatch.setattr(E, "generate", lambda *a, **k: release.wait(30) and [])
+    model, proc = make(tiny_tokenizer)
+    engine = Engine(model, proc, "tiny", max_queue=2, batching=False)
+    try:
+        reqs = [E.Request([{"role": "user", "content": "x"}], [], GenerationConfig(max_new_tokens=2))
+                for _ in range(4)]
+        engine.submit(reqs[0])
+        time.sleep(0.3)  # the worker holds the first; two may wait
+        engine.submit(reqs[1])
+        engine.submit(reqs[2])
+        with pytest.raises(E.EngineBusy):
+            engine.submit(reqs[3])
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_one_heavy_request_does_not_stall_the_others(live):
+    srv, _ = live
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}] * 100_000}).encode()  # ~4 MB
+    assert len(body) > 3_000_000
+    done = threading.Event()
+
+    def heavy():
+        post(srv.url + "/v1/chat/completions", body)
+        done.set()
+
+    threading.Thread(target=heavy, daemon=True).start()
+    waits = []
+    while not done.is_set() and len(waits) < 200:
+        t0 = time.perf_counter()
+        assert post(srv.url + "/health")[0] == 200
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    assert waits and max(waits) < 1.0, max(waits)
+
+
+def _image_url(fmt: str) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("fmt,ok", [("PNG", True), ("JPEG", True), ("WEBP", True), ("GIF", True), ("BMP", False),
+                                    ("TIFF", False), ("EPS", False)])
+def test_only_png_jpeg_webp_and_gif_are_decoded(live, fmt, ok):
+    srv, _ = live
+    msg = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(fmt)}},
+                                                     {"type": "text", "text": "what?"}]}]}
+    status, err = ask(conn(srv), msg)
+    assert (status == 200) == ok, err
+    if not ok:
+        assert "PNG, JPEG, WebP or GIF" in err["error"]["message"]
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    png = base64.b64decode(png_url(8).split(",", 1)[1])
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("to=", 1)[1])
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("content-type", "image/png")
+        self.end_headers()
+        self.wfile.write(self.png)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_remote_images_reach_only_allowed_public_hosts_after_every_redirect(tiny_tokenizer):
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port = origin.server_address[1]
+    direct = f"http://127.0.0.1:{port}/a.png"
+    hop = f"http://127.0.0.1:{port}/redirect?to=http://localhost:{port}/a.png"
+
+    def status_of(srv, url):
+        msg = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                         {"type": "text", "text": "what?"}]}]}
+        return ask(conn(srv), msg)
+
+    try:
+        for hosts, url, ok, says in [([], direct, False, "non-public address"),  # loopback: never by default
+                                     (["127.0.0.1"], direct, True, ""),
+                                     (["127.0.0.1"], hop, False, "'localhost' is not among"),
+                                     (["127.0.0.1"], "ftp://127.0.0.1/a.png", False, "refused")]:
+            srv, engine = serve(tiny_tokenizer, ServeLimits(max_images=2, allow_remote_images=True, image_hosts=hosts))
+            try:
+                status, err = status_of(srv, url)
+                assert (status == 200) == ok and says in json.dumps(err), (hosts, url, err)
+            finally:
+                srv.close()
+                engine.close()
+    finally:
+        origin.shutdown()
+
+
+def test_an_api_key_guards_the_api_and_metrics_report(tiny_tokenizer):
+    srv, engine = serve(tiny_tokenizer, api_key="s3cret")
+    try:
+        c = conn(srv)
+        assert ask(c, HI)[0] == 401
+        status, err = ask(c, HI, {"authorization": "Bearer wrong"})
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+        assert ask(c, HI, {"authorization": "Bearer s3cret"})[0] == 200
+        assert ask(c, {**HI, "top_p": 7}, {"authorization": "Bearer s3cret"})[0] == 400
+        assert post(srv.url + "/health")[0] == 200  # health stays open for load balancers
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        assert r.status == 401 and r.read()
+        c.request("GET", "/metrics", headers={"authorization": "Bearer s3cret"})
+        r = c.getresponse()
+        text = r.read().decode()
+        assert r.status == 200 and r.getheader("content-type").startswith("text/plain")
+        for needle in ('vlkit_requests_total{code="200"} 1.0', 'vlkit_requests_total{code="400"} 1.0',
+                       'vlkit_requests_total{code="401"} 2.0', "vlkit_request_latency_seconds_bucket",
+                       "vlkit_queue_depth 0.0", "vlkit_in_flight 0.0", "vlkit_generated_tokens_total",
+                       "vlkit_engine_alive 1.0"):
+            assert needle in text, needle
+    finally:
+        srv.close()
+        engine.close()
+
+
+def test_fuzzed_request_bodies_are_answers_or_400s_never_crashes():
+    from hypothesis import given, settings, strategies as st
+
+    from vlkit.serve.errors import APIError
+    from vlkit.serve.protocol import ChatRequest, parse_request
+
+    keys = st.sampled_from(["messages", "temperature", "top_p", "max_tokens", "stop", "seed", "stream",
+                            "stream_options", "n", "model", "logprobs", "tools", "user", "x"])
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                          max_leaves=8)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                     "content": st.one_of(st.text(max_size=10), values)})
+    bodies = st.dictionaries(keys, values, max_size=6).flatmap(
+        lambda d: st.lists(message, max_size=3).map(lambda m: {**d, "messages": m} if m else d))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.one_of(bodies, values))
+    def check(body):
+        try:
+            raw = json.dumps(body).encode()
+        except ValueError:  # NaN/inf are JSON extensions: send them as Python's json writes them
+            raw = json.dumps(body, allow_nan=True).encode()
+        try:
+            assert isinstance(parse_request(raw), ChatRequest)
+        except APIError as e:
+            assert e.status in (400, 404) and e.message
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(st.binary(max_size=64))
+    def check_bytes(raw):
+        try:
+            parse_request(raw)
+        except APIError as e:
+            assert e.status == 400
+
+    check()
+    check_bytes()
+
+
+def test_the_cli_stops_within_seconds_on_sigterm(monkeypatch, tmp_path, tiny_tokenizer):
+    """`vlkit serve` gives in-flight requests 5 s at shutdown, then stops whatever is stuck."""
+    import uvicorn
+
+    from vlkit.cli import serve as serve_cmd
+    from vlkit.models.io import save_vlm
+
+    model, proc = make(tiny_tokenizer)
+    save_vlm(model, tmp_path / "m", proc)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    serve_cmd(tmp_path / "m", guard=None, name=None, host="127.0.0.1", port=0, max_batch=4, batch_window_ms=1.0,
+              no_batching=False, max_tokens=16, max_images=2, max_pixels=4096, max_body_bytes=10_000, max_in_flight=2,
+              timeout=10.0, allow_remote_images=False, image_host=None, allow_local_images=False, api_key=None)
+    assert seen["timeout_graceful_shutdown"] == 5
