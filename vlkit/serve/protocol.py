@@ -62,7 +62,7 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
-Number = Union[StrictInt, Annotated[float, Field(strict=True, allow_inf_nan=False)]]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # strict: an int is a number, "0.5" and true are not
 
 
 class ChatRequest(_Strict):
