@@ -313,3 +313,9 @@ def test_fuzzed_answers_are_safe_only_when_they_say_exactly_safe(tiny_guard_mode
         assert v.verdict in ("safe", "unsafe", "error")
 
     check()
+
+
+def test_a_score_that_is_not_a_number_blocks(tiny_guard_model, tiny_tokenizer):
+    g = Guard(tiny_guard_model, tiny_tokenizer, TAX, threshold=0.5)
+    assert g.decide("safe", float("nan")).blocked  # fp16 overflow must not read as safe
+    assert g.decide("safe", float("inf")).blocked

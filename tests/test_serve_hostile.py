@@ -406,3 +406,146 @@ def test_the_cli_stops_within_seconds_on_sigterm(monkeypatch, tmp_path, tiny_tok
               no_batching=False, max_tokens=16, max_images=2, max_pixels=4096, max_body_bytes=10_000, max_in_flight=2,
               timeout=10.0, allow_remote_images=False, image_host=None, allow_local_images=False, api_key=None)
     assert seen["timeout_graceful_shutdown"] == 5
+
+
+def test_a_stream_gives_back_its_slot_even_when_it_never_started(tiny_tokenizer):
+    """A client gone before the first byte: the response is cancelled while its start is being sent."""
+    import asyncio
+
+    srv_model, proc = make(tiny_tokenizer)
+    engine = Engine(srv_model, proc, "tiny")
+    app = create_app(engine, ServeLimits(max_in_flight=2))
+    body = json.dumps({**HI, "stream": True}).encode()
+
+    async def one():
+        sent = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive():
+            msg = next(sent, None)
+            if msg is None:
+                await asyncio.sleep(0.01)
+                return {"type": "http.disconnect"}
+            return msg
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.2)  # a slow socket: the disconnect arrives first
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "client": ("x", 1),
+                 "server": ("127.0.0.1", 80), "scheme": "http", "root_path": ""}
+        try:
+            await app(scope, receive, send)
+        except Exception:  # noqa: BLE001 (whatever the server does with a vanished client, the slot must come back)
+            pass
+
+    try:
+        for _ in range(3):
+            asyncio.run(one())
+        assert app.state.slots.n == 0
+    finally:
+        engine.close()
+
+
+def test_waiting_streams_hold_no_worker_thread(tiny_tokenizer, monkeypatch):
+    import vlkit.serve.engine as E
+
+    release = threading.Event()
+
+    def stuck(model, proc, conv, images, gen, cancelled=None):
+        release.wait(30)
+        yield "x"
+
+    monkeypatch.setattr(E, "stream", stuck)
+    srv, engine = serve(tiny_tokenizer, ServeLimits(max_in_flight=40, max_images=2, max_pixels=64 * 64))
+    try:
+        held = []
+        for _ in range(24):  # more than the default executor's threads
+            c = conn(srv)
+            c.request("POST", "/v1/chat/completions", json.dumps({**HI, "stream": True}).encode(),
+                      {"content-type": "application/json"})
+            held.append(c)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        status, err = post(srv.url + "/v1/chat/completions", json.dumps({**HI, "top_p": 9}).encode())
+        assert status == 400 and time.perf_counter() - t0 < 2.0  # validated at once, not after the streams
+    finally:
+        release.set()
+        for c in held:
+            c.close()
+        srv.close()
+        engine.close()
+
+
+def test_a_client_that_disconnects_cancels_its_generation(tiny_tokenizer, monkeypatch):
+    import vlkit.serve.engine as E
+
+    seen = []
+
+    def waits_for_cancel(model, proc, convs, imgs, gen, return_ids=False, cancelled=None):
+        for _ in range(300):
+            if all(e.is_set() for e in cancelled):
+                seen.append("cancelled")
+                break
+            time.sleep(0.02)
+        return [{"text": "", "tokens": 0, "finish_reason": "stop", "ids": []} for _ in convs]
+
+    monkeypatch.setattr(E, "generate", waits_for_cancel)
+    srv, engine = serve(tiny_tokenizer)
+    try:
+        c = conn(srv)
+        c.request("POST", "/v1/chat/completions", json.dumps(HI).encode(), {"content-type": "application/json"})
+        time.sleep(0.3)
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == ["cancelled"]
+        assert post(srv.url + "/health")[1]["in_flight"] == 0
+    finally:
+        srv.close()
+        engine.close()
+
+
+def test_a_body_declared_too_big_is_refused_before_it_is_read(live):
+    srv, _ = live
+    c = conn(srv)
+    c.putrequest("POST", "/v1/chat/completions")
+    c.putheader("content-type", "application/json")
+    c.putheader("content-length", str(50 * 1024 * 1024))
+    c.endheaders()
+    c.send(b'{"messages": ')  # and nothing more: the 413 must not wait for the 50 MB
+    r = c.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("url,says", [
+    ("http://example.com:abc/x", "not a valid URL"), ("http://example.com:99999/", "not a valid URL"),
+    ("http://[::1/", "not a valid URL"), ("http://\udc80.com/", "cannot resolve"),
+    ("http://[::127.0.0.1]/a.png", "non-public"), ("http://[64:ff9b::7f00:1]/a.png", "non-public"),
+    ("http://[::ffff:10.0.0.1]/a.png", "non-public"), ("http://[2002:7f00:1::]/a.png", "non-public"),
+    ("http://127.1/a.png", "non-public"), ("http://evil@127.0.0.1/a.png", "non-public"),
+    ("http://2130706433/a.png", "non-public"),
+])
+def test_remote_urls_that_are_malformed_or_reach_inside_are_400s(url, says):
+    from vlkit.serve.errors import APIError
+    from vlkit.serve.images import ImagePolicy, decode_image
+
+    with pytest.raises(APIError) as e:
+        decode_image(url, ImagePolicy(allow_remote=True), "messages[0].content[0]")
+    assert e.value.status == 400 and says in e.value.message
+
+
+def test_internal_errors_are_counted_as_500s(tiny_tokenizer, monkeypatch):
+    srv, engine = serve(tiny_tokenizer)
+    try:
+        monkeypatch.setattr(engine, "prompt_tokens", lambda conv, n: 1 // 0)
+        assert ask(conn(srv), HI)[0] == 500
+        c = conn(srv)
+        c.request("GET", "/metrics")
+        assert 'vlkit_requests_total{code="500"} 1.0' in c.getresponse().read().decode()
+    finally:
+        srv.close()
+        engine.close()

@@ -153,7 +153,7 @@ class Guard:
             self.tok.padding_side = side
         if not generate:
             logits = self.model(**enc).logits[:, -1].float()
-            return [Verdict("unsafe" if s >= self.threshold else "safe", s) for s in self._p_unsafe(logits)]
+            return [Verdict("unsafe" if self._over(s) else "safe", s) for s in self._p_unsafe(logits)]
         gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, output_scores=True,
                                   return_dict_in_generate=True, pad_token_id=self.tok.pad_token_id)
         scores = self._p_unsafe(gen.scores[0].float())
@@ -163,12 +163,16 @@ class Guard:
     def _p_unsafe(self, logits: torch.Tensor) -> list[float]:
         return torch.softmax(logits, -1)[:, self.unsafe_id].tolist()
 
+    def _over(self, score: float) -> bool:
+        """At or above the threshold; a score that is not a number (fp16 overflow) counts as over: fail closed."""
+        return not math.isfinite(score) or score >= self.threshold
+
     def decide(self, text: str, score: float) -> Verdict:
         """The verdict of an answer and its P(unsafe): safe only if both say safe (fails closed)."""
         said, codes, err = parse_answer(text, self.taxonomy)
         if said == "error":
             return Verdict("error", score, raw=text, error=err)
-        if said == "unsafe" or score >= self.threshold:
+        if said == "unsafe" or self._over(score):
             names = [self.taxonomy.by_code(c).name for c in codes]
             return Verdict("unsafe", score, codes, names, text, error=err)
         return Verdict("safe", score, raw=text)

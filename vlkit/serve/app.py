@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -164,6 +165,40 @@ class Slots:
             self.n -= 1
 
 
+class Stream(StreamingResponse):
+    """A streamed response that runs `on_close` however it ends, even when it never started (a client gone
+    before the first byte): the slot it holds is always given back."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def read_body(http: HTTPRequest, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over `limit`: from Content-Length before any
+    byte is read, else while it streams in."""
+    declared = http.headers.get("content-length")
+    too_big = APIError(413, f"request body over this server's limit of {limit} bytes", code="request_too_large")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise too_big
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class KeepServing:
     """ASGI middleware: an exception anywhere becomes a JSON 500 (or the end of a stream already under way),
     never an exception that makes the server drop the connection."""
@@ -249,16 +284,13 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
         streamed = False
         try:
             authorise(http)
-            raw = await http.body()
-            if len(raw) > limits.max_body_bytes:
-                raise APIError(413, f"request body of {len(raw)} bytes is over this server's limit of "
-                               f"{limits.max_body_bytes}", code="request_too_large")
+            raw = await read_body(http, limits.max_body_bytes)
             if not slots.take():
                 raise APIError(429, f"server busy: {limits.max_in_flight} requests in flight; retry later",
                                type_="rate_limit_error", code="rate_limit_exceeded")
             try:
                 p = await asyncio.get_running_loop().run_in_executor(None, prepare, raw, engine, limits)
-                response, tokens, streamed = await _complete(p, t0)
+                response, tokens, streamed = await _complete(p, t0, http)
                 return response
             finally:
                 if not streamed:
@@ -266,11 +298,14 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
         except APIError as e:
             code = e.status
             raise
+        except Exception:
+            code = 500
+            raise
         finally:
             if not streamed:
                 metrics.observe(code, time.perf_counter() - t0, tokens)
 
-    async def _complete(p: Prepared, t0: float):
+    async def _complete(p: Prepared, t0: float, http: HTTPRequest):
         """(response, tokens generated, whether a stream now holds the slot)"""
         loop = asyncio.get_running_loop()
         conv = p.conversation
@@ -289,20 +324,18 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
             raise APIError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
                            code="rate_limit_exceeded") from None
         if streaming:
-            return StreamingResponse(_sse(req, rid, stamp, p.prompt_tokens, include_usage, t0),
-                                     media_type="text/event-stream"), 0, True
-        try:
-            out = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(req.future)), limits.timeout_s)
-        except asyncio.TimeoutError:
-            req.cancel()
-            raise APIError(504, f"generation took longer than {limits.timeout_s}s", type_="timeout",
-                           code="timeout") from None
-        except asyncio.CancelledError:  # the client went away while waiting
-            req.cancel()
-            raise
-        except Exception as e:  # noqa: BLE001 (the engine failed this request; it serves the next)
-            raise APIError(500, f"generation failed ({type(e).__name__}); the request was not answered",
-                           "server_error") from None
+            state = {"code": 200, "text": "", "closed": False}
+
+            def close():  # once, from the generator's end or the response's, whichever comes first
+                if not state["closed"]:
+                    state["closed"] = True
+                    req.cancel()
+                    slots.give()
+                    metrics.observe(state["code"], time.perf_counter() - t0,
+                                    engine.count_tokens(state["text"]) if state["text"] else 0)
+            return Stream(_sse(req, rid, stamp, p.prompt_tokens, include_usage, state, close), close,
+                          media_type="text/event-stream"), 0, True
+        out = await _wait(req, http)
         text, finish = out["text"], out["finish_reason"]
         if guard is not None:
             verdict = await loop.run_in_executor(None, guard.check_output, text_of(conv), text)
@@ -326,39 +359,61 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
             c["usage"] = usage
         return f"data: {json.dumps(c)}\n\n"
 
-    async def _sse(req, rid, stamp, prompt_tokens, include_usage, t0):
-        """A stream holds its slot until it ends; a client that goes away cancels its generation."""
-        loop = asyncio.get_running_loop()
-        text, code, done = "", 200, object()
+    async def _wait(req: Request, http: HTTPRequest) -> dict:
+        """The engine's answer; a client that disconnects meanwhile, or the timeout, cancels the generation."""
+        fut = asyncio.wrap_future(req.future)
+        deadline = time.monotonic() + limits.timeout_s
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=max(min(0.25, deadline - time.monotonic()), 0))
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                req.cancel()
+                raise APIError(504, f"generation took longer than {limits.timeout_s}s", type_="timeout",
+                               code="timeout")
+            if await http.is_disconnected():
+                req.cancel()
+                raise APIError(499, "the client closed the connection", code="client_closed")
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 (the engine failed this request; it serves the next)
+            raise APIError(500, f"generation failed ({type(e).__name__}); the request was not answered",
+                           "server_error") from None
+
+    async def _sse(req, rid, stamp, prompt_tokens, include_usage, state, close):
+        """A stream holds its slot until it ends; a client that goes away cancels its generation. The engine's
+        pieces are polled here, on the event loop, so waiting streams hold no worker thread."""
+        deadline = time.monotonic() + limits.timeout_s
         try:
             yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
-            it = engine.iterate(req, limits.timeout_s)
             while True:
                 try:
-                    piece = await loop.run_in_executor(None, next, it, done)
-                except TimeoutError:
-                    code = 504
-                    err = APIError(504, f"generation took longer than {limits.timeout_s}s", "timeout", code="timeout")
+                    item = req.pieces.get_nowait()
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        state["code"] = 504
+                        err = APIError(504, f"generation took longer than {limits.timeout_s}s", "timeout",
+                                       code="timeout")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        break
+                    await asyncio.sleep(0.005)
+                    continue
+                if isinstance(item, BaseException):
+                    state["code"] = 500
+                    err = APIError(500, f"generation failed ({type(item).__name__})", "server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
-                except Exception as e:  # noqa: BLE001 (reported to the client in the stream)
-                    code = 500
-                    err = APIError(500, f"generation failed ({type(e).__name__})", "server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
-                    break
-                if piece is done:
-                    n = engine.count_tokens(text)
+                if item is None:
+                    n = engine.count_tokens(state["text"])
                     finish = "length" if n >= req.gen.max_new_tokens else "stop"
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
                     yield _chunk(rid, stamp, {}, finish, usage if include_usage else None)
                     break
-                text += piece
-                yield _chunk(rid, stamp, {"content": piece})
+                state["text"] += item
+                yield _chunk(rid, stamp, {"content": item})
             yield "data: [DONE]\n\n"
         finally:  # the end of the stream, however it ends (a disconnect closes this generator)
-            req.cancel()
-            slots.give()
-            metrics.observe(code, time.perf_counter() - t0, engine.count_tokens(text) if text else 0)
+            close()
 
     async def _replay(text, finish, rid, stamp, usage, include_usage):
         yield _chunk(rid, stamp, {"role": "assistant", "content": ""})

@@ -19,7 +19,6 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -215,22 +214,3 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 (reported in the stream)
             self.failures += 1
             r.pieces.put(e)
-
-    def iterate(self, r: Request, timeout: float) -> Iterator[str]:
-        """The pieces of a streaming request, as they come; raises TimeoutError when none comes in time."""
-        end = time.monotonic() + timeout
-        while True:
-            try:  # short waits: a reader whose request was cancelled does not hang on for the whole timeout
-                item = r.pieces.get(timeout=max(min(end - time.monotonic(), 0.25), 0.001))
-            except queue.Empty:
-                if r.cancelled.is_set():
-                    return
-                if time.monotonic() < end:
-                    continue
-                r.cancel()
-                raise TimeoutError(f"no answer within {timeout}s") from None
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item

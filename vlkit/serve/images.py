@@ -75,10 +75,30 @@ def decode_image(url: str, policy: ImagePolicy, where: str) -> Image.Image:
         raise APIError(400, f"{where}: not a readable image (PNG, JPEG, WebP or GIF)", param=where) from None
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def public(address: str) -> bool:
+    """A global address, and so is every IPv4 address an IPv6 one carries (mapped, compatible, 6to4, Teredo,
+    NAT64): `::127.0.0.1` or `64:ff9b::7f00:1` must not pass for public."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if not ip.is_global:
+        return False
+    if ip.version == 6:
+        inner = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip in NAT64 or ip.packed[:12] == bytes(12):
+            inner.append(ipaddress.IPv4Address(ip.packed[-4:]))
+        return all(v4.is_global for v4 in inner if v4 is not None)
+    return True
+
+
 def check_url(url: str, policy: ImagePolicy, where: str) -> None:
     """Refuse a URL this server must not fetch (see the module's docstring)."""
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number, an unclosed [IPv6 literal, ...
+        raise APIError(400, f"{where}: {url[:80]!r} is not a valid URL", param=where) from None
     if parts.scheme not in ("http", "https") or not host:
         raise APIError(400, f"{where}: {url[:80]!r} is not an http(s) URL", param=where)
     if policy.hosts:
@@ -86,11 +106,11 @@ def check_url(url: str, policy: ImagePolicy, where: str) -> None:
             raise APIError(400, f"{where}: host {host!r} is not among this server's allowed image hosts", param=where)
         return
     try:
-        addrs = {a[4][0] for a in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
-    except OSError:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError, ValueError):
         raise APIError(400, f"{where}: cannot resolve {host!r}", param=where) from None
     for a in addrs:
-        if not ipaddress.ip_address(a.split("%")[0]).is_global:
+        if not public(a):
             raise APIError(400, f"{where}: {host!r} resolves to a non-public address ({a}); refused", param=where)
 
 
@@ -111,7 +131,7 @@ def fetch(url: str, policy: ImagePolicy, where: str) -> io.BytesIO:
             data = resp.read(policy.max_bytes + 1)
     except APIError:
         raise
-    except (OSError, urllib.error.URLError, ValueError) as e:
+    except (OSError, urllib.error.URLError, ValueError, UnicodeError) as e:
         raise APIError(400, f"{where}: could not fetch the image ({type(e).__name__})", param=where) from None
     if len(data) > policy.max_bytes:
         raise APIError(400, f"{where}: image larger than {policy.max_bytes} bytes", param=where)
