@@ -11,17 +11,22 @@ def vlkit(*args, cwd=None):
                           env={**os.environ}, cwd=cwd)
 
 
-def test_train_resume_eval_and_corrupt_weights(tmp_path, tiny_world):
-    cfg, _ = tiny_world
-    out = tmp_path / "lm"
-    conf = tmp_path / "lm.yaml"
+def tiny_lm_config(tmp_path, world) -> tuple:
+    """A 4-step tiny LLaMA run on the tiny world: (config file, its output_dir)."""
+    out, conf, w = tmp_path / "lm", tmp_path / "lm.yaml", world
     conf.write_text(f"""recipe: lm
 output_dir: {out}
-data: {{world: {{seed: {cfg.seed}, train_scenes: {cfg.train_scenes}, test_scenes: {cfg.test_scenes}}}, block_size: 32}}
+data: {{world: {{seed: {w.seed}, train_scenes: {w.train_scenes}, test_scenes: {w.test_scenes}}}, block_size: 32}}
 tokenizer: {{vocab_size: 350}}
 model: {{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}
 train: {{steps: 4, batch_size: 8, save_every: 2, progress: false}}
 """)
+    return conf, out
+
+
+def test_train_resume_eval_and_corrupt_weights(tmp_path, tiny_world):
+    cfg, _ = tiny_world
+    conf, out = tiny_lm_config(tmp_path, cfg)
     res = vlkit("train", conf)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["steps"] == 4

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from test_cli import tiny_lm_config
 from test_trainer import collate, data, loss_fn, tiny_model
 from vlkit.errors import VlkitError
 from vlkit.train import TrainConfig, Trainer
@@ -43,17 +44,7 @@ def one_line(res):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_world):
-    cfg, _ = tiny_world
-    tmp = tmp_path_factory.mktemp("runs")
-    out = tmp / "lm"
-    conf = tmp / "lm.yaml"
-    conf.write_text(f"""recipe: lm
-output_dir: {out}
-data: {{world: {{seed: {cfg.seed}, train_scenes: {cfg.train_scenes}, test_scenes: {cfg.test_scenes}}}, block_size: 32}}
-tokenizer: {{vocab_size: 350}}
-model: {{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}
-train: {{steps: 4, batch_size: 8, save_every: 2, progress: false}}
-""")
+    conf, out = tiny_lm_config(tmp_path_factory.mktemp("runs"), tiny_world[0])
     res = vlkit("train", conf)
     assert res.returncode == 0, res.stderr
     return conf, out, json.loads(res.stdout)

@@ -187,7 +187,6 @@ def test_llava_export_refuses_what_llava_cannot_compute(tiny_tokenizer, tmp_path
     model, proc = make(tiny_tokenizer, "llama", vpg="mlp", tower=SIGLIP, feature_layer="output")
     with pytest.raises(VlkitError, match="post-layernorm"):
         export_llava(model, proc, tmp_path / "s")
-    model, proc = make(tiny_tokenizer, "llama", vpg="mlp")
     assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()  # nothing half-written
 
 

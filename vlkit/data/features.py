@@ -20,9 +20,30 @@ from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_path, cache_root, read_json, stable_hash, write_json
 
 
-def batch_of(parts: list):
-    """A tensor for a one-encoder stack, a list for several (the model's input convention)."""
+# Image inputs of a model (pixels or cached features) are a tensor for a one-encoder vision stack and a list,
+# one tensor per encoder, for several.
+def as_list(x) -> list[torch.Tensor]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def as_batch(parts: list[torch.Tensor]):
+    """The inverse of `as_list`: a tensor for one encoder, a list for several."""
     return parts[0] if len(parts) == 1 else parts
+
+
+def count(x) -> int:
+    """Images in a stack input (0 for None)."""
+    return 0 if x is None else len(as_list(x)[0])
+
+
+def select(x, rows: torch.Tensor):
+    """The given image rows of a stack input."""
+    return as_batch([t[rows] for t in as_list(x)])
+
+
+def repeat(x, n: int):
+    """A one-image stack input repeated n times (expanded, no copy)."""
+    return as_batch([t.expand(n, *t.shape[1:]) for t in as_list(x)])
 
 
 @torch.no_grad()
@@ -124,5 +145,5 @@ class ImageBank:
     def inputs(self, rows: list[int]) -> dict:
         """Model inputs for these images: cached features when available, else pixels."""
         if self.features is not None:
-            return {"image_features": batch_of([torch.from_numpy(f[rows]) for f in self.features])}
-        return {"pixel_values": batch_of([t.normalize(px[rows]) for t, px in zip(self.transforms, self.pixels)])}
+            return {"image_features": as_batch([torch.from_numpy(f[rows]) for f in self.features])}
+        return {"pixel_values": as_batch([t.normalize(px[rows]) for t, px in zip(self.transforms, self.pixels)])}

@@ -16,11 +16,10 @@ from pydantic import Field
 
 from vlkit.config import Section
 from vlkit.console import bar
-from vlkit.data.features import ImageBank
 from vlkit.data.records import message_text
 from vlkit.eval import metrics as M
 from vlkit.models.generate import GenerationConfig, generate
-from vlkit.models.vision.stack import repeat
+from vlkit.data.features import ImageBank, repeat
 
 TASKS = ("caption", "vqa", "grounding", "text")
 

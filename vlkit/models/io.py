@@ -29,19 +29,13 @@ from vlkit.config import validate
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, read_json, write_json
+from vlkit.models.llm import arch_of
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
 
 MODEL_TYPE = "vlkit_vlm"
 FORMAT = 2
 # format 1 -> 2: the one tower became encoder 0 of the vision stack, VPG-C one of the fusions
 RENAMED = (("vision.model.", "vision.encoders.0.model."), ("vpgc.", "fusions.vpgc."))
-
-
-def _arch(hf_config) -> dict:
-    d = hf_config.to_dict()
-    for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-        d.pop(k, None)
-    return d
 
 
 def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None) -> Path:
@@ -53,7 +47,7 @@ def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLPr
     sources = {"tower": [c.path for c in (cfg.tower if isinstance(cfg.tower, list) else [cfg.tower])],
                "llm": cfg.llm.path}
     cfg.tower = model.vision.saved_config()
-    cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, _arch(model.llm.config)
+    cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, arch_of(model.llm.config)
     write_json(directory / "config.json", {"model_type": MODEL_TYPE, "format": FORMAT,
                                            "vlkit_version": vlkit.__version__, "vlm": cfg.model_dump(mode="json"),
                                            "image_token_id": model.image_token_id,

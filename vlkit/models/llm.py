@@ -152,5 +152,13 @@ def position_limit(llm: nn.Module) -> int | None:
     return getattr(base_model(llm).config.get_text_config(), "max_position_embeddings", None)
 
 
+def arch_of(hf_config) -> dict:
+    """An HF config as the `arch` dict a saved vlkit model keeps: what rebuilds the module, without file names."""
+    d = hf_config.to_dict()
+    for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    return d
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -25,7 +25,7 @@ from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
 from vlkit.models.llm import base_model, llm_groups, load_llm, position_limit
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
-from vlkit.models.vision.stack import as_list, count
+from vlkit.data.features import as_list, count
 from vlkit.models.vpg import VPGConfig, build_vpg
 
 

@@ -18,7 +18,6 @@ import torch
 from pydantic import BaseModel
 
 from vlkit.config import to_yaml
-from vlkit.data.features import ImageBank
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
@@ -26,7 +25,7 @@ from vlkit.eval.world import EvalConfig, evaluate_vlm
 from vlkit.fileio import read_json, stable_hash, write_json, write_text
 from vlkit.models.io import write_vlm
 from vlkit.models.llm import count_parameters
-from vlkit.models.vision.stack import count, select
+from vlkit.data.features import ImageBank, count, select
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.train import Trainer
 from vlkit.world.sources import RecordsConfig, load_split

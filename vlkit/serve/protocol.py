@@ -8,6 +8,7 @@ n > 1, ...) are refused by name rather than ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Annotated, Any, Literal, Union
@@ -92,9 +93,10 @@ class ChatRequest(_Strict):
         return self.temperature is None or self.temperature < GREEDY_BELOW
 
 
-def _fields() -> set[str]:
+@functools.cache
+def _fields() -> frozenset[str]:
     models = (ImageURL, TextPart, ImagePart, Message, StreamOptions, ChatRequest)
-    return {name for m in models for name in m.model_fields}
+    return frozenset(name for m in models for name in m.model_fields)
 
 
 def _where(loc: tuple) -> str:

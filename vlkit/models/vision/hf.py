@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from vlkit.data.transforms import ImageTransform
 from vlkit.errors import VlkitError
 from vlkit.fileio import read_json
-from vlkit.models.llm import check_weights
+from vlkit.models.llm import arch_of, check_weights
 from vlkit.models.vision.encoder import EncoderConfig, VisionEncoder, on_device, register_encoder
 
 # model_type -> (where its special tokens sit, how many besides registers)
@@ -86,10 +86,7 @@ class HFEncoder(VisionEncoder):
         return self.model.config
 
     def arch(self) -> dict:
-        d = self.model.config.to_dict()
-        for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-            d.pop(k, None)
-        return d
+        return arch_of(self.model.config)
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         layer = self.cfg.feature_layer

@@ -9,7 +9,7 @@ sequence, in the order they are listed (N = sum of N_i). Mixing the channels of 
 widths (SPHINX) is not built yet; such a stack is refused when it is built.
 
 Inputs and features travel as a tensor for a one-encoder stack, and as a list (one entry per encoder)
-for several; `as_list` reads either.
+for several (vlkit.data.features: `as_list`, `as_batch`, `count`, `select`, `repeat`).
 """
 
 from __future__ import annotations
@@ -17,33 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlkit.data.features import as_list
 from vlkit.data.transforms import ImageTransform
 from vlkit.errors import VlkitError
 from vlkit.models.vision.encoder import EncoderConfig, VisionEncoder, build_encoder
-
-
-def as_list(x) -> list[torch.Tensor]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def as_batch(parts: list[torch.Tensor]):
-    """The inverse of `as_list`: a tensor for one encoder, a list for several."""
-    return parts[0] if len(parts) == 1 else parts
-
-
-def count(x) -> int:
-    """Images in a stack input (0 for None)."""
-    return 0 if x is None else len(as_list(x)[0])
-
-
-def select(x, rows: torch.Tensor):
-    """The given image rows of a stack input."""
-    return as_batch([t[rows] for t in as_list(x)])
-
-
-def repeat(x, n: int):
-    """A one-image stack input repeated n times (expanded, no copy)."""
-    return as_batch([t.expand(n, *t.shape[1:]) for t in as_list(x)])
 
 
 class VisionStack(nn.Module):
