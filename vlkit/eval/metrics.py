@@ -23,27 +23,36 @@ def _coco_tokens(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def cider(predictions: list[str], references: list[list[str]]) -> float:
-    """Corpus CIDEr-D (x1, as pycocoevalcap reports it; papers often print x100)."""
+def cider_items(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """Per-item CIDEr-D with the document frequencies of the whole set; their mean is the corpus score."""
     from pycocoevalcap.cider.cider import Cider
 
     if not predictions:
-        return 0.0
+        return []
     gts = {i: [_coco_tokens(r) for r in refs] for i, refs in enumerate(references)}
     res = {i: [_coco_tokens(p) or "empty"] for i, p in enumerate(predictions)}
-    score, _ = Cider().compute_score(gts, res)
-    return float(score)
+    _, scores = Cider().compute_score(gts, res)
+    return [float(v) for v in scores]
+
+
+def cider(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus CIDEr-D (x1, as pycocoevalcap reports it; papers often print x100)."""
+    items = cider_items(predictions, references)
+    return sum(items) / len(items) if items else 0.0
+
+
+def rouge_l_items(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """ROUGE-L F1 per prediction, best over its references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(predictions, references)]
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     """Mean ROUGE-L F1, best over each prediction's references."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    if not predictions:
-        return 0.0
-    return sum(max(scorer.score(r, p)["rougeL"].fmeasure for r in refs)
-               for p, refs in zip(predictions, references)) / len(predictions)
+    items = rouge_l_items(predictions, references)
+    return sum(items) / len(items) if items else 0.0
 
 
 def box_iou(a, b) -> float:

@@ -69,22 +69,28 @@ def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalCon
     return out
 
 
-def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
+def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, list[float]]:
+    """Per-item scores of one task, metric by metric (the paired bootstrap of `vlkit.eval.stats` reads these);
+    each metric's mean is its corpus figure (CIDEr's document frequencies come from the whole set)."""
     refs = [prompt_and_reference(r)[1] for r in records]
     if task == "caption":
         multi = [r.get("meta", {}).get("refs") or [ref] for r, ref in zip(records, refs)]
-        return {"caption_cider": M.cider(preds, multi), "caption_rougeL": M.rouge_l(preds, multi)}
+        return {"caption_cider": M.cider_items(preds, multi), "caption_rougeL": M.rouge_l_items(preds, multi)}
     if task == "edit":  # "what changed?" between two images: a sentence, scored like a caption (one reference)
-        return {"edit_rougeL": M.rouge_l(preds, [[ref] for ref in refs]),
-                "edit_acc": float(np.mean([M.exact_match(p, ref) for p, ref in zip(preds, refs)]))}
+        return {"edit_rougeL": M.rouge_l_items(preds, [[ref] for ref in refs]),
+                "edit_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
     if task == "grounding":
         ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
-        return {"grounding_iou50": float(np.mean([i >= 0.5 for i in ious])), "grounding_miou": float(np.mean(ious))}
-    hits = [M.exact_match(p, ref) for p, ref in zip(preds, refs)]
-    out = {f"{task}_acc": float(np.mean(hits))}
-    if task == "vqa":  # per question kind (color, shape, count, position, exist), where records say it
+        return {"grounding_iou50": [float(i >= 0.5) for i in ious], "grounding_miou": ious}
+    return {f"{task}_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
+
+
+def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
+    items = score_items(task, records, preds)
+    out = {k: float(np.mean(v)) for k, v in items.items()}
+    if task == "vqa":  # per question kind (color, shape, count, position, exist, relation), where records say it
         by_kind: dict[str, list[float]] = defaultdict(list)
-        for r, h in zip(records, hits):
+        for r, h in zip(records, items["vqa_acc"]):
             if r.get("meta", {}).get("kind"):
                 by_kind[r["meta"]["kind"]].append(h)
         out.update({f"vqa_acc_{k}": float(np.mean(v)) for k, v in sorted(by_kind.items())})
@@ -93,7 +99,8 @@ def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
 
 def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: ImageBank | None = None,
                  progress: bool | None = None, examples: int = 6, with_images: dict | None = None) -> dict:
-    """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...]}
+    """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...],
+    "items": {"image": {metric: [per-item score, in record order]}, "blind": ...}}
 
     `with_images`: this model's result on the same records and tasks, already computed without the
     blind pass (the last evaluation during training, say); it is reused and only the blind pass runs."""
@@ -102,20 +109,23 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
     chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
     if bank is None:
         bank = ImageBank(chosen, processor.transforms)
-    result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": []}
+    result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": [], "items": {}}
     modes = ["image", "blind"] if cfg.blind else ["image"]
     if with_images is not None:
         if with_images["counts"] != result["counts"]:
             raise ValueError(f"with_images was evaluated on {with_images['counts']}, not {result['counts']}")
         result.update(image=with_images["image"], examples=with_images["examples"])
+        if "image" in with_images.get("items", {}):
+            result["items"]["image"] = with_images["items"]["image"]
         modes.remove("image")
     for mode in modes:
         preds = answers(model, processor, chosen, bank, cfg, blind=(mode == "blind"), progress=progress)
-        metrics, k = {}, 0
+        metrics, items, k = {}, {}, 0
         for t in cfg.tasks:
             recs = by_task.get(t, [])
             if recs:
                 metrics.update(score(t, recs, preds[k:k + len(recs)]))
+                items.update(score_items(t, recs, preds[k:k + len(recs)]))
                 if mode == "image":
                     for r, p in list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]:
                         prompt, ref = prompt_and_reference(r)
@@ -124,4 +134,5 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
                                                    "prediction": p})
             k += len(recs)
         result[mode] = metrics
+        result["items"][mode] = items
     return result

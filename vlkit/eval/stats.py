@@ -1,0 +1,113 @@
+"""Measurement beyond the noise: the one helper every experiment report uses.
+
+* `interval(items)`: the mean of per-item scores with a bootstrap 95% interval (items resampled);
+* `paired(a, b)`: the difference b - a of two systems scored on the *same* items, with a paired
+  bootstrap 95% interval (the same resampled items for both) and the share of resamples in which b
+  does not beat a (a one-sided bootstrap p-value);
+* `over_seeds(values)`: mean, standard deviation, min and max of one figure over seeds;
+* `mean_curve(curves, metric)`: seed-averaged training curves (steps all seeds evaluated), from which
+  speed-ups are read (`vlkit.eval.curves.speedup` takes them as they are);
+* `fmt` / `fmt_paired`: how a report prints them ("0.412 [0.391, 0.433]").
+
+Resampling is seeded, so a report is a pure function of its scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 2000
+
+
+def _resample_index(n: int, resamples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _bounds(samples: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(samples, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def interval(items: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """{"mean", "lo", "hi", "n", "se"}: the mean of per-item scores and its percentile-bootstrap interval."""
+    x = np.asarray(items, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"interval needs a non-empty list of per-item scores, got shape {x.shape}")
+    means = x[_resample_index(len(x), resamples, seed)].mean(axis=1)
+    lo, hi = _bounds(means, level)
+    return {"mean": float(x.mean()), "lo": lo, "hi": hi, "n": int(len(x)), "se": float(means.std(ddof=1))}
+
+
+def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
+           seed: int = 0) -> dict:
+    """b - a on the same items: {"diff", "lo", "hi", "n", "p_not_better", "a", "b"}.
+
+    `p_not_better` is the share of resamples in which b - a <= 0: small means b beats a beyond the noise."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"paired needs two equally long lists of per-item scores, got {x.shape} and {y.shape}")
+    d = y - x
+    diffs = d[_resample_index(len(d), resamples, seed)].mean(axis=1)
+    lo, hi = _bounds(diffs, level)
+    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d)),
+            "p_not_better": float(np.mean(diffs <= 0)), "a": float(x.mean()), "b": float(y.mean())}
+
+
+def over_seeds(values: Sequence[float]) -> dict:
+    """{"mean", "std", "min", "max", "n"} of one figure measured once per seed (std: 0 for one seed)."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    if len(x) == 0:
+        raise ValueError("over_seeds needs at least one value")
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+            "min": float(x.min()), "max": float(x.max()), "n": int(len(x))}
+
+
+def mean_curve(curves: Sequence[list[dict]], metrics: Sequence[str]) -> list[dict]:
+    """The seed average of training curves: at each step every curve evaluated, the mean of each metric and
+    of samples and train_seconds (curves as `vlkit.eval.curves` defines them)."""
+    if not curves:
+        raise ValueError("mean_curve needs at least one curve")
+    by_step = [{p["step"]: p for p in c} for c in curves]
+    common = sorted(set.intersection(*(set(s) for s in by_step)))
+    out = []
+    for step in common:
+        pts = [s[step] for s in by_step]
+        row = {"step": step, "seeds": len(pts)}
+        for k in ("samples", "train_seconds", *metrics):
+            vals = [p[k] for p in pts if p.get(k) is not None]
+            row[k] = float(np.mean(vals)) if vals else None
+        out.append(row)
+    return out
+
+
+def fmt(ci: dict, digits: int = 3) -> str:
+    """'0.412 [0.391, 0.433]' for an interval; '0.412 ± 0.010 (3 seeds)' for over_seeds."""
+    if "lo" in ci:
+        centre = ci.get("mean", ci.get("diff"))
+        return f"{centre:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
+    return f"{ci['mean']:.{digits}f} ± {ci['std']:.{digits}f} ({ci['n']} seed{'s' if ci['n'] != 1 else ''})"
+
+
+def fmt_paired(p: dict, digits: int = 3) -> str:
+    """'+0.021 [+0.008, +0.034]' for a paired difference."""
+    return f"{p['diff']:+.{digits}f} [{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}]"
+
+
+def verdict(p: dict, higher_is_better: bool = True) -> str:
+    """'holds' when the interval of b - a excludes 0 in the claimed direction, 'reversed' when it excludes 0
+    the other way, else 'not shown (within noise)'."""
+    lo, hi = (p["lo"], p["hi"]) if higher_is_better else (-p["hi"], -p["lo"])
+    if lo > 0:
+        return "holds"
+    if hi < 0:
+        return "reversed"
+    return "not shown (within noise)"
+
+
+def binomial_se(rate: float, n: int) -> float:
+    """Standard error of a success rate over n independent items."""
+    return math.sqrt(max(rate * (1 - rate), 0.0) / n) if n else float("nan")
