@@ -57,7 +57,9 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
         model = load_llm(model_dir).eval()
         blocks = pack(tok, test, 128, LMData().describe_images)
         with torch.no_grad():
-            return {"model": str(model_dir), "heldout_ppl": perplexity(model, blocks), "tokens": int(blocks.numel()),
-                    "context_vqa_acc": context_vqa(model, tok, test, limit=max_per_task)}
+            cvqa = context_vqa(model, tok, test, limit=max_per_task)
+            return {"model": str(model_dir), "heldout_ppl": perplexity(model, blocks),
+                    "tokens": int(blocks["input_ids"].numel()),
+                    "context_vqa_acc": cvqa["acc"] if cvqa else None, "context_vqa": cvqa}
     raise VlkitError(f"{model_dir}: don't know how to evaluate a {arch or 'model without architectures'}; "
                      "pass an LM directory or a CLIP directory (<run>/clip)")

@@ -18,7 +18,7 @@ from pydantic import Field
 from vlkit.config import Section
 from vlkit.data.records import text_only
 from vlkit.world.sources import RecordsConfig, load_splits
-from vlkit.data.tokenizer import TokenizerConfig, load_tokenizer, render, train_bpe
+from vlkit.data.tokenizer import TokenizerConfig, encode_chat, load_tokenizer, render, train_bpe
 from vlkit.models.llm import LLMConfig, build_llm, count_parameters
 from vlkit.recipes.common import finish, prepare_output
 from vlkit.train import TrainConfig, Trainer
@@ -31,6 +31,32 @@ class LMData(RecordsConfig):
         0.5, ge=0, le=1, description="Chance that an image in a conversation is replaced by a sentence describing "
         "it (world records). This is how the LM learns to answer from what its context says about a scene, the "
         "skill a frozen LLM needs to read visual prompts later; otherwise the image is dropped.")
+    drill: int = Field(0, ge=0, description="Per train scene, one more conversation: the scene in words, then up to "
+                       "this many of its questions, each answered in turn (a multi-turn drill). Many answers per "
+                       "description: the skill of answering from context is learned in far fewer steps.")
+    whole: bool = Field(False, description="Pack whole conversations only: a block starts at a conversation and "
+                        "pads (unlabelled) rather than cutting one in two; longer ones are truncated. Otherwise the "
+                        "text is one stream cut every block_size tokens, and a question whose scene fell into the "
+                        "block before is answered blind, which teaches guessing.")
+    drill_repeat: bool = Field(False, description="Each drill opens by asking for the scene back, word for word. "
+                               "Copying is what induction heads do, and a tiny LM forms them from repeated text in "
+                               "a few hundred steps; looking up an answer in the context builds on them.")
+    copy_blocks: float = Field(0.0, ge=0, lt=1, description="Share of training blocks that are synthetic copy "
+                               "tasks: a random token sequence, then the same sequence again. Dense, pure "
+                               "induction signal: a tiny LM forms induction heads from these within a few hundred "
+                               "steps, and answering from the context (finding the object a question names) "
+                               "builds on them; world text alone leaves it on a long plateau first.")
+    loss_on: Literal["all", "assistant"] = Field(
+        "all", description="Tokens the loss (and held-out perplexity) sees: every token, or only the assistant's "
+        "replies (captions and answers), as a chat model is tuned. A tiny LM given every token spends its capacity "
+        "on the scene descriptions, which are random, and learns to answer from them slowly.")
+
+
+class LMEval(Section):
+    context_vqa: int = Field(200, ge=0, description="Held-out world questions answered with the scene written "
+                             "out in the context (0: skip); >= 1000 for a figure a conclusion rests on.")
+    context_vqa_during: int = Field(0, ge=0, description="Also at every evaluation during training (train.eval_every), "
+                                    "on this many questions: the curve of the skill, beside perplexity.")
 
 
 class LMRecipe(Section):
@@ -40,6 +66,7 @@ class LMRecipe(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: LLMConfig = Field(default_factory=LLMConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: LMEval = Field(default_factory=LMEval)
 
 
 def scene_descriptions(record: dict) -> list[str]:
@@ -77,6 +104,38 @@ def textualize(record: dict, p: float) -> list[dict]:
     return out
 
 
+REPEAT_PROMPT = "say the scene again."
+
+
+def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False) -> list[dict]:
+    """One multi-turn conversation per distinct train scene: its detailed caption, then up to `per_scene` of its
+    questions (vlkit.world.language.vqa_pool, in a seeded order), each answered; with `repeat`, the first
+    reply is the caption itself, copied."""
+    import numpy as np
+
+    from vlkit.data.records import assistant, user
+    from vlkit.world.language import caption, vqa_pool
+    from vlkit.world.scene import Scene
+
+    out, seen = [], set()
+    for r in records:
+        scene = r.get("meta", {}).get("scene")
+        if scene is None or scene.get("seed") in seen:
+            continue
+        seen.add(scene.get("seed"))
+        s = Scene.from_dict(scene)
+        rng = np.random.default_rng([seed, int(scene.get("seed", 0))])
+        pool = vqa_pool(s, rng, relations)
+        order = rng.permutation(len(pool))[:per_scene]
+        described = caption(s, "detailed")
+        messages = [user(f"({described}) {REPEAT_PROMPT}"), assistant(described)] if repeat else []
+        for i in order:
+            _, q, a = pool[int(i)]
+            messages += [user(q if messages else f"({described}) {q}"), assistant(a)]
+        out.append({"id": f"drill-{scene.get('seed')}", "task": "drill", "images": [], "messages": messages})
+    return out
+
+
 def bpe_texts(records: list[dict]) -> list[str]:
     """Plain strings shaped like rendered conversations, for training the BPE itself."""
     out = []
@@ -88,33 +147,98 @@ def bpe_texts(records: list[dict]) -> list[str]:
     return out
 
 
-def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0) -> torch.Tensor:
-    """Render each conversation as text, concatenate, cut into (n_blocks, block_size) ids."""
-    stream: list[int] = []
+def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0, loss_on: str = "all",
+         whole: bool = False) -> dict:
+    """Render each conversation as text and cut the token stream into blocks: {"input_ids", "labels"}, each
+    (n_blocks, block_size). Labels are -100 outside assistant replies when `loss_on` is "assistant", and on
+    padding. `whole`: blocks hold whole conversations (greedy fill, padded; a longer one is truncated)."""
+    convs = []
     for r in records:
-        stream.extend(tok(render(tok, textualize(r, describe_images)), add_special_tokens=False)["input_ids"])
-    n = len(stream) // block_size
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+        messages = textualize(r, describe_images)
+        if loss_on == "assistant":
+            enc = encode_chat(tok, messages)
+            convs.append((enc["input_ids"], enc["labels"]))
+        else:
+            ids = tok(render(tok, messages), add_special_tokens=False)["input_ids"]
+            convs.append((ids, ids))
+    if not whole:
+        ids = [t for c, _ in convs for t in c]
+        labels = [t for _, c in convs for t in c]
+        n = len(ids) // block_size
+        return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size),
+                "labels": torch.tensor(labels[: n * block_size], dtype=torch.long).view(n, block_size)}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows_ids, rows_labels, cur_ids, cur_labels = [], [], [], []
+
+    def flush():
+        if cur_ids:
+            fill = block_size - len(cur_ids)
+            rows_ids.append(cur_ids + [pad] * fill)
+            rows_labels.append(cur_labels + [-100] * fill)
+
+    for ids, labels in convs:
+        ids, labels = ids[:block_size], labels[:block_size]
+        if len(cur_ids) + len(ids) > block_size:
+            flush()
+            cur_ids, cur_labels = [], []
+        cur_ids, cur_labels = cur_ids + ids, cur_labels + labels
+    flush()
+    return {"input_ids": torch.tensor(rows_ids, dtype=torch.long).view(-1, block_size),
+            "labels": torch.tensor(rows_labels, dtype=torch.long).view(-1, block_size)}
 
 
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> float:
+def copy_task_blocks(tok, n: int, block_size: int, seed: int = 0) -> dict:
+    """`n` synthetic blocks: <bos>, a random sequence of ordinary tokens, the same sequence again; padded
+    (unlabelled) to `block_size`. Sequence lengths vary from 8 tokens to half the block."""
+    special = set(tok.all_special_ids)
+    vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((n, block_size), pad, dtype=torch.long)
+    labels = torch.full((n, block_size), -100, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.randint(8, max(9, (block_size - 1) // 2 + 1), (1,), generator=g))
+        seq = vocab[torch.randint(len(vocab), (k,), generator=g)]
+        row = torch.cat([torch.tensor([tok.bos_token_id]), seq, seq])
+        ids[i, :len(row)] = row
+        labels[i, :len(row)] = row
+    return {"input_ids": ids, "labels": labels}
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, packed: dict):
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.packed["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.packed.items()}
+
+
+def perplexity(model, packed: dict, batch_size: int = 64) -> float:
+    """exp(mean next-token NLL) over the labelled tokens of packed blocks."""
     device = next(model.parameters()).device
+    ids_all, labels_all = packed["input_ids"], packed["labels"]
     nll, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
+    for i in range(0, len(ids_all), batch_size):
+        ids, labels = ids_all[i:i + batch_size].to(device), labels_all[i:i + batch_size].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
+        target = labels[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target, reduction="sum",
+                                                 ignore_index=-100)
         nll += loss.item()
-        count += ids[:, 1:].numel()
+        count += int((target != -100).sum())
     return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()
-def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50) -> float | None:
+def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50) -> dict | None:
     """Exact-match accuracy on held-out world questions with the scene written out in the context: what the
-    LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen."""
+    LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen.
+    {"acc", "lo", "hi", "n", "per_kind": {kind: acc}} (bootstrap 95% interval), None without such questions."""
     from vlkit.eval.metrics import exact_match
+    from vlkit.eval.stats import interval
     from vlkit.eval.world import prompt_and_reference
 
     recs = [r for r in records if r.get("task") == "vqa" and scene_descriptions(r)][:limit]
@@ -135,16 +259,32 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
                 hits.append(exact_match(tok.decode(ids, skip_special_tokens=True), ref))
     finally:
         tok.padding_side = side
-    return sum(hits) / len(hits)
+    kinds: dict[str, list[float]] = {}
+    for r, h in zip(recs, hits):
+        kinds.setdefault(r.get("meta", {}).get("kind", "other"), []).append(h)
+    ci = interval(hits)
+    return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
+            "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())}}
+
+
+def during(model, tok, blocks: dict, records: list[dict], questions: int) -> dict:
+    """An evaluation during training: held-out perplexity, and context VQA on `questions` items (0: not)."""
+    out = {"ppl": perplexity(model, blocks)}
+    if questions:
+        c = context_vqa(model, tok, records, questions)
+        if c:
+            out["context_vqa"] = c["acc"]
+    model.train()
+    return out
 
 
 def lm_loss(model, batch):
-    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
     return out.loss, {"tokens": batch["input_ids"].numel()}
 
 
-def collate_blocks(items: list[torch.Tensor]) -> dict:
-    return {"input_ids": torch.stack(items)}
+def collate_blocks(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
@@ -156,18 +296,33 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
         tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
-    train_blocks = pack(tok, train_recs, cfg.data.block_size, cfg.data.describe_images)
-    test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images)
+    if cfg.data.drill:
+        train_recs = train_recs + drills(train_recs, cfg.data.drill, cfg.data.world.relations, cfg.data.world.seed,
+                                         cfg.data.drill_repeat)
+        random.Random(cfg.data.world.seed).shuffle(train_recs)
+    train_blocks = pack(tok, train_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
+                        cfg.data.whole)
+    if cfg.data.copy_blocks:
+        n = round(len(train_blocks["input_ids"]) * cfg.data.copy_blocks / (1 - cfg.data.copy_blocks))
+        extra = copy_task_blocks(tok, n, cfg.data.block_size, cfg.data.world.seed)
+        train_blocks = {k: torch.cat([train_blocks[k], extra[k]]) for k in train_blocks}
+    test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
+                       cfg.data.whole)
     seed_everything(cfg.train.seed)
     model = build_llm(cfg.model, tok)
-    trainer = Trainer(model, cfg.train, train_blocks, collate_blocks, lm_loss, out,
-                      evaluate=lambda m: {"ppl": perplexity(m, test_blocks)},
+    trainer = Trainer(model, cfg.train, Blocks(train_blocks), collate_blocks, lm_loss, out,
+                      evaluate=lambda m: during(m, tok, test_blocks, test_recs, cfg.eval.context_vqa_during),
                       run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}", on_start=record)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))
+    cvqa = context_vqa(model, tok, test_recs, cfg.eval.context_vqa) if cfg.eval.context_vqa else None
     return finish(out, {"recipe": "lm", "family": cfg.model.family, "params": count_parameters(model),
-                        "vocab_size": len(tok), "train_tokens": int(train_blocks.numel()),
-                        "test_tokens": int(test_blocks.numel()), "heldout_ppl": metrics["ppl"],
-                        "context_vqa_acc": context_vqa(model, tok, test_recs),
+                        "vocab_size": len(tok), "train_tokens": int(train_blocks["input_ids"].numel()),
+                        "test_tokens": int(test_blocks["input_ids"].numel()), "loss_on": cfg.data.loss_on,
+                        "heldout_ppl": metrics["ppl"],
+                        "context_vqa": cvqa, "context_vqa_acc": cvqa["acc"] if cvqa else None,
+                        "ppl_curve": [{"step": h["step"], "ppl": h["eval/ppl"],
+                                       **({"context_vqa": h["eval/context_vqa"]} if "eval/context_vqa" in h else {})}
+                                      for h in trainer.history if "eval/ppl" in h],
                         "steps": cfg.train.steps, "model_dir": str(out / "model")})

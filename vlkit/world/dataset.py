@@ -47,6 +47,8 @@ class WorldData(Section):
     test_scenes: int = Field(500, ge=0, description="Scenes in the held-out split.")
     tasks: list[Task] = Field(default_factory=lambda: list(TASKS), description="Tasks to derive per scene.")
     vqa_per_scene: int = Field(2, ge=0, description="VQA records per scene.")
+    relations: bool = Field(False, description="Also ask spatial relations between two objects (VQA kind "
+                            "'relation': is the A left of / above the B?).")
 
 
 def scene_seed(seed: int, split: str, i: int) -> int:
@@ -75,7 +77,7 @@ def scene_records(scene: Scene, split: str, i: int, cfg: WorldData, img_dir: Pat
                 refs=lang.all_captions(scene), style=style)
         elif task == "vqa":
             for k in range(cfg.vqa_per_scene):
-                kind, q, a = lang.vqa(scene, rng)
+                kind, q, a = lang.vqa(scene, rng, cfg.relations)
                 rec("vqa", k, [img], [user(None, q), assistant(a)], kind=kind, answer=a)
         elif task == "grounding":
             obj, q, a = lang.grounding(scene, rng)

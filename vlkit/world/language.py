@@ -83,8 +83,30 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
         return None
 
 
-def vqa_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """Every question this scene can answer: (kind, question, answer)."""
+def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """A spatial relation between two objects, asked only where the scene's regions decide it (different
+    columns for left/right, different rows for above/below), so the detailed caption answers it too."""
+    objs = list(scene.objects)
+    if len(objs) < 2:
+        return None
+    i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+    a_, b_ = objs[i], objs[j]
+    col = lambda o: min(2, int(o.cx * 3))  # noqa: E731
+    row = lambda o: min(2, int(o.cy * 3))  # noqa: E731
+    options = []
+    if col(a_) != col(b_):
+        options += [("left of", col(a_) < col(b_)), ("right of", col(a_) > col(b_))]
+    if row(a_) != row(b_):
+        options += [("above", row(a_) < row(b_)), ("below", row(a_) > row(b_))]
+    if not options:
+        return None
+    rel, truth = options[int(rng.integers(len(options)))]
+    return "relation", f"is the {a_.name} {rel} the {b_.name}?", "yes" if truth else "no"
+
+
+def vqa_pool(scene: Scene, rng: np.random.Generator, relations: bool = False) -> list[tuple[str, str, str]]:
+    """Every question this scene can answer: (kind, question, answer); `relations` adds a spatial relation
+    between two objects (kind "relation")."""
     objs = list(scene.objects)
     out: list[tuple[str, str, str]] = []
     shapes = [o.shape for o in objs]
@@ -109,12 +131,16 @@ def vqa_pool(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str
             if f"{c} {s}" not in names:
                 out.append(("exist", f"is there {a(c)} {c} {s}?", "no"))
                 break
+    if relations:
+        q = relation_question(scene, rng)
+        if q is not None:
+            out.append(q)
     return out
 
 
-def vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+def vqa(scene: Scene, rng: np.random.Generator, relations: bool = False) -> tuple[str, str, str]:
     """One question drawn uniformly over kinds, then over that kind's questions."""
-    pool = vqa_pool(scene, rng)
+    pool = vqa_pool(scene, rng, relations)
     kinds = sorted({k for k, _, _ in pool})
     kind = kinds[rng.integers(len(kinds))]
     options = [q for q in pool if q[0] == kind]
