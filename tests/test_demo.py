@@ -57,6 +57,14 @@ def test_demo_writes_report_caches_and_retrains_downstream(tmp_path, tiny_world)
     assert sp["transfer_final"] == first["results"]["transfer_llama_tiny_to_small"]["curve"][-1]["caption_cider"]
     t = first["results"]["vlm_instruct"]["eval"]
     assert set(t["image"]) == set(t["blind"]) and "caption_cider" in t["image"]
+    # the figures the README quotes, with what measured them
+    import json
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["figures"]["instruct_image_caption_cider"] == t["image"]["caption_cider"]
+    assert saved["figures"]["vpgtrans_scratch_best"] == sp["scratch_best"]
+    assert saved["provenance"]["machine"]["cpus"] >= 1 and saved["provenance"]["date"]
+    assert "Measured at " in report
     again = run_demo(out, progress=False, config_dir=tiny_configs(tmp_path, world))
     assert again["results"]["vlm_instruct"]["eval"] == t  # every stage cached
     # a changed upstream stage (the LLaMA) retrains the VLM stages that read it, not the others

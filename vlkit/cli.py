@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="vlkit: compose, train, evaluate, guard and serve vision-language LLMs.")
 world_app = typer.Typer(no_args_is_help=True, help="The shapes world: generate datasets and previews.")
 app.add_typer(world_app, name="world")
+bench_app = typer.Typer(no_args_is_help=True, help="The science bench: the models every experiment builds on.")
+app.add_typer(bench_app, name="bench")
 
 
 @world_app.command("build")
@@ -315,7 +317,10 @@ def ats_check(n: int = typer.Option(500, help="Generated instances per procedura
 @app.command()
 def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
-               demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused."),
+               demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused (vpgc)."),
+               bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
+                                          "build`)."),
+               seeds: int = typer.Option(3, min=1, help="vpgtrans: seeds per headline arm."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
@@ -323,7 +328,27 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])
-    module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None)
+    if name == "vpgtrans":
+        module.run_experiment(out or Path("runs") / name, bench, only=only or None, seeds=seeds)
+    else:
+        module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None)
+
+
+@bench_app.command("build")
+def bench_build(out: Path = typer.Option(Path("runs/bench"), help="Where the bench models go."),
+                only: list[str] = typer.Option(None, help="Build only these stages (repeatable): lm_small, lm_large, "
+                                               "lm_opt, vit."),
+                fresh: bool = typer.Option(False, help="Retrain every stage, cached or not."),
+                strict: bool = typer.Option(True, help="Exit non-zero when a model misses its gate.")) -> None:
+    """Train (or reuse) the bench models and check their gates; writes <out>/bench.json and report.md."""
+    from vlkit.experiments.bench import STAGES, build_bench
+
+    unknown = sorted(set(only or ()) - set(STAGES))
+    if unknown:
+        raise VlkitError(f"bench build: unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
+    summary = build_bench(out, only=only or None, fresh=fresh)
+    if strict and not summary["passed"]:
+        raise VlkitError(f"bench build: a model missed its gate; see {out / 'report.md'}")
 
 
 def main() -> None:

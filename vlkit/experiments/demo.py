@@ -19,7 +19,8 @@ from vlkit.data.records import load_records
 from vlkit.errors import VlkitError
 from vlkit.eval.curves import eval_curve, speedup, steps_to_reach, times
 from vlkit.experiments.stages import WORLD_CONFIGS, Stages
-from vlkit.fileio import write_text
+from vlkit.experiments import provenance, provenance_line
+from vlkit.fileio import write_json, write_text
 from vlkit.recipes import load_config
 from vlkit.world.dataset import build, info
 from vlkit.world.preview import contact_sheet, preview_records
@@ -93,9 +94,26 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
     for t in [*tables, table]:
         wide.print(t)
     wide.print(trans["line"])
-    write_text(out / "report.md", md + trans_md)
+    prov = provenance()
+    write_text(out / "report.md", md + trans_md + "\n" + provenance_line(prov) + "\n")
+    write_json(out / "results.json", {"provenance": prov, "figures": figures(results, trans),
+                                      "seconds": {k: round(v, 1) for k, v in timings.items()}})
     console.print(f"report: {out / 'report.md'}")
     return {"results": results, "timings": timings, "vpgtrans": trans}
+
+
+def figures(results: dict[str, dict], trans: dict) -> dict:
+    """Every figure the README quotes from the demo, by name."""
+    lm, vit = results["lm_llama_small"], results["clip_vit"]
+    v, t = results["vpg_qformer"], results["vlm_instruct"]
+    sp = trans["speedups"]["caption_cider"]
+    return {"lm_ppl": lm["heldout_ppl"], "lm_context_vqa": lm.get("context_vqa_acc"),
+            "vit_i2t_r1": vit["heldout_i2t_r1"],
+            **{f"{name}_{mode}_{m}": r["eval"][mode].get(m) for name, r in (("vpg", v), ("instruct", t))
+               for mode in ("image", "blind") for m in ("caption_cider", "vqa_acc")},
+            "vpgtrans_scratch_best": sp["scratch_best"], "vpgtrans_scratch_best_step": sp["scratch_best_step"],
+            "vpgtrans_best": sp["transfer_best"], "vpgtrans_reached": sp["reached"],
+            "vpgtrans_speedup_steps": sp.get("speedup_steps")}
 
 
 def vpgtrans_speedup(results: dict[str, dict]) -> dict:

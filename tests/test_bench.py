@@ -1,0 +1,87 @@
+"""The science bench: its gates, its report, what experiments get when it is missing; the world's relation
+questions and the LM data that teaches answering from context."""
+
+import numpy as np
+import pytest
+
+from vlkit.errors import VlkitError
+from vlkit.experiments import bench
+from vlkit.world.language import relation_question, vqa_pool
+from vlkit.world.scene import Obj, Scene, generate_scene, WorldConfig
+
+
+def ppl_curve(values, every=100):
+    return [{"step": every * (i + 1), "ppl": v} for i, v in enumerate(values)]
+
+
+def test_plateau_reads_the_last_fifth_of_training():
+    flat = bench.plateau(ppl_curve([3.0, 2.0, 1.6, 1.5, 1.49, 1.489, 1.488, 1.488, 1.4875, 1.4874]))
+    assert flat["passed"] and flat["from_step"] == 800 and flat["change"] < 0.01
+    falling = bench.plateau(ppl_curve([3.0, 2.5, 2.2, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4]))
+    assert not falling["passed"] and falling["change"] > 0.05
+    assert not bench.plateau([{"step": 10, "ppl": 2.0}])["passed"]  # too few evaluations to tell
+
+
+def test_gates_pass_and_miss_on_the_thresholds():
+    good = {"context_vqa": {"acc": 0.96, "lo": 0.95, "hi": 0.97, "n": 1000, "per_kind": {"color": 1.0}},
+            "ppl_curve": ppl_curve([2.0, 1.5, 1.4, 1.4, 1.4])}
+    g = bench.gates("lm_small", good)
+    assert g["context_vqa"]["passed"] and g["plateau"]["passed"]
+    bad = dict(good, context_vqa={**good["context_vqa"], "acc": 0.94})
+    assert not bench.gates("lm_small", bad)["context_vqa"]["passed"]
+    assert bench.gates("vit", {"heldout_i2t_r1": 0.81, "gallery": 500})["retrieval"]["passed"]
+    assert not bench.gates("vit", {"heldout_i2t_r1": 0.79, "gallery": 500})["retrieval"]["passed"]
+    summary = {"stages": {"lm_small": {"label": "LM", "gates": bench.gates("lm_small", bad), "params": 10,
+                                       "steps": 500, "seconds": 3.0, "trained_now": True}},
+               "passed": False, "seconds": 3.0}
+    md = bench.report(summary)
+    assert "MISSED" in md and "0.940 [0.950, 0.970]" in md and "All gates passed: NO" in md
+
+
+def test_experiments_refuse_a_missing_bench_with_the_command_to_build_it(tmp_path):
+    with pytest.raises(VlkitError, match="vlkit bench build"):
+        bench.load_bench(tmp_path)
+    with pytest.raises(KeyError, match="unknown bench model"):
+        bench.model_dir("lm_huge")
+
+
+def test_relation_questions_are_decided_by_the_regions_the_caption_names():
+    left, right = Obj("circle", "red", "small", 0.15, 0.5), Obj("square", "blue", "small", 0.85, 0.5)
+    scene = Scene((left, right))
+    answers = {}
+    for seed in range(40):
+        q = relation_question(scene, np.random.default_rng(seed))
+        answers[q[1]] = q[2]
+    assert answers.get("is the red circle left of the blue square?", "yes") == "yes"
+    assert answers.get("is the blue square left of the red circle?", "no") == "no"
+    assert answers.get("is the red circle right of the blue square?", "no") == "no"
+    assert not any("above" in k or "below" in k for k in answers)  # same row: no vertical relation is asked
+    same_cell = Scene((Obj("circle", "red", "small", 0.1, 0.1), Obj("square", "blue", "small", 0.25, 0.25)))
+    assert relation_question(same_cell, np.random.default_rng(0)) is None
+    # the default world asks no relations, so its datasets stay as they were
+    s = generate_scene(7, WorldConfig())
+    assert all(k != "relation" for k, _, _ in vqa_pool(s, np.random.default_rng(0)))
+
+
+def test_drills_and_whole_packing_keep_each_question_with_its_scene():
+    from vlkit.data.tokenizer import train_bpe
+    from vlkit.recipes.lm import bpe_texts, drills, pack
+
+    scenes = [generate_scene(i, WorldConfig(min_objects=3)) for i in range(30)]
+    recs = [{"id": f"caption-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
+             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a scene."}]}]}
+            for i, s in enumerate(scenes)]
+    d = drills(recs + recs[:5], per_scene=4, relations=True)
+    assert len(d) == 30  # one per distinct scene
+    first = d[0]["messages"]
+    assert len(first) == 8 and first[0]["content"][0]["text"].startswith("(a ")  # the scene, then the first question
+    assert all(not m["content"][0]["text"].startswith("(") for m in first[2::2])
+    tok = train_bpe(bpe_texts(recs + d), 400, "llama")
+    packed = pack(tok, d, 256, whole=True)
+    ids, labels = packed["input_ids"], packed["labels"]
+    bos = tok.bos_token_id
+    assert (ids[:, 0] == bos).all()  # every block starts at a conversation
+    assert ((labels == -100) == (ids == tok.pad_token_id)).all()  # padding is never learned
+    cut = pack(tok, d, 64)  # the stream cut every 64 tokens: blocks start mid-conversation
+    assert not (cut["input_ids"][:, 0] == bos).all()
