@@ -1,6 +1,6 @@
 """VPGTrans speed-up in miniature; the same as `vlkit experiment vpgtrans` (see vlkit/experiments/vpgtrans.py).
 
-    python experiments/vpgtrans.py [--out runs/vpgtrans] [--demo runs/demo]
+    python experiments/vpgtrans.py [--out runs/vpgtrans] [--bench runs/bench] [--seeds 3]
 """
 
 import sys

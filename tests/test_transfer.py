@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -235,32 +236,43 @@ def test_steps_to_reach_is_the_first_evaluation_at_or_above():
     assert steps_to_reach(curve, "m", 0.51) is None
 
 
-def test_experiment_summary_reach_findings_and_report(tmp_path):
+def test_experiment_summary_claims_intervals_and_report(tmp_path):
     from vlkit.experiments.vpgtrans import plot, report, summarize
 
-    def run(points, steps=None):
-        curve = [{"step": s, "samples": 32 * s, "train_seconds": 0.4 * s, "caption_cider": c, "vqa_acc": v}
-                 for s, c, v in points]
-        return {"curve": curve, "init": None, "stages": {}, "steps": curve[-1]["step"], "train_seconds": 1.0,
-                "eval": {"image": {"caption_cider": curve[-1]["caption_cider"], "vqa_acc": curve[-1]["vqa_acc"]}}}
+    rng = np.random.default_rng(0)
 
-    runs = {"scratch_large": run([(0, 0.1, 0.2), (40, 0.2, 0.25), (400, 0.3, 0.3), (800, 0.4, 0.3)]),
-            "vpgtrans_large": run([(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.35, 0.31), (200, 0.38, 0.3)]),
-            "vpgtrans_short": run([(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.3, 0.3)]),
-            "warmup_lr_x1": run([(0, 0.2, 0.1), (20, 0.22, 0.2), (60, 0.26, 0.3)])}
-    s = summarize(runs)
-    reach = {r["fraction"]: r for r in s["reach"]}
-    assert reach[0.5]["scratch_step"] == 40 and reach[0.5]["transfer_step"] == 0 and reach[0.5]["speedup"] is None
-    assert reach[0.8]["scratch_step"] == 800 and reach[0.8]["transfer_step"] == 60
-    assert abs(reach[0.8]["speedup"] - 800 / 60) < 1e-9 and reach[1.0]["transfer_step"] is None
-    assert not s["speedups"]["small_to_large"]["caption_cider"]["reached"]  # 0.38 never passes 0.4
-    lr = next(f for f in s["findings"] if "5x" in f["claim"])
-    assert lr["holds"]  # 5x: mean 0.275 after warm-up vs 1x 0.24
-    s.update(total_seconds=1.0, source={"steps": 1500, "caption_cider": 0.5, "vqa_acc": 0.31})
-    md = report(s, plot(runs, tmp_path))
-    assert "| 80% | 0.320 | step 800 | step 60 | 13.3x |" in md and "before any training: CIDEr 0.200" in md
-    assert "| 50% | 0.200 | step 40 | step 0 | no steps needed (step 0) |" in md and "| step 800 | never | - |" in md
-    assert (tmp_path / "small_to_large.png").stat().st_size > 0
+    def run(points, seed, final_rate):
+        curve = [{"step": s, "samples": 32 * s, "train_seconds": 0.4 * s, "caption_cider": c + 0.01 * seed,
+                  "vqa_acc": v} for s, c, v in points]
+        items = {"caption_cider": list(rng.random(300) * 2 * final_rate),
+                 "vqa_acc": list((rng.random(300) < final_rate).astype(float))}
+        return {"curve": curve, "init": None, "stages": {}, "steps": curve[-1]["step"], "train_seconds": 1.0,
+                "eval": {"image": {m: float(np.mean(v)) for m, v in items.items()}, "items": {"image": items}}}
+
+    scratch = [(0, 0.1, 0.2), (40, 0.2, 0.25), (400, 0.3, 0.3), (800, 0.4, 0.3)]
+    trans = [(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.45, 0.31), (200, 0.46, 0.33)]
+    runs = {f"scratch_large_s{k}": run(scratch, k, 0.3) for k in range(3)}
+    runs |= {f"vpgtrans_large_s{k}": run(trans, k, 0.6) for k in range(3)}
+    runs["vpgtrans_short"] = run([(0, 0.2, 0.1), (20, 0.25, 0.2), (60, 0.3, 0.3)], 0, 0.6)
+    runs["warmup_lr_x1"] = run([(0, 0.2, 0.1), (20, 0.22, 0.2), (60, 0.26, 0.3)], 0, 0.3)
+    s = summarize(runs, seeds=3)
+    c = s["pairs"]["small_to_large"]
+    assert c["seeds"] == 3 and [p["step"] for p in c["curves"]["scratch"]] == [0, 40, 400, 800]
+    sp = c["caption_cider"]["speedup"]  # mean curves: scratch best 0.41 at 800; VPGTrans passes it at 60
+    assert sp["reached"] and sp["transfer_step"] == 60 and abs(sp["speedup_steps"] - 800 / 60) < 1e-9
+    assert c["caption_cider"]["speedup_over_seeds"]["n"] == 3
+    paired = c["vqa_acc"]["final_paired"]
+    assert paired["n"] == 900 and paired["lo"] > 0  # 0.6 vs 0.3 over 900 paired items
+    claim = next(r for r in s["claims"] if "10x" in r["claim"] and "CIDEr" in r["claim"])
+    assert claim["verdict"] == "holds" and "13.3x" in claim["ours"]
+    vqa = next(r for r in s["claims"] if "10x" in r["claim"] and "VQA" in r["claim"])
+    assert vqa["verdict"] != "holds"  # VQA: scratch best 0.3 at 400, VPGTrans passes at 60: 6.7x
+    abl = next(a for a in s["ablations"] if "5x" in a["claim"])
+    assert abl["verdict"] == "holds" and abl["paired"]["n"] == 300
+    s.update(total_seconds=1.0, seconds={}, source={"steps": 1500, "caption_cider": 0.5, "vqa_acc": 0.31})
+    md = report(s, plot(runs, s, tmp_path))
+    assert "| 80% |" in md and "13.3x" in md and "## Claims" in md and "paired" in md
+    assert (tmp_path / "small_to_large.png").stat().st_size > 0 and (tmp_path / "ablations.png").is_file()
 
 
 def test_final_evaluation_reuses_the_last_one_during_training(tmp_path, tiny_world, source_vlm, wide_lm, monkeypatch):
