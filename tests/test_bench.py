@@ -85,3 +85,51 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     assert ((labels == -100) == (ids == tok.pad_token_id)).all()  # padding is never learned
     cut = pack(tok, d, 64)  # the stream cut every 64 tokens: blocks start mid-conversation
     assert not (cut["input_ids"][:, 0] == bos).all()
+
+
+def test_a_partial_build_keeps_the_stages_built_before(tmp_path, monkeypatch):
+    from vlkit.experiments import stages as stages_mod
+
+    results = {"lm_small": {"context_vqa": {"acc": 0.97, "lo": 0.96, "hi": 0.98, "n": 1000, "per_kind": {}},
+                            "ppl_curve": ppl_curve([2.0, 1.5, 1.4, 1.4, 1.4]), "params": 7, "steps": 5},
+               "vit": {"heldout_i2t_r1": 0.85, "gallery": 500, "vision_params": 9, "steps": 3}}
+
+    def fake_run(self, name, overrides, config=None, after=(), force=False, label=None):
+        self.seconds[name] = 0.0
+        self.trained.add(name)
+        (tmp_path / name / ("vision" if name == "vit" else "model")).mkdir(parents=True)
+        return results[name]
+
+    monkeypatch.setattr(stages_mod.Stages, "run", fake_run)
+    first = bench.build_bench(tmp_path, only=["lm_small"])
+    assert set(first["stages"]) == {"lm_small"} and not first["passed"] and "vit" in first["missing"]
+    second = bench.build_bench(tmp_path, only=["vit"])
+    assert set(second["stages"]) == {"lm_small", "vit"}  # the first build's stage is still there
+    assert bench.load_bench(tmp_path, need=("lm_small", "vit"))["stages"]["vit"]["gates"]["retrieval"]["passed"]
+    with pytest.raises(VlkitError, match="missing"):
+        bench.load_bench(tmp_path, need=("lm_large",))
+    assert "Not built yet: lm_large, lm_opt" in (tmp_path / "report.md").read_text()
+
+
+def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached():
+    from vlkit.fileio import stable_hash
+    from vlkit.recipes.common import config_hash
+    from vlkit.recipes.lm import LMRecipe
+    from vlkit.world.dataset import WorldData, dataset_dir
+
+    cfg = LMRecipe()
+    before = cfg.model_dump(mode="json")  # a config as saved before the bench's settings existed
+    before.pop("output_dir")
+    before.pop("eval")
+    before["data"]["world"].pop("relations")
+    before["train"].pop("length_groups")  # an older later setting
+    for key in ("drill", "drill_repeat", "whole", "copy_blocks", "loss_on"):
+        before["data"].pop(key)
+    assert config_hash(cfg) == stable_hash(before)
+    changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"whole": True})})
+    assert config_hash(changed) != config_hash(cfg)
+    w = WorldData()
+    old = w.model_dump(mode="json")
+    old.pop("relations")
+    assert dataset_dir(w).name == stable_hash({"cfg": old, "version": 1})
+    assert dataset_dir(w.model_copy(update={"relations": True})) != dataset_dir(w)

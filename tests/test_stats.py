@@ -66,3 +66,17 @@ def test_mean_curve_averages_the_steps_every_seed_evaluated():
     assert [p["step"] for p in avg] == [0, 10]
     assert avg[1]["m"] == pytest.approx(0.4) and avg[1]["train_seconds"] == pytest.approx(2.0)
     assert avg[0]["seeds"] == 2
+
+
+def test_paired_over_seeds_resamples_items_not_seed_copies_of_them():
+    rng = np.random.default_rng(5)
+    hard = rng.random(400)
+    effect = rng.normal(0.02, 0.1, 400)  # how much b helps differs by item, and the same under every seed
+    a = [hard + rng.normal(0, 0.01, 400) for _ in range(3)]
+    b = [hard + effect + rng.normal(0, 0.01, 400) for _ in range(3)]
+    p = stats.paired_over_seeds(a, b)
+    assert p["n"] == 400 and p["seeds"] == 3
+    flat = stats.paired(np.concatenate(a), np.concatenate(b))  # 1,200 "items": an interval too narrow
+    assert (flat["hi"] - flat["lo"]) < 0.7 * (p["hi"] - p["lo"])  # ~1/sqrt(3) as wide
+    with pytest.raises(ValueError, match="same number of seeds"):
+        stats.paired_over_seeds(a, b[:2])

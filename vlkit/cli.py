@@ -321,7 +321,8 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
                bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
                                           "build`)."),
                seeds: int = typer.Option(3, min=1, help="vpgtrans: seeds per headline arm."),
-               only: list[str] = typer.Option(None, help="Run only these named runs (repeatable).")) -> None:
+               only: list[str] = typer.Option(None, help="Run only these named runs (repeatable); vpgtrans: a pair "
+                                              "(small_to_large, llama_to_opt) or an ablation.")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
                    "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats"}

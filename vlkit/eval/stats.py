@@ -57,6 +57,21 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resampl
             "p_not_better": float(np.mean(diffs <= 0)), "a": float(x.mean()), "b": float(y.mean())}
 
 
+def paired_over_seeds(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], level: float = LEVEL,
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """b - a where each system ran once per seed on the same items: per item, the difference averaged over
+    the seeds (seed k of a paired with seed k of b), then the paired bootstrap over items. Items, not
+    (seed, item) pairs, are resampled: the same item under three seeds is one item, not three."""
+    if not a or len(a) != len(b):
+        raise ValueError(f"paired_over_seeds needs the same number of seeds on both sides, got {len(a)} and {len(b)}")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"paired_over_seeds needs seeds x items score arrays of one shape, got {x.shape} and "
+                         f"{y.shape}")
+    out = paired(x.mean(axis=0), y.mean(axis=0), level, resamples, seed)
+    return {**out, "seeds": int(x.shape[0])}
+
+
 def over_seeds(values: Sequence[float]) -> dict:
     """{"mean", "std", "min", "max", "n"} of one figure measured once per seed (std: 0 for one seed)."""
     x = np.asarray([v for v in values if v is not None], dtype=float)

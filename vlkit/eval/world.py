@@ -86,7 +86,11 @@ def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, l
 
 
 def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:
-    items = score_items(task, records, preds)
+    return summarize_items(task, records, score_items(task, records, preds))
+
+
+def summarize_items(task: str, records: list[dict], items: dict[str, list[float]]) -> dict[str, float]:
+    """A task's figures from its per-item scores: each metric's mean, and VQA per question kind."""
     out = {k: float(np.mean(v)) for k, v in items.items()}
     if task == "vqa":  # per question kind (color, shape, count, position, exist, relation), where records say it
         by_kind: dict[str, list[float]] = defaultdict(list)
@@ -124,8 +128,9 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
         for t in cfg.tasks:
             recs = by_task.get(t, [])
             if recs:
-                metrics.update(score(t, recs, preds[k:k + len(recs)]))
-                items.update(score_items(t, recs, preds[k:k + len(recs)]))
+                task_items = score_items(t, recs, preds[k:k + len(recs)])
+                items.update(task_items)
+                metrics.update(summarize_items(t, recs, task_items))
                 if mode == "image":
                     for r, p in list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]:
                         prompt, ref = prompt_and_reference(r)

@@ -32,17 +32,39 @@ from vlkit.world.sources import RecordsConfig, load_split
 
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the hash at
-# that value, so adding a setting does not invalidate every finished run.
-LATER_SETTINGS = {("train", "length_groups"): 1}
+# that value, so adding a setting does not invalidate every finished run. A key is a path into the config;
+# a whole section added later is left out when it equals its default.
+LATER_SETTINGS: dict[tuple[str, ...], object] = {
+    ("train", "length_groups"): 1,
+    ("data", "world", "relations"): False,
+    ("eval_data", "world", "relations"): False,
+    ("data", "drill"): 0,
+    ("data", "drill_repeat"): False,
+    ("data", "whole"): False,
+    ("data", "copy_blocks"): 0.0,
+    ("data", "loss_on"): "all",
+}
+LATER_SECTIONS: dict[str, dict[str, dict]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}}}
+
+
+def drop_later_settings(data: dict, recipe: str | None = None) -> dict:
+    """`data` (a config's model_dump) without the settings added later where they hold their old value."""
+    for path, old in LATER_SETTINGS.items():
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == old:
+            node.pop(path[-1])
+    for key, default in LATER_SECTIONS.get(recipe or "", {}).items():
+        if data.get(key) == default:
+            data.pop(key)
+    return data
 
 
 def config_hash(cfg: BaseModel) -> str:
     data = cfg.model_dump(mode="json")
     data.pop("output_dir", None)
-    for (section, key), old in LATER_SETTINGS.items():
-        if isinstance(data.get(section), dict) and data[section].get(key, old) == old:
-            data[section].pop(key, None)
-    return stable_hash(data)
+    return stable_hash(drop_later_settings(data, data.get("recipe")))
 
 
 def prepare_output(cfg: BaseModel, out: Path, resume: bool, overwrite: bool = False) -> Callable[[], None]:

@@ -99,7 +99,10 @@ def scene_records(scene: Scene, split: str, i: int, cfg: WorldData, img_dir: Pat
 
 
 def dataset_dir(cfg: WorldData) -> Path:
-    key = stable_hash({"cfg": cfg.model_dump(mode="json"), "version": GENERATOR_VERSION})
+    data = cfg.model_dump(mode="json")
+    if not data.get("relations"):  # added later: datasets without relations keep their cache key
+        data.pop("relations", None)
+    key = stable_hash({"cfg": data, "version": GENERATOR_VERSION})
     return cache_root() / "world" / key
 
 
