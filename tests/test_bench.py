@@ -133,3 +133,18 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     old.pop("relations")
     assert dataset_dir(w).name == stable_hash({"cfg": old, "version": 1})
     assert dataset_dir(w.model_copy(update={"relations": True})) != dataset_dir(w)
+
+
+def test_wrong_object_tells_a_misbound_answer_from_one_not_read_from_the_scene():
+    from vlkit.recipes.lm import wrong_object
+
+    scene = Scene((Obj("circle", "red", "small", 0.15, 0.15), Obj("square", "blue", "small", 0.85, 0.85))).to_dict()
+
+    def q(kind, answer):
+        return {"task": "vqa", "meta": {"kind": kind, "answer": answer, "scene": scene}}
+
+    recs = [q("color", "red"), q("color", "red"), q("shape", "square"), q("position", "top left"), q("count", "two")]
+    w = wrong_object(recs, ["Red.", "blue", "star", "bottom right", "three"])
+    assert w["n"] == 4  # count questions are not about one object
+    assert (w["right"], w["another_object"], w["not_in_scene"]) == (0.25, 0.5, 0.25)
+    assert wrong_object(recs[4:], ["two"]) is None

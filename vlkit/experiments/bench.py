@@ -175,6 +175,12 @@ def report(summary: dict) -> str:
                "|---|" + "---|" * len(names)]
         md += [f"| {n} | " + " | ".join(f"{v.get(k, float('nan')):.3f}" for k in names) + " |"
                for n, v in kinds.items()]
+        for n, s in summary["stages"].items():
+            w = (s["gates"].get("context_vqa", {}).get("interval") or {}).get("wrong_object")
+            if w:
+                md += ["", f"{n}: of {w['n']} colour, shape and position questions, {w['right']:.0%} answered with "
+                       f"the named object's value, {w['another_object']:.0%} with another object's (read from the "
+                       f"context, bound to the wrong object), {w['not_in_scene']:.0%} with a value in no object."]
     if summary.get("missing"):
         md += ["", f"Not built yet: {', '.join(summary['missing'])} (`vlkit bench build` builds them)."]
     md += ["", f"All gates passed: {'yes' if summary['passed'] else 'NO'}. "

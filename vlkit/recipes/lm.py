@@ -247,7 +247,7 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     model.eval()
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
-    hits = []
+    hits, preds = [], []
     try:
         for i in range(0, len(recs), batch_size):
             chunk = recs[i:i + batch_size]
@@ -256,7 +256,8 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
             for (_, ref), ids in zip(pairs, out[:, enc["input_ids"].shape[1]:]):
-                hits.append(exact_match(tok.decode(ids, skip_special_tokens=True), ref))
+                preds.append(tok.decode(ids, skip_special_tokens=True))
+                hits.append(exact_match(preds[-1], ref))
     finally:
         tok.padding_side = side
     kinds: dict[str, list[float]] = {}
@@ -264,7 +265,32 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
         kinds.setdefault(r.get("meta", {}).get("kind", "other"), []).append(h)
     ci = interval(hits)
     return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
-            "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())}}
+            "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
+            "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            "wrong_object": wrong_object(recs, preds)}
+
+
+def wrong_object(records: list[dict], preds: list[str]) -> dict | None:
+    """Of the colour, shape and position questions: the share answered with the right object's value, with
+    another object's value from the same scene (the context was read but the attribute was bound to the wrong
+    object), or with a value that is in no object of the scene."""
+    from vlkit.eval.metrics import normalize_answer
+    from vlkit.world.scene import Obj
+
+    counts = {"right": 0, "another_object": 0, "not_in_scene": 0}
+    for r, p in zip(records, preds):
+        kind, scene = r.get("meta", {}).get("kind"), r.get("meta", {}).get("scene")
+        if kind not in ("color", "shape", "position") or not scene:
+            continue
+        objs = [Obj(**o) for o in scene["objects"]]
+        values = {"color": [o.color for o in objs], "shape": [o.shape for o in objs],
+                  "position": [o.region for o in objs]}[kind]
+        pred = normalize_answer(p)
+        key = "right" if pred == normalize_answer(r["meta"]["answer"]) else \
+            "another_object" if pred in values else "not_in_scene"
+        counts[key] += 1
+    n = sum(counts.values())
+    return {"n": n, **{k: v / n for k, v in counts.items()}} if n else None
 
 
 def during(model, tok, blocks: dict, records: list[dict], questions: int) -> dict:
