@@ -85,6 +85,10 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     assert ((labels == -100) == (ids == tok.pad_token_id)).all()  # padding is never learned
     cut = pack(tok, d, 64)  # the stream cut every 64 tokens: blocks start mid-conversation
     assert not (cut["input_ids"][:, 0] == bos).all()
+    replies = pack(tok, d, 256, loss_on="assistant", whole=True)  # only the answers are learned
+    learned = replies["labels"][replies["labels"] != -100]
+    assert 0 < len(learned) < 0.5 * (replies["input_ids"] != tok.pad_token_id).sum()
+    assert tok.decode(learned).count("USER") == 0
 
 
 def test_a_partial_build_keeps_the_stages_built_before(tmp_path, monkeypatch):
@@ -123,7 +127,7 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before.pop("eval")
     before["data"]["world"].pop("relations")
     before["train"].pop("length_groups")  # an older later setting
-    for key in ("drill", "drill_repeat", "whole", "copy_blocks", "loss_on"):
+    for key in ("drill", "drill_repeat", "whole", "loss_on"):
         before["data"].pop(key)
     assert config_hash(cfg) == stable_hash(before)
     changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"whole": True})})

@@ -48,3 +48,9 @@ def test_world_preview(tmp_path):
     res = vlkit("world", "preview", "--out", tmp_path / "sheet.png", "--n", 6)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "sheet.png").stat().st_size > 10_000
+
+
+def test_bench_build_names_an_unknown_stage_and_the_ones_there_are(tmp_path):
+    r = vlkit("bench", "build", "--out", tmp_path / "bench", "--only", "lm_huge")
+    assert r.returncode == 2 and "unknown stage(s) ['lm_huge']" in r.stderr and "lm_small" in r.stderr
+    assert not (tmp_path / "bench").exists()  # nothing written

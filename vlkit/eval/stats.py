@@ -14,7 +14,6 @@ Resampling is seeded, so a report is a pure function of its scores.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -121,8 +120,3 @@ def verdict(p: dict, higher_is_better: bool = True) -> str:
     if hi < 0:
         return "reversed"
     return "not shown (within noise)"
-
-
-def binomial_se(rate: float, n: int) -> float:
-    """Standard error of a success rate over n independent items."""
-    return math.sqrt(max(rate * (1 - rate), 0.0) / n) if n else float("nan")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vlkit.errors import VlkitError
 from vlkit.eval.stats import fmt
 from vlkit.experiments import provenance, provenance_line
 from vlkit.experiments.stages import Stages
@@ -96,7 +97,7 @@ def build_bench(out: str | Path = DEFAULT_OUT, progress: bool | None = None, onl
     out = Path(out)
     unknown = sorted(set(only or ()) - set(STAGES))
     if unknown:
-        raise KeyError(f"unknown bench stage(s) {unknown}; choose from {sorted(STAGES)}")
+        raise VlkitError(f"bench build: unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
     stages = Stages(console, progress, fresh, BENCH_CONFIGS)
     t0 = time.perf_counter()
     path = out / "bench.json"
@@ -134,8 +135,6 @@ def build_bench(out: str | Path = DEFAULT_OUT, progress: bool | None = None, onl
 
 def load_bench(out: str | Path = DEFAULT_OUT, need: tuple[str, ...] = tuple(STAGES)) -> dict:
     """The bench summary, checked to hold the models an experiment needs (a clear error otherwise)."""
-    from vlkit.errors import VlkitError
-
     path = Path(out) / "bench.json"
     if not path.is_file():
         raise VlkitError(f"{path}: no bench here; run `vlkit bench build --out {out}` first (about an hour on "

@@ -41,7 +41,6 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "drill"): 0,
     ("data", "drill_repeat"): False,
     ("data", "whole"): False,
-    ("data", "copy_blocks"): 0.0,
     ("data", "loss_on"): "all",
 }
 LATER_SECTIONS: dict[str, dict[str, dict]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}}}

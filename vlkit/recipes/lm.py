@@ -41,11 +41,6 @@ class LMData(RecordsConfig):
     drill_repeat: bool = Field(False, description="Each drill opens by asking for the scene back, word for word. "
                                "Copying is what induction heads do, and a tiny LM forms them from repeated text in "
                                "a few hundred steps; looking up an answer in the context builds on them.")
-    copy_blocks: float = Field(0.0, ge=0, lt=1, description="Share of training blocks that are synthetic copy "
-                               "tasks: a random token sequence, then the same sequence again. Dense, pure "
-                               "induction signal: a tiny LM forms induction heads from these within a few hundred "
-                               "steps, and answering from the context (finding the object a question names) "
-                               "builds on them; world text alone leaves it on a long plateau first.")
     loss_on: Literal["all", "assistant"] = Field(
         "all", description="Tokens the loss (and held-out perplexity) sees: every token, or only the assistant's "
         "replies (captions and answers), as a chat model is tuned. A tiny LM given every token spends its capacity "
@@ -187,24 +182,6 @@ def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0
             "labels": torch.tensor(rows_labels, dtype=torch.long).view(-1, block_size)}
 
 
-def copy_task_blocks(tok, n: int, block_size: int, seed: int = 0) -> dict:
-    """`n` synthetic blocks: <bos>, a random sequence of ordinary tokens, the same sequence again; padded
-    (unlabelled) to `block_size`. Sequence lengths vary from 8 tokens to half the block."""
-    special = set(tok.all_special_ids)
-    vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
-    g = torch.Generator().manual_seed(seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((n, block_size), pad, dtype=torch.long)
-    labels = torch.full((n, block_size), -100, dtype=torch.long)
-    for i in range(n):
-        k = int(torch.randint(8, max(9, (block_size - 1) // 2 + 1), (1,), generator=g))
-        seq = vocab[torch.randint(len(vocab), (k,), generator=g)]
-        row = torch.cat([torch.tensor([tok.bos_token_id]), seq, seq])
-        ids[i, :len(row)] = row
-        labels[i, :len(row)] = row
-    return {"input_ids": ids, "labels": labels}
-
-
 class Blocks(torch.utils.data.Dataset):
     def __init__(self, packed: dict):
         self.packed = packed
@@ -300,8 +277,7 @@ def during(model, tok, blocks: dict, records: list[dict], questions: int) -> dic
         c = context_vqa(model, tok, records, questions)
         if c:
             out["context_vqa"] = c["acc"]
-    model.train()
-    return out
+    return out  # the trainer puts the model back in training mode
 
 
 def lm_loss(model, batch):
@@ -328,10 +304,6 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         random.Random(cfg.data.world.seed).shuffle(train_recs)
     train_blocks = pack(tok, train_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
                         cfg.data.whole)
-    if cfg.data.copy_blocks:
-        n = round(len(train_blocks["input_ids"]) * cfg.data.copy_blocks / (1 - cfg.data.copy_blocks))
-        extra = copy_task_blocks(tok, n, cfg.data.block_size, cfg.data.world.seed)
-        train_blocks = {k: torch.cat([train_blocks[k], extra[k]]) for k in train_blocks}
     test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
                        cfg.data.whole)
     seed_everything(cfg.train.seed)
