@@ -103,7 +103,7 @@ def run_demo(out: str | Path = "runs/demo", fresh: bool = False, progress: bool 
 
 
 def figures(results: dict[str, dict], trans: dict) -> dict:
-    """Every figure the README quotes from the demo, by name."""
+    """The demo's headline figures, by name (the README's full tables read each stage's results.json too)."""
     lm, vit = results["lm_llama_small"], results["clip_vit"]
     v, t = results["vpg_qformer"], results["vlm_instruct"]
     sp = trans["speedups"]["caption_cider"]
