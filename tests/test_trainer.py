@@ -176,3 +176,60 @@ import os; os._exit(0)  # skip interpreter teardown, where gloo's threads someti
     assert (out / "writers.txt").read_text() == "0\n" and (out / "model" / "weights.txt").read_text() == "saved"
     assert "rank 0 ok ZeroDivisionError" in res.stdout and "rank 1 ok VlkitError" in res.stdout
     assert not (out / "broken").exists()
+
+
+def two_stream_trainer(out, steps=6, order="joint", weights=(1.0, 2.0)):
+    """Stream `a` updates the embeddings only, stream `b` the first layer's attention only; both see the whole
+    model in the loss, so each would move the other's group without the streams' groups."""
+    from vlkit.train import Stream
+
+    model = tiny_model(0)
+    a = list(model.model.embed_tokens.parameters())
+    b = list(model.model.layers[0].self_attn.parameters())
+    model.requires_grad_(False)
+    for p in a + b:
+        p.requires_grad_(True)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=0, log_every=1, progress=False, seed=5)
+    streams = [Stream("a", data(), collate, weights[0], a), Stream("b", data()[:, :9], collate, weights[1], b)]
+    return Trainer(model, cfg, None, collate, loss_fn, out, streams=streams, order=order), a, b
+
+
+def test_a_step_of_one_stream_leaves_the_other_group_bitwise_unchanged(tmp_path):
+    t, a, b = two_stream_trainer(tmp_path, steps=1, weights=(1.0, 0.5))
+    assert t.plan == [0]
+    before_a, before_b = [p.detach().clone() for p in a], [p.detach().clone() for p in b]
+    t.fit()
+    assert all(torch.equal(p, q) for p, q in zip(b, before_b))      # stream b's group: not one bit moved
+    assert not all(torch.equal(p, q) for p, q in zip(a, before_a))  # stream a's did
+    t, a, b = two_stream_trainer(tmp_path / "2", steps=2, weights=(1.0, 1.0))
+    assert t.plan == [0, 1]
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/a" in rows[0] and "loss/b" in rows[1] and "loss/b" not in rows[0]
+
+
+def test_stream_plans_follow_the_weights():
+    from vlkit.train.trainer import stream_plan
+
+    joint = stream_plan([1, 2], 9)
+    assert joint.count(0) == 3 and joint.count(1) == 6
+    assert all(abs(joint[:n].count(1) - 2 * n / 3) <= 1 for n in range(1, 10))  # interleaved, not in blocks
+    assert stream_plan([1, 2], 9, "sequential") == [0] * 3 + [1] * 6
+    assert stream_plan([1], 4) == [0, 0, 0, 0]
+
+
+def test_two_streams_resume_exactly(tmp_path):
+    t, _, _ = two_stream_trainer(tmp_path / "full", steps=6)
+    t.fit()
+    want = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t, _, _ = two_stream_trainer(tmp_path / "cut", steps=6)
+    t.cfg = t.cfg.model_copy(update={"save_every": 3})
+
+    def crash(step, _):
+        if step == 4:
+            raise Crash
+    with pytest.raises(Crash):
+        t.fit(callbacks=[crash])
+    t, _, _ = two_stream_trainer(tmp_path / "cut", steps=6)
+    t.fit(resume=True)
+    assert all(torch.equal(want[k], v) for k, v in t.model.state_dict().items())

@@ -5,8 +5,14 @@ a dataset (anything with ``len`` and ``[]``), a collate function and a loss func
 owns the rest: data order, AdamW, warm-up + cosine, accumulation, clipping, autocast, progress,
 the JSONL metrics log, periodic evaluation and atomic checkpoints with exact resume.
 
+Several data streams (`Stream`) can share one run, each with its own parameters (LLaMA-Adapter V2's joint
+training of disjoint groups): every step draws its batch from one stream, chosen by the streams' weights
+(`joint`: interleaved by weighted round-robin; `sequential`: each stream's share of the steps in turn), and
+updates only that stream's parameters; the others keep no gradient, so AdamW leaves them bitwise as they were.
+
 Data order is a pure function of (seed, epoch): the permutation of epoch e comes from a generator
-seeded with ``seed * 1_000_003 + e``, so a resumed run sees exactly the batches it would have seen.
+seeded with ``seed * 1_000_003 + e`` (stream k > 0: + k * 7_919), so a resumed run sees exactly the batches
+it would have seen.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -58,13 +65,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+@dataclass
+class Stream:
+    """One data stream of a run: its examples, how they are batched, its share of the steps (`weight`) and the
+    parameters its steps update (None: every trainable one)."""
+
+    name: str
+    dataset: Sequence
+    collate: Callable[[list], Any]
+    weight: float = 1.0
+    params: Sequence[nn.Parameter] | None = None
+
+
+def stream_plan(weights: Sequence[float], steps: int, order: Literal["joint", "sequential"] = "joint") -> list[int]:
+    """The stream of each step. joint: smooth weighted round-robin (over any window the counts follow the weights
+    to within one step); sequential: stream 0's share of the steps, then stream 1's, ..."""
+    total = float(sum(weights))
+    if order == "sequential":
+        ends = [round(steps * sum(weights[:k + 1]) / total) for k in range(len(weights))]
+        return [next(k for k, end in enumerate(ends) if s < end) for s in range(steps)]
+    credit, plan = [0.0] * len(weights), []
+    for _ in range(steps):
+        credit = [c + w for c, w in zip(credit, weights)]
+        k = max(range(len(weights)), key=lambda i: credit[i])
+        credit[k] -= total
+        plan.append(k)
+    return plan
+
+
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Sequence, collate: Callable[[list], Any],
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dataset: Sequence | None, collate: Callable[[list], Any],
                  loss_fn: LossFn, out_dir: str | Path, evaluate: EvalFn | None = None,
                  runtime: Runtime | None = None, run_config: dict | None = None, desc: str = "train",
-                 on_start: Callable[[], None] | None = None):
-        if len(dataset) == 0:
-            raise VlkitError(f"{out_dir}: the training dataset is empty; check the data section of the config")
+                 on_start: Callable[[], None] | None = None, streams: Sequence[Stream] | None = None,
+                 order: Literal["joint", "sequential"] = "joint"):
+        self.streams = list(streams) if streams else [Stream("train", dataset, collate)]
+        for st in self.streams:
+            if len(st.dataset) == 0:
+                what = "training dataset" if streams is None else f"training stream {st.name!r}"
+                raise VlkitError(f"{out_dir}: the {what} is empty; check the data section of the config")
+            if st.weight <= 0:
+                raise VlkitError(f"{out_dir}: stream {st.name!r} has weight {st.weight}; give it a positive weight")
+        self.plan = stream_plan([st.weight for st in self.streams], cfg.steps, order)
+        self._nth = [0] * cfg.steps  # how many earlier steps drew from the same stream
+        seen = [0] * len(self.streams)
+        for s, k in enumerate(self.plan):
+            self._nth[s], seen[k] = seen[k], seen[k] + 1
+        dataset, collate = self.streams[0].dataset, self.streams[0].collate
         self.cfg = cfg
         self.rt = runtime or make_runtime(cfg.device, cfg.precision, cfg.num_threads)
         self.model = model.to(self.rt.device)
@@ -84,15 +131,15 @@ class Trainer:
         self.train_seconds = 0.0  # optimisation time only (no evaluation, no checkpointing)
 
     # -- data order ---------------------------------------------------------------------------
-    @property
-    def batches_per_epoch(self) -> int:
-        per_rank = len(self.dataset) // self.rt.world_size
+    def batches_per_epoch(self, stream: int = 0) -> int:
+        per_rank = len(self.streams[stream].dataset) // self.rt.world_size
         return max(1, per_rank // self.cfg.batch_size)
 
-    def _batch_indices(self, micro: int) -> list[int]:
-        epoch, pos = divmod(micro, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.dataset), generator=g)[self.rt.rank::self.rt.world_size]
+    def _batch_indices(self, micro: int, stream: int = 0) -> list[int]:
+        """Indices of micro-batch `micro` of `stream`'s own data order."""
+        epoch, pos = divmod(micro, self.batches_per_epoch(stream))
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+        perm = torch.randperm(len(self.streams[stream].dataset), generator=g)[self.rt.rank::self.rt.world_size]
         start = pos * self.cfg.batch_size
         return perm[start:start + self.cfg.batch_size].tolist()
 
@@ -137,10 +184,12 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, extra_sum = 0.0, {}
+                sk = self.plan[self.step]
+                stream = self.streams[sk]
                 for k in range(cfg.grad_accum):
-                    micro = self.step * cfg.grad_accum + k
-                    indices = self._batch_indices(micro)
-                    batch = to_device(self.collate([self.dataset[i] for i in indices]), self.rt.device)
+                    micro = self._nth[self.step] * cfg.grad_accum + k
+                    indices = self._batch_indices(micro, sk)
+                    batch = to_device(stream.collate([stream.dataset[i] for i in indices]), self.rt.device)
                     with self.rt.autocast():
                         out = self.loss_fn(self.wrapped, batch)
                     loss, extra = out if isinstance(out, tuple) else (out, {})
@@ -154,6 +203,12 @@ class Trainer:
                     window_n += len(indices)
                     window_tok += int(extra.get("tokens", 0))
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
+                if stream.params is not None:  # this stream's step updates its own group only
+                    own = {id(p) for p in stream.params}
+                    for p in trainable:
+                        if id(p) not in own:
+                            p.grad = None
+                    trainable = [p for p in trainable if id(p) in own]
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -161,6 +216,8 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - t_step
                 metrics = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm)}
                 metrics.update({k: v / cfg.grad_accum for k, v in extra_sum.items() if k != "tokens"})
+                if len(self.streams) > 1:
+                    metrics[f"loss/{stream.name}"] = loss_sum
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - window_t
