@@ -2,6 +2,8 @@
 against its definition, early vs late fusion, no token slots, generation with the cache, save/load, the
 published V1 parameter count, clear refusals."""
 
+import json
+
 import pytest
 import torch
 
@@ -234,3 +236,45 @@ def test_adapter_file_is_small_and_loads_back(tmp_path, tiny_tokenizer):
     with pytest.raises(VlkitError, match="adapter settings"):
         other, _ = make(tiny_tokenizer, "llama", fusions=[{"kind": "adapter", "prompt_length": 2}])
         load_adapter(other, path)
+
+
+def test_adapter_recipe_trains_its_two_streams_and_nothing_else(tmp_path, tiny_world, tiny_tokenizer):
+    """From a tokens-fusion VLM: the adapter replaces the fusion (no image slots), captions train the projection and
+    the early gates, text-only instructions the prompts, gates, bias/scale and norms; all else stays as it was."""
+    from test_vlm import make as make_tokens_vlm
+    from vlkit.config import load
+    from vlkit.recipes.adapter import AdapterRecipe, run
+
+    model, proc = make_tokens_vlm(tiny_tokenizer)
+    save_vlm(model, tmp_path / "base", proc)
+    cfg_w, _ = tiny_world
+    streams = [{"name": "captions", "data": {"world": {"seed": cfg_w.seed, "train_scenes": cfg_w.train_scenes,
+                                                       "test_scenes": cfg_w.test_scenes}, "tasks": ["caption"]},
+                "trainable": ["vpg.projector", "adapter.visual_gates"]},
+               {"name": "instructions", "data": {"world": {"seed": cfg_w.seed, "train_scenes": cfg_w.train_scenes,
+                                                           "test_scenes": cfg_w.test_scenes}, "tasks": ["vqa"]},
+                "text_only": True, "trainable": ["adapter.prompts", "adapter.gates", "adapter.bias_scale",
+                                                 "llm.norms"]}]
+    cfg = load(AdapterRecipe, None, [
+        f"output_dir={tmp_path / 'run'}", f"init={tmp_path / 'base'}", "adapter.prompt_length=4",
+        f"streams={json.dumps(streams)}", "eval.tasks=[caption,vqa]", "eval.max_per_task=4", "train.steps=4",
+        "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=1", "train.progress=false"])
+    res = run(cfg)
+    assert res["num_image_tokens"] == 0 and res["streams"]["captions"] == ["vpg.projector", "adapter.visual_gates"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss/captions" in r, "loss/instructions" in r) for r in rows if "loss" in r] == \
+        [(True, False), (False, True)] * 2  # interleaved 1:1
+    trained, tproc = load_vlm(tmp_path / "run" / "model")
+    assert tproc.config.image_tokens == 0 and list(trained.fusions) == ["adapter"]
+    assert (tmp_path / "run" / "model" / "adapter.safetensors").is_file()
+    base = dict(model.named_parameters())
+    groups = trained.param_groups()
+    moved = {id(p) for g in ("vpg.projector", "adapter.visual_gates", "adapter.prompts", "adapter.gates",
+                             "adapter.bias_scale", "llm.norms") for p in groups[g]}
+    for name, p in trained.named_parameters():
+        if id(p) not in moved:
+            assert torch.equal(p, base[name]), name  # the tower, the Q-Former, the LLM's matrices: untouched
+    assert not torch.equal(trained.fusion("adapter").visual_gates, torch.zeros_like(trained.fusion("adapter")
+                                                                                    .visual_gates))
+    bs = trained.fusion("adapter").bias_scale
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in bs.bias_params())

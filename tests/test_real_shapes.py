@@ -86,3 +86,40 @@ def test_cheetor_vpgc_on_vicuna7b_has_the_published_parameter_count():
     assert count_parameters(model, trainable_only=True) == 6_320_896
     assert round(100 * 6_320_896 / count_parameters(model.llm), 2) == 0.09
     assert model.fusion("vpgc").layer == 16 == len(model.llm.model.layers) // 2
+
+
+def adapter_groups(name, overrides=()):
+    from vlkit.recipes.adapter import build as build_adapter
+
+    cfg, _ = load_config(REAL / name, list(overrides))
+    model, _ = build_adapter(cfg, device="meta")
+    return {k: sum(p.numel() for p in v) for k, v in model.param_groups().items()}
+
+
+def test_llama_adapter_v1_7b_count():
+    """V1 (Zhang et al. 2023): 10 prompts x 30 layers x 4096 = 1,228,800, + 30 layers x 32 heads = 960 gates."""
+    g = adapter_groups("llama_adapter_v1_7b.yaml")
+    assert g["adapter.prompts"] == 1_228_800 and g["adapter.gates"] == 960
+    assert "adapter.bias_scale" not in g and "adapter.visual_gates" not in g
+
+
+LLAMA_65B = ["model.llm.arch={model_type: llama, hidden_size: 8192, intermediate_size: 22016, num_hidden_layers: 80, "
+             "num_attention_heads: 64, num_key_value_heads: 64, vocab_size: 32000}"]
+
+
+@pytest.mark.parametrize("form,scales,total", [("input", 5_693_440, 13_811_712), ("output", 6_799_360, 14_917_632)])
+def test_llama_adapter_v2_bias_scale_norm_on_65b_shapes(form, scales, total):
+    """V2's unlocked bias/scale/norm on LLaMA-65B shapes: biases 6,799,360 and norms 1,318,912 in either form;
+    scales on the inputs (the released chat model) or on the outputs (the paper: its "14M")."""
+    g = adapter_groups("llama_adapter_v2_7b.yaml", LLAMA_65B + [f"adapter.bias_scale={form}"])
+    assert g["adapter.bias_scale"] == 6_799_360 + scales
+    assert g["llm.norms"] == 1_318_912
+    assert g["adapter.bias_scale"] + g["llm.norms"] == total
+
+
+def test_llama_adapter_v2_7b_groups():
+    """Early fusion: 32 gates for the visual prompts of layer 0, 10 prompts x 31 layers; the projection 1024->4096."""
+    g = adapter_groups("llama_adapter_v2_7b.yaml")
+    assert g["adapter.visual_gates"] == 32
+    assert g["adapter.prompts"] == 10 * 31 * 4096 and g["adapter.gates"] == 31 * 32
+    assert g["vpg.projector"] == 1024 * 4096 + 4096

@@ -24,6 +24,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "guard": ("vlkit.recipes.guard", "GuardRecipe"),
     "vpgc": ("vlkit.recipes.vpgc", "VPGCRecipe"),
     "ats": ("vlkit.recipes.ats", "ATSRecipe"),
+    "adapter": ("vlkit.recipes.adapter", "AdapterRecipe"),
 }
 
 

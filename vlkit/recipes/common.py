@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -27,7 +28,7 @@ from vlkit.models.io import write_vlm
 from vlkit.models.llm import count_parameters
 from vlkit.data.features import ImageBank, count, select
 from vlkit.models.vlm import VisionLanguageModel
-from vlkit.train import Trainer
+from vlkit.train import Stream, Trainer
 from vlkit.world.sources import RecordsConfig, load_split
 
 
@@ -199,18 +200,24 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
                        test_recs: list[dict], out: Path, resume: bool = False, overwrite: bool = False,
                        progress: bool | None = None, save: bool = True,
                        banks: tuple[ImageBank, ImageBank] | None = None, before_eval=None,
-                       model_dir: Path | None = None, on_start: Callable[[], None] | None = None) -> dict:
+                       model_dir: Path | None = None, on_start: Callable[[], None] | None = None,
+                       streams: list[RecordStream] | None = None, order: str = "joint") -> dict:
     """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
     (cfg.eval), save the model to `model_dir` (default <out>/model). `cfg` has train, eval, cache_features and
     model_dump(); `banks` (train, held-out) are reused when given; `on_start` runs before the first step (the run's
-    record: see prepare_output)."""
+    record: see prepare_output). With `streams`, each stream's records train its own groups (joint training of
+    disjoint groups, in `order`); `train_recs` is then every stream's records, for the image bank."""
     model_dir = model_dir or out / "model"
     if banks is None:
         bank, test_bank, feature_seconds = image_banks(model, proc, train_recs, test_recs, cfg.cache_features, out,
                                                        progress)
     else:
         (bank, test_bank), feature_seconds = banks, 0.0
-    data = VLDataset(train_recs, proc, bank)
+    groups = model.param_groups()
+    datasets = [VLDataset(st.records, proc, bank) for st in streams] if streams else [VLDataset(train_recs, proc, bank)]
+    data = datasets[0]
+    plan = [Stream(st.name, d, d.collate, st.weight, [p for g in st.groups for p in groups[g]])
+            for st, d in zip(streams, datasets)] if streams else None
     periodic, last = None, {}
     if cfg.train.eval_every:
         def periodic(m):
@@ -218,7 +225,8 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
             return dict(last["result"]["image"])
     loss = partial(vl_loss, groups=cfg.train.length_groups)
     trainer = Trainer(model, cfg.train, data, data.collate, loss, out, run_config=cfg.model_dump(mode="json"),
-                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic, on_start=on_start)
+                      desc=getattr(cfg, "recipe", "train"), evaluate=periodic, on_start=on_start, streams=plan,
+                      order=order)
     trainer.fit(resume=resume, overwrite=overwrite)
     trainable_params = count_parameters(model, True)
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
@@ -237,7 +245,18 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     return {"trainable_params": trainable_params, "total_params": count_parameters(model),
             "num_image_tokens": model.image_slots, "steps": cfg.train.steps,
             "train_seconds": trainer.train_seconds, "feature_seconds": feature_seconds, "eval": result,
-            "history": trainer.history, "dropped_records": data.dropped, "model_dir": str(model_dir)}
+            "history": trainer.history, "dropped_records": sum(d.dropped for d in datasets),
+            "model_dir": str(model_dir)}
+
+
+@dataclass
+class RecordStream:
+    """A stream of training records and the parameter groups its steps update."""
+
+    name: str
+    records: list[dict]
+    weight: float
+    groups: list[str]
 
 
 def quick(cfg: EvalConfig) -> EvalConfig:
