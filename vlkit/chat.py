@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from vlkit.data.images import load_image
 from vlkit.errors import VlkitError
+from vlkit.experts import WORLD_TEMPLATE, Expert, with_context
 from vlkit.models.generate import GenerationConfig, stream
 
 
 class ChatSession:
-    def __init__(self, model, processor, gen: GenerationConfig):
+    """A conversation with a local model. With `experts` (vlkit.experts), each turn's images are first shown to
+    them and their text is written into that turn's message as context (`template`; LLaMA-Adapter V2 sec 3.4)."""
+
+    def __init__(self, model, processor, gen: GenerationConfig, experts: Sequence[Expert] = (),
+                 template: str = WORLD_TEMPLATE):
         self.model, self.processor, self.gen = model, processor, gen
+        self.experts, self.template = list(experts), template
         self.messages: list[dict] = []
         self.images: list = []
         self.pending: list = []
 
     @classmethod
-    def open(cls, directory: str | Path, **gen) -> "ChatSession":
+    def open(cls, directory: str | Path, experts: Sequence[Expert] = (), template: str = WORLD_TEMPLATE,
+             **gen) -> "ChatSession":
         from vlkit.models.io import load_vlm
 
         model, processor = load_vlm(directory)
-        return cls(model, processor, GenerationConfig(**gen))
+        return cls(model, processor, GenerationConfig(**gen), experts, template)
 
     def attach(self, path: str | Path) -> None:
         """Queue an image (checked now) for the next user message."""
@@ -34,7 +41,10 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
-        self.messages.append({"role": "user", "content": content})
+        message = {"role": "user", "content": content}
+        if self.experts:  # once per image: the context stays in the history the later turns see
+            message = with_context([message], self.pending, self.experts, self.template)[0]
+        self.messages.append(message)
         self.images.extend(self.pending)
         self.pending = []
         answer = ""
@@ -121,7 +131,10 @@ def repl(session: ChatSession, inp=None, out=None) -> None:
             except VlkitError as e:
                 out.write(f"error: {e}\n")
             continue
-        for piece in session.ask(line):
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in session.ask(line):
+                out.write(piece)
+                out.flush()
+        except VlkitError as e:  # an expert that failed on this turn's image, say: the session goes on
+            out.write(f"error: {e}")
         out.write("\n")

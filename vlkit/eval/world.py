@@ -9,6 +9,7 @@ same model given a blank (black) image in place of each image: the gap is what t
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from vlkit.config import Section
 from vlkit.console import bar
 from vlkit.data.records import message_text
 from vlkit.eval import metrics as M
+from vlkit.experts import Expert, with_context
 from vlkit.models.generate import GenerationConfig, generate
 from vlkit.data.features import ImageBank, repeat
 
@@ -51,9 +53,17 @@ def select(records: list[dict], cfg: EvalConfig) -> dict[str, list[dict]]:
     return by_task
 
 
+def expert_prompts(records: list[dict], experts: Sequence[Expert], blank=None) -> list[list[dict]]:
+    """The records' prompts with the experts' text about their images as context (LLaMA-Adapter V2 sec 3.4);
+    with `blank`, the experts see it in place of every image (the blind pass: nothing comes from the image)."""
+    return [with_context(prompt_and_reference(r)[0], [blank] * len(r["images"]) if blank is not None
+                         else r["images"], experts) for r in records]
+
+
 @torch.no_grad()
 def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalConfig, blind: bool,
-            progress: bool | None = None) -> list[str]:
+            progress: bool | None = None, prompts: list[list[dict]] | None = None) -> list[str]:
+    """Generated answers in record order; `prompts` (one per record) replace the records' own."""
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
     blank = None
     if blind:  # the encoders run once on the blank image; every image of the pass is that one
@@ -61,11 +71,11 @@ def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalCon
     out: list[str] = []
     for i in bar(range(0, len(records), cfg.batch_size), desc="eval blind" if blind else "eval", enabled=progress):
         chunk = records[i:i + cfg.batch_size]
-        prompts = [prompt_and_reference(r)[0] for r in chunk]
+        chunk_prompts = prompts[i:i + cfg.batch_size] if prompts else [prompt_and_reference(r)[0] for r in chunk]
         rows = [row for r in chunk for row in bank.rows(r)]
         inputs = {"image_features": repeat(blank, len(rows))} if blind else bank.inputs(rows)
         imgs = [[None] * len(r["images"]) for r in chunk]
-        out.extend(g["text"] for g in generate(model, processor, prompts, imgs, gen, image_inputs=inputs))
+        out.extend(g["text"] for g in generate(model, processor, chunk_prompts, imgs, gen, image_inputs=inputs))
     return out
 
 
@@ -102,12 +112,15 @@ def summarize_items(task: str, records: list[dict], items: dict[str, list[float]
 
 
 def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: ImageBank | None = None,
-                 progress: bool | None = None, examples: int = 6, with_images: dict | None = None) -> dict:
+                 progress: bool | None = None, examples: int = 6, with_images: dict | None = None,
+                 experts: Sequence[Expert] | None = None) -> dict:
     """{"image": {metric: v}, "blind": {...}, "counts": {task: n}, "examples": [...],
     "items": {"image": {metric: [per-item score, in record order]}, "blind": ...}}
 
     `with_images`: this model's result on the same records and tasks, already computed without the
-    blind pass (the last evaluation during training, say); it is reused and only the blind pass runs."""
+    blind pass (the last evaluation during training, say); it is reused and only the blind pass runs.
+    `experts` (vlkit.experts): their text about each record's images is written into its prompt as context
+    (`expert_prompts`; in the blind pass they see the blank image too); the examples show those prompts."""
     model.eval()
     by_task = select(records, cfg)
     chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
@@ -123,7 +136,11 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
             result["items"]["image"] = with_images["items"]["image"]
         modes.remove("image")
     for mode in modes:
-        preds = answers(model, processor, chosen, bank, cfg, blind=(mode == "blind"), progress=progress)
+        prompts = None
+        if experts:
+            prompts = expert_prompts(chosen, experts, processor.blank_image() if mode == "blind" else None)
+        preds = answers(model, processor, chosen, bank, cfg, blind=(mode == "blind"), progress=progress,
+                        prompts=prompts)
         metrics, items, k = {}, {}, 0
         for t in cfg.tasks:
             recs = by_task.get(t, [])
@@ -132,8 +149,10 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
                 items.update(task_items)
                 metrics.update(summarize_items(t, recs, task_items))
                 if mode == "image":
-                    for r, p in list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]:
+                    shown = list(zip(recs, preds[k:k + len(recs)]))[:max(1, examples // len(cfg.tasks))]
+                    for j, (r, p) in enumerate(shown):
                         prompt, ref = prompt_and_reference(r)
+                        prompt = prompts[k + j] if prompts else prompt
                         result["examples"].append({"id": r["id"], "task": t, "images": r["images"],
                                                    "question": message_text(prompt[-1]), "reference": ref,
                                                    "prediction": p})

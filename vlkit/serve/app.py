@@ -129,6 +129,10 @@ def prepare(raw: bytes, engine: Engine, limits: ServeLimits) -> Prepared:
     if images and not engine.takes_images:
         raise APIError(400, f"model {engine.name!r} is a text-only LM: it takes no images", param="messages")
     try:
+        conv = engine.with_experts(conv, images)
+    except VlkitError as e:  # an expert that failed is the server's fault, not the request's
+        raise APIError(500, str(e), type_="server_error") from None
+    try:
         prompt_tokens = engine.prompt_tokens(conv, len(images))
     except VlkitError as e:
         raise APIError(400, str(e), param="messages") from None

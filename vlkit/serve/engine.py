@@ -9,6 +9,10 @@ still share the forward passes. Streaming requests run alone, token by token.
 No request can stop the worker: whatever one raises fails that request (and the batch it shared), and the
 next is served. A cancelled request (its client went away, or it timed out) stops generating at the next
 step. `health()` says whether the worker is alive and how long it has been busy with one batch.
+
+With `experts` (vlkit.experts, LLaMA-Adapter V2 sec 3.4), `with_experts` writes their text about a request's
+images into its conversation; the app calls it while preparing the request, so that the prompt it counts
+against the context is the one generated from.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import load_tokenizer
+from vlkit.experts import WORLD_TEMPLATE, Expert, with_context
 from vlkit.fileio import read_json
 from vlkit.models.generate import GenerationConfig, generate, stream, trim
 from vlkit.models.io import load_vlm
@@ -77,8 +83,10 @@ class EngineBusy(Exception):
 
 class Engine:
     def __init__(self, model, processor, name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
-                 batching: bool = True, max_queue: int = 256):
+                 batching: bool = True, max_queue: int = 256, experts: Sequence[Expert] = (),
+                 template: str = WORLD_TEMPLATE):
         self.model, self.processor, self.name = model.eval(), processor, name
+        self.experts, self.template = list(experts), template
         self.max_batch = max_batch if batching else 1
         self.window = batch_window_ms / 1000 if batching else 0.0
         self.inbox: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
@@ -99,6 +107,11 @@ class Engine:
     @property
     def takes_images(self) -> bool:
         return self.model.takes_images
+
+    def with_experts(self, conversation: list[dict], images: list) -> list[dict]:
+        """The request's conversation with this engine's experts' text about its images written in as context
+        (LLaMA-Adapter V2 sec 3.4); unchanged without experts. Run before the prompt is counted and queued."""
+        return with_context(conversation, images, self.experts, self.template) if self.experts else conversation
 
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])

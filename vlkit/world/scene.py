@@ -31,6 +31,7 @@ SIZES = {"small": 0.17, "large": 0.30}  # side of the object's box, as a fractio
 REGIONS = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 WORDS = ("cat", "dog", "sun", "map", "box", "car", "tree", "fish", "moon", "key", "cup", "hat", "bird", "lamp",
          "ship", "star", "door", "book", "bell", "rose")
+TEXT_NUMBERS = range(10, 100)  # the numbers a scene may carry instead of a word
 BACKGROUND = (24, 24, 28)
 
 
@@ -145,7 +146,10 @@ def generate_scene(seed: int, cfg: WorldConfig | None = None) -> Scene:
         objects.append(obj)
     text = None
     if rng.random() < cfg.text_prob:
-        value = str(int(rng.integers(10, 100))) if rng.random() < cfg.digit_prob else WORDS[rng.integers(len(WORDS))]
+        if rng.random() < cfg.digit_prob:
+            value = str(int(rng.integers(TEXT_NUMBERS.start, TEXT_NUMBERS.stop)))
+        else:
+            value = WORDS[rng.integers(len(WORDS))]
         large = [i for i, o in enumerate(objects) if o.size == "large" and o.shape in ("circle", "square", "hexagon")]
         if large and rng.random() < 0.5:
             i = large[int(rng.integers(len(large)))]
