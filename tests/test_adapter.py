@@ -278,3 +278,42 @@ def test_adapter_recipe_trains_its_two_streams_and_nothing_else(tmp_path, tiny_w
                                                                                     .visual_gates))
     bs = trained.fusion("adapter").bias_scale
     assert any(not torch.equal(p, torch.zeros_like(p)) for p in bs.bias_params())
+
+
+def test_experiment_claims_are_paired_and_honest(tmp_path):
+    """The report's verdicts come from paired intervals over the same items: a clear gain holds, a tie is within
+    noise, and "close to full tuning" needs the interval above the tolerance."""
+    import numpy as np
+
+    from vlkit.experiments import adapter as exp
+
+    rng = np.random.default_rng(0)
+    base = rng.random(1000) < 0.5
+
+    def run(hits, params: int):
+        items = {"vqa_acc": hits.astype(float).tolist(), "caption_cider": rng.random(500).tolist()}
+        return {"eval": {"image": {"vqa_acc": hits.mean(), "caption_cider": 0.5}, "blind": {"vqa_acc": 0.2},
+                         "items": {"image": items}}, "trainable_params": params, "total_params": 10_000,
+                "train_seconds": 1.0}
+
+    tuned = base | (rng.random(1000) < 0.2)        # 0.6: fixes 20% of the base's misses
+    shuffled = tuned.copy()
+    swap = rng.choice(1000, 20, replace=False)     # 20 items flipped either way: a tie
+    shuffled[swap] = ~shuffled[swap]
+    runs = {"full": run(tuned, 10_000), "adapter": run(tuned, 100), "late": run(base, 100),
+            "sequential": run(shuffled, 100)}
+    checks = {n: {"text": {"items": base.astype(float).tolist()},
+                  "vqa_expert": {"items": (tuned | (rng.random(1000) < 0.3)).astype(float).tolist()}} for n in runs}
+    s = exp.summarize(runs, checks, {"acc": 0.5, "lo": 0.47, "hi": 0.53, "n": 1000})
+    verdicts = {c["claim"]: c["verdict"] for c in s["claims"]}
+    assert verdicts["early fusion beats late fusion"] == "holds"
+    assert verdicts["parameter-efficient tuning is close to full fine-tuning"] == "holds"
+    assert verdicts["joint training of disjoint groups beats sequential"] == "not shown (within noise)"
+    assert verdicts["the caption expert helps"] == "holds"
+    assert "unlocking bias/scale/norm helps" not in verdicts  # its run is absent: no claim is made
+    assert s["methods"]["adapter"]["trainable_pct"] == 1.0
+    from vlkit.experiments import provenance
+
+    s.update(provenance=provenance(), seconds={"total": 1.0})
+    md = exp.report(s, "adapter.png")
+    assert "| early fusion beats late fusion |" in md and "**holds**" in md

@@ -110,6 +110,21 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
                                        max_per_task=max_per_task or 200), indent=2))
 
 
+EXPERT_HELP = ("Expert model whose text about each image is given to the model as context (LLaMA-Adapter V2 "
+               "sec 3.4): caption=DIR (a vlkit model), ocr=world (shapes-world text reader) or NAME=cmd:COMMAND "
+               "(run with the image's PNG path appended; stdout is the text). Repeatable.")
+TEMPLATE_HELP = "How expert text enters the prompt: world '(TEXT) ' or input '### Input: TEXT' (real checkpoints)."
+
+
+def experts_of(specs: Optional[List[str]], template: str) -> tuple[list, str]:
+    """The experts of --expert specs and the context template named by --expert-template."""
+    from vlkit.experts import TEMPLATES, parse_expert
+
+    if template not in TEMPLATES:
+        raise VlkitError(f"--expert-template {template!r} is not one of {', '.join(TEMPLATES)}")
+    return [parse_expert(s) for s in specs or []], TEMPLATES[template]
+
+
 @app.command()
 def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model directory (or use --url)."),
          url: Optional[str] = typer.Option(None, help="Talk to a running OpenAI-compatible server instead."),
@@ -118,7 +133,9 @@ def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model direct
          max_new_tokens: int = typer.Option(64, help="Most tokens per answer."),
          temperature: float = typer.Option(0.0, help="0 = greedy."),
          top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-         seed: Optional[int] = typer.Option(None, help="Seed for sampling.")):
+         seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+         expert: Optional[List[str]] = typer.Option(None, "--expert", help=EXPERT_HELP),
+         expert_template: str = typer.Option("world", help=TEMPLATE_HELP)):
     """Talk to a model in the terminal, streaming. In a session: /image PATH attaches an image to the next
     message, /reset starts over, /quit (or Ctrl-D) leaves."""
     from vlkit.chat import ChatSession, RemoteChatSession
@@ -126,12 +143,15 @@ def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model direct
 
     if (model is None) == (url is None):
         raise VlkitError("chat: give a model directory or --url of a server, not both")
+    if url is not None and expert:
+        raise VlkitError("chat: --expert runs beside a local model; with --url, start the server with --expert")
+    experts, template = experts_of(expert, expert_template)
     if url is not None:
         session = RemoteChatSession(url, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                                           top_p=top_p, seed=seed))
     else:
-        session = ChatSession.open(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   seed=seed)
+        session = ChatSession.open(model, experts, template, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed)
     for path in image or []:
         session.attach(path)
     if prompt is not None:
@@ -223,14 +243,18 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
           allow_local_images: bool = typer.Option(False, help="Read image paths on this machine."),
           api_key: Optional[str] = typer.Option(None, envvar="VLKIT_API_KEY", show_default=False,
                                                 help="Require 'Authorization: Bearer <key>' on /v1/* and /metrics "
-                                                "(default: $VLKIT_API_KEY; none: open).")):
+                                                "(default: $VLKIT_API_KEY; none: open)."),
+          expert: Optional[List[str]] = typer.Option(None, "--expert", help=EXPERT_HELP),
+          expert_template: str = typer.Option("world", help=TEMPLATE_HELP)):
     """Serve a model with an OpenAI-compatible API (POST /v1/chat/completions), a chat page at /."""
     import uvicorn
 
     from vlkit.serve import Engine, ServeLimits, create_app
 
+    experts, template = experts_of(expert, expert_template)
     engine = Engine.load(model, name=name, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                         batching=not no_batching, max_queue=max(max_in_flight, 1))
+                         batching=not no_batching, max_queue=max(max_in_flight, 1), experts=experts,
+                         template=template)
     middleware = None
     if guard is not None:
         from vlkit.guard import Guard, GuardMiddleware
@@ -315,9 +339,10 @@ def ats_check(n: int = typer.Option(500, help="Generated instances per procedura
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats."),
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats, adapter."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
-               demo_dir: Path = typer.Option(Path("runs/demo"), "--demo", help="The demo's stages, reused (vpgc)."),
+               demo_dir: Path = typer.Option(Path("runs/demo"), "--demo",
+                                             help="The demo's stages, reused (vpgc, adapter)."),
                bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
                                           "build`)."),
                seeds: int = typer.Option(3, min=1, help="vpgtrans: seeds per headline arm."),
@@ -325,7 +350,8 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
                                               "(small_to_large, llama_to_opt) or an ablation.")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
-                   "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats"}
+                   "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats",
+                   "adapter": "vlkit.experiments.adapter"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

@@ -210,10 +210,12 @@ def perplexity(model, packed: dict, batch_size: int = 64) -> float:
 
 
 @torch.no_grad()
-def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50) -> dict | None:
+def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50,
+                items: bool = False) -> dict | None:
     """Exact-match accuracy on held-out world questions with the scene written out in the context: what the
     LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen.
-    {"acc", "lo", "hi", "n", "per_kind": {kind: acc}} (bootstrap 95% interval), None without such questions."""
+    {"acc", "lo", "hi", "n", "per_kind": {kind: acc}} (bootstrap 95% interval; with `items`, also each question's
+    hit, in record order, for paired comparisons), None without such questions."""
     from vlkit.eval.metrics import exact_match
     from vlkit.eval.stats import interval
     from vlkit.eval.world import prompt_and_reference
@@ -244,7 +246,7 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
             "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
             "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
-            "wrong_object": wrong_object(recs, preds)}
+            "wrong_object": wrong_object(recs, preds), **({"items": hits} if items else {})}
 
 
 def wrong_object(records: list[dict], preds: list[str]) -> dict | None:
