@@ -292,24 +292,27 @@ def test_experiment_claims_are_paired_and_honest(tmp_path):
 
     def run(hits, params: int):
         items = {"vqa_acc": hits.astype(float).tolist(), "caption_cider": rng.random(500).tolist()}
+        blind = {"vqa_acc": base.astype(float).tolist(), "caption_cider": rng.random(500).tolist()}
         return {"eval": {"image": {"vqa_acc": hits.mean(), "caption_cider": 0.5}, "blind": {"vqa_acc": 0.2},
-                         "items": {"image": items}}, "trainable_params": params, "total_params": 10_000,
-                "train_seconds": 1.0}
+                         "items": {"image": items, "blind": blind}}, "trainable_params": params,
+                "total_params": 10_000, "train_seconds": 1.0}
 
     tuned = base | (rng.random(1000) < 0.2)        # 0.6: fixes 20% of the base's misses
     shuffled = tuned.copy()
     swap = rng.choice(1000, 20, replace=False)     # 20 items flipped either way: a tie
     shuffled[swap] = ~shuffled[swap]
     runs = {"full": run(tuned, 10_000), "adapter": run(tuned, 100), "late": run(base, 100),
-            "sequential": run(shuffled, 100)}
+            "sequential": run(shuffled, 100), "paper_data": run(tuned, 100)}
     checks = {n: {"text": {"items": base.astype(float).tolist()},
                   "vqa_expert": {"items": (tuned | (rng.random(1000) < 0.3)).astype(float).tolist()}} for n in runs}
-    s = exp.summarize(runs, checks, {"acc": 0.5, "lo": 0.47, "hi": 0.53, "n": 1000})
+    s = exp.summarize(runs, checks, {"acc": 0.5, "lo": 0.47, "hi": 0.53, "n": 1000,
+                                     "expert_alone": {"acc": 0.4, "lo": 0.37, "hi": 0.43, "n": 1000}})
     verdicts = {c["claim"]: c["verdict"] for c in s["claims"]}
     assert verdicts["early fusion beats late fusion"] == "holds"
     assert verdicts["parameter-efficient tuning is close to full fine-tuning"] == "holds"
     assert verdicts["joint training of disjoint groups beats sequential"] == "not shown (within noise)"
     assert verdicts["the caption expert helps"] == "holds"
+    assert verdicts["captions + language-only instructions give visual instruction following"] == "holds"
     assert "unlocking bias/scale/norm helps" not in verdicts  # its run is absent: no claim is made
     assert s["methods"]["adapter"]["trainable_pct"] == 1.0
     from vlkit.experiments import provenance
@@ -317,3 +320,4 @@ def test_experiment_claims_are_paired_and_honest(tmp_path):
     s.update(provenance=provenance(), seconds={"total": 1.0})
     md = exp.report(s, "adapter.png")
     assert "| early fusion beats late fusion |" in md and "**holds**" in md
+    assert "answers 0.400 [0.370, 0.430] of the questions from the expert's caption" in md

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field
@@ -211,11 +211,12 @@ def perplexity(model, packed: dict, batch_size: int = 64) -> float:
 
 @torch.no_grad()
 def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: int = 50,
-                items: bool = False) -> dict | None:
+                items: bool = False, describe: Callable[[dict], list[dict]] | None = None) -> dict | None:
     """Exact-match accuracy on held-out world questions with the scene written out in the context: what the
     LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen.
     {"acc", "lo", "hi", "n", "per_kind": {kind: acc}} (bootstrap 95% interval; with `items`, also each question's
-    hit, in record order, for paired comparisons), None without such questions."""
+    hit, in record order, for paired comparisons), None without such questions. `describe`: record -> its
+    text-only conversation (default: each image replaced by its scene in words; e.g. an expert's caption)."""
     from vlkit.eval.metrics import exact_match
     from vlkit.eval.stats import interval
     from vlkit.eval.world import prompt_and_reference
@@ -230,7 +231,8 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     try:
         for i in range(0, len(recs), batch_size):
             chunk = recs[i:i + batch_size]
-            pairs = [prompt_and_reference({"messages": textualize(r, 1.0)}) for r in chunk]
+            pairs = [prompt_and_reference({"messages": describe(r) if describe else textualize(r, 1.0)})
+                     for r in chunk]
             texts = [render(tok, prompt, add_generation_prompt=True) for prompt, _ in pairs]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
