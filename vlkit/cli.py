@@ -339,10 +339,11 @@ def ats_check(n: int = typer.Option(500, help="Generated instances per procedura
 
 
 @app.command()
-def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats, adapter."),
+def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats, adapter, "
+                                                "illama."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
                demo_dir: Path = typer.Option(Path("runs/demo"), "--demo",
-                                             help="The demo's stages, reused (vpgc, adapter)."),
+                                             help="The demo's stages, reused (vpgc, adapter, illama)."),
                bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
                                           "build`)."),
                seeds: int = typer.Option(3, min=1, help="vpgtrans: seeds per headline arm."),
@@ -351,7 +352,7 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
                    "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats",
-                   "adapter": "vlkit.experiments.adapter"}
+                   "adapter": "vlkit.experiments.adapter", "illama": "vlkit.experiments.illama"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

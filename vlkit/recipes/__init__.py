@@ -25,6 +25,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "vpgc": ("vlkit.recipes.vpgc", "VPGCRecipe"),
     "ats": ("vlkit.recipes.ats", "ATSRecipe"),
     "adapter": ("vlkit.recipes.adapter", "AdapterRecipe"),
+    "illama": ("vlkit.recipes.illama", "ILlamaRecipe"),
 }
 
 

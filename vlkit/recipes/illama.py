@@ -1,0 +1,175 @@
+"""Recipe `illama`: train iLLaMA (or, with its switches, a plain ViT) as an image classifier on the shapes world.
+
+The label is how many objects a scene holds (1 to 6, `labels.count` of the world's `class` records): a global
+question, answered only by a class token that sees every patch, and not saturated by a tiny model. The
+recipe follows the paper's (section 4.1): AdamW, warm-up + cosine, label smoothing, mixup / CutMix with a
+switch between them per batch, stochastic depth, and the soft mask's alpha set once per optimiser step by
+its schedule. Reports held-out top-1 beside chance (the most frequent class) and the curve of both during
+training; saves the model (``<out>/model``: `tower: {kind: illama, path: <out>/model}` uses it as a VLM tower).
+
+Mixup and CutMix are written here, as timm's `Mixup` defines them (one lambda per batch, CutMix's lambda
+corrected to the pasted box's area, soft targets with label smoothing): torchvision's and timm's need a
+torchvision that cannot be installed beside the CPU torch this project pins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vlkit.config import Section
+from vlkit.data.transforms import unique_paths
+from vlkit.errors import VlkitError
+from vlkit.models.llm import count_parameters
+from vlkit.models.vision.illama import ILlama, ILlamaConfig, mask_alpha, write_illama
+from vlkit.recipes.common import finish, prepare_output
+from vlkit.train import TrainConfig, Trainer
+from vlkit.train.runtime import seed_everything
+from vlkit.world.sources import RecordsConfig, load_splits
+
+
+class ClassData(RecordsConfig):
+    tasks: list[str] | None = Field(["class"], description="World records carrying class labels.")
+
+
+class MaskSchedule(Section):
+    schedule: Literal["none", "constant", "linear"] = Field("constant", description="Soft mask alpha over training "
+                                                            "(attention soft): constant alpha0 then 0, linear to 0, "
+                                                            "or none (0 from the start).")
+    alpha0: float = Field(1.0, ge=0, le=1)
+    cutoff_epochs: float = Field(1.0, ge=0, description="Epochs until alpha reaches 0 (the paper: 25 of 300).")
+
+
+class Augment(Section):
+    mixup: float = Field(0.8, ge=0, description="Mixup's Beta(alpha, alpha) (0: off).")
+    cutmix: float = Field(1.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off).")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="Chance a batch uses CutMix when both are on.")
+    prob: float = Field(1.0, ge=0, le=1, description="Chance a batch is mixed at all.")
+    smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the soft targets.")
+
+
+class ILlamaRecipe(Section):
+    recipe: Literal["illama"] = "illama"
+    output_dir: str = Field("runs/illama")
+    model: ILlamaConfig = Field(default_factory=lambda: ILlamaConfig(image_size=64, patch_size=8, width=96, depth=6,
+                                                                      heads=3, num_classes=6))
+    data: ClassData = Field(default_factory=ClassData)
+    mask: MaskSchedule = Field(default_factory=MaskSchedule)
+    augment: Augment = Field(default_factory=Augment)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def count_labels(records: list[dict], classes: int, where: str) -> list[int]:
+    """Class index (count - 1) of each record; a record without `labels.count` or beyond the head is an error."""
+    out = []
+    for r in records:
+        n = r.get("meta", {}).get("labels", {}).get("count")
+        if not isinstance(n, int) or not 1 <= n <= classes:
+            raise VlkitError(f"{where}: record {r.get('id', '?')} has labels.count {n!r}; the head has {classes} "
+                             "classes (counts 1..classes): set model.num_classes or data.tasks")
+        out.append(n - 1)
+    return out
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, classes: int, a: Augment, rng: np.random.Generator):
+    """Mixup or CutMix of a batch with its reverse (one lambda per batch), and soft targets (B, classes)."""
+    off, on = a.smoothing / classes, 1 - a.smoothing + a.smoothing / classes
+    target = torch.full((len(y), classes), off, device=x.device).scatter_(1, y[:, None], on)
+    if (a.mixup <= 0 and a.cutmix <= 0) or rng.random() >= a.prob:
+        return x, target
+    cut = a.cutmix > 0 and (a.mixup <= 0 or rng.random() < a.switch_prob)
+    lam = float(rng.beta(a.cutmix, a.cutmix) if cut else rng.beta(a.mixup, a.mixup))
+    x = x.clone()
+    if cut:  # a box of area (1 - lam), centred anywhere, clipped; lam is then the area left
+        h, w = x.shape[-2:]
+        bh, bw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + x.flip(0) * (1 - lam)
+    return x, target * lam + target.flip(0) * (1 - lam)
+
+
+class Images:
+    def __init__(self, pixels: np.ndarray, labels: list[int]):
+        self.pixels, self.labels = torch.from_numpy(pixels), labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.pixels[i], self.labels[i]
+
+
+@torch.no_grad()
+def accuracy(model: ILlama, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> dict:
+    """Top-1 over held-out images, each item's hit kept (for intervals and paired comparisons)."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = []
+    for i in range(0, len(pixels), batch_size):
+        pred = model(pixels[i:i + batch_size].to(device)).argmax(-1).cpu()
+        hits.append((pred == labels[i:i + batch_size]).float())
+    h = torch.cat(hits)
+    return {"acc": float(h.mean()), "items": h.tolist()}
+
+
+def run(cfg: ILlamaRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
+    out = Path(cfg.output_dir)
+    record = prepare_output(cfg, out, resume, overwrite)
+    train_recs, test_recs = load_splits(cfg.data, progress=progress)
+    if not train_recs or not test_recs:
+        raise VlkitError(f"{out}: the illama recipe needs class records in both splits; check data.tasks")
+    classes = cfg.model.num_classes
+    train_y, test_y = count_labels(train_recs, classes, "train"), count_labels(test_recs, classes, "test")
+    transform = cfg.model.transform()
+    paths, rows = unique_paths(train_recs)
+    train_px = transform.cached_arrays(paths, progress)[rows]
+    test_paths, test_rows = unique_paths(test_recs)
+    test_px = transform.normalize(transform.cached_arrays(test_paths, progress)[test_rows])
+    test_t = torch.tensor(test_y)
+    chance = float(np.bincount(test_y, minlength=classes).max() / len(test_y))
+    seed_everything(cfg.train.seed)
+    model = ILlama(cfg.model)
+    per_epoch = len(train_y) / (cfg.train.batch_size * cfg.train.grad_accum)
+    draws = {"step": -1, "k": 0}  # the mixing draws of a step are seeded by (seed, step, micro-batch): exact resume
+
+    def rng():
+        draws.update(k=draws["k"] + 1 if draws["step"] == trainer.step else 0, step=trainer.step)
+        return np.random.default_rng((cfg.train.seed, trainer.step, draws["k"]))
+
+    def collate(items):
+        return {"pixel_values": transform.normalize(torch.stack([p for p, _ in items])),
+                "labels": torch.tensor([y for _, y in items])}
+
+    def loss_fn(m, batch):
+        x, target = mix(batch["pixel_values"], batch["labels"], classes, cfg.augment, rng())
+        logits = m(x)
+        return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean(), {"alpha": model.alpha}
+
+    def set_alpha(step: int, _=None):
+        model.alpha = mask_alpha(step, per_epoch, cfg.mask.schedule, cfg.mask.alpha0, cfg.mask.cutoff_epochs)
+
+    def evaluate(m):
+        return {"acc": accuracy(model, test_px, test_t)["acc"], "alpha": model.alpha}
+
+    trainer = Trainer(model, cfg.train, Images(train_px, train_y), collate, loss_fn, out, evaluate=evaluate,
+                      run_config=cfg.model_dump(mode="json"), desc="illama",
+                      on_start=lambda: (record(), set_alpha(trainer.step)))
+    trainer.fit(resume=resume, overwrite=overwrite, callbacks=[set_alpha])
+    final = accuracy(model, test_px, test_t)
+    trainer.save_model(out / "model", lambda tmp: write_illama(model, tmp))
+    curve = [{"step": h["step"], "acc": h["eval/acc"], "alpha": h.get("eval/alpha")} for h in trainer.history
+             if "eval/acc" in h]
+    return finish(out, {"recipe": "illama", "params": count_parameters(model), "acc": final["acc"],
+                        "items": final["items"], "chance": chance, "n": len(test_y), "curve": curve,
+                        "train_seconds": trainer.train_seconds, "model_dir": str(out / "model"),
+                        "mask_cutoff_step": None if cfg.mask.schedule == "none" or cfg.model.attention != "soft"
+                        else round(cfg.mask.cutoff_epochs * per_epoch)})
