@@ -81,3 +81,21 @@ def test_paired_over_seeds_resamples_items_not_seed_copies_of_them():
     assert (flat["hi"] - flat["lo"]) < 0.7 * (p["hi"] - p["lo"])  # ~1/sqrt(3) as wide
     with pytest.raises(ValueError, match="same number of seeds"):
         stats.paired_over_seeds(a, b[:2])
+
+
+def test_publish_writes_results_with_provenance_and_the_report(tmp_path):
+    import json
+    import time
+
+    from rich.console import Console
+
+    from vlkit.experiments import publish
+
+    def report(s, chart):
+        return f"# r\n{s['x']} {chart} {s['provenance']['commit'] is not None}\n"
+
+    s = publish(tmp_path, {"x": 1}, {"stage": 2.04}, time.perf_counter(), lambda s: "chart.png", report,
+                Console(quiet=True))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seconds"]["stage"] == 2.0 and "total" in saved["seconds"] and saved["provenance"]["machine"]
+    assert (tmp_path / "report.md").read_text() == "# r\n1 chart.png True\n" and s == saved

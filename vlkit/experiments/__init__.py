@@ -54,3 +54,20 @@ def provenance_line(p: dict) -> str:
         f"vlkit {p.get('vlkit')}"
     return (f"Measured at {commit} on {p['date']}, {where} (torch {m['torch']}, {m['torch_threads']} threads); "
             "figures can differ slightly on other machines (thread counts, BLAS kernels).")
+
+
+def publish(out: Path, summary: dict, seconds: dict[str, float], started: float, chart, report, console) -> dict:
+    """The end of an experiment: provenance and wall seconds (per stage, and in all since `started`, a
+    perf_counter reading) into `summary`, then <out>/results.json, the chart (`chart(summary) -> file name`) and
+    <out>/report.md (`report(summary, chart name)`)."""
+    import time
+
+    from vlkit.fileio import write_json, write_text
+
+    summary["provenance"] = provenance()
+    summary["seconds"] = {**{k: round(v, 1) for k, v in seconds.items()},
+                          "total": round(time.perf_counter() - started, 1)}
+    write_json(Path(out) / "results.json", summary)
+    write_text(Path(out) / "report.md", report(summary, chart(summary)))
+    console.print(f"report: {Path(out) / 'report.md'} ({summary['seconds']['total']:.0f}s)")
+    return summary

@@ -30,10 +30,10 @@ from pathlib import Path
 from rich.console import Console
 
 from vlkit.eval.stats import fmt_paired, interval, paired, verdict
-from vlkit.experiments import provenance, provenance_line, save_png
+from vlkit.experiments import provenance_line, publish, save_png
 from vlkit.experiments.demo import DEPENDS, stage_overrides
 from vlkit.experiments.stages import Stages
-from vlkit.fileio import read_json, write_json, write_text
+from vlkit.fileio import read_json, write_json
 
 STEPS = 600
 DATA = ["data.world.seed=0", "data.world.train_scenes=4000", "data.world.test_scenes=500"]
@@ -117,15 +117,8 @@ def run_experiment(out: str | Path = "runs/adapter", demo: str | Path = "runs/de
     checks = {name: analyse(out / name, expert, stages.retrained(name, "vlm_instruct"), console, progress)
               for name in runs}
     base_text = base_text_vqa(demo / "lm_llama_small" / "model", expert, out, console)
-    summary = summarize(runs, checks, base_text)
-    summary["provenance"] = provenance()
-    summary["seconds"] = {**{k: round(v, 1) for k, v in stages.seconds.items()},
-                          "total": round(time.perf_counter() - t_all, 1)}
-    write_json(out / "results.json", summary)
-    chart = plot(summary, out)
-    write_text(out / "report.md", report(summary, chart))
-    console.print(f"report: {out / 'report.md'} ({summary['seconds']['total']:.0f}s)")
-    return summary
+    return publish(out, summarize(runs, checks, base_text), stages.seconds, t_all, lambda s: plot(s, out), report,
+                   console)
 
 
 class Memo:

@@ -26,10 +26,9 @@ import torch
 from rich.console import Console
 
 from vlkit.eval.stats import fmt_paired, interval, mean_curve, over_seeds, paired, paired_over_seeds, verdict
-from vlkit.experiments import provenance, provenance_line, save_png
+from vlkit.experiments import provenance_line, publish, save_png
 from vlkit.experiments.demo import DEPENDS, stage_overrides
 from vlkit.experiments.stages import Stages
-from vlkit.fileio import write_json, write_text
 
 SEEDS = 3
 STEPS = 400
@@ -70,14 +69,7 @@ def run_experiment(out: str | Path = "runs/illama", demo: str | Path = "runs/dem
     if "vit" in runs and "soft_constant" in runs:
         summary["rank"] = attention_rank(out / "vit" / "seed0" / "model", out / "soft_constant" / "seed0" / "model")
         summary["towers"] = towers(stages, out, demo)
-    summary["provenance"] = provenance()
-    summary["seconds"] = {**{k: round(v, 1) for k, v in stages.seconds.items()},
-                          "total": round(time.perf_counter() - t_all, 1)}
-    write_json(out / "results.json", summary)
-    chart = plot(summary, runs, out)
-    write_text(out / "report.md", report(summary, chart))
-    console.print(f"report: {out / 'report.md'} ({summary['seconds']['total']:.0f}s)")
-    return summary
+    return publish(out, summary, stages.seconds, t_all, lambda s: plot(s, runs, out), report, console)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:

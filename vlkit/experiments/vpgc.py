@@ -23,10 +23,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlkit.experiments import save_png
+from vlkit.experiments import publish, save_png
 from vlkit.experiments.demo import stage_overrides
 from vlkit.experiments.stages import WORLD_CONFIGS, Stages
-from vlkit.fileio import read_json, write_json, write_text
+from vlkit.fileio import read_json, write_json
 from vlkit.recipes import load_config
 from vlkit.recipes.common import config_hash
 
@@ -66,14 +66,8 @@ def run_experiment(out: str | Path = "runs/vpgc", demo: str | Path = "runs/demo"
         over = [f"output_dir={out / name}", f"init={out / 'base' / 'model'}", "eval.tasks=[caption,vqa,edit]"] + \
             [e.format(**layers) for e in extra]
         runs[name] = stages.run(name, over, config="vpgc", after=("base",))
-    summary = summarize(runs, layers, n_layers, out)
-    summary["seconds"] = {**{k: round(v, 1) for k, v in stages.seconds.items()},
-                          "total": round(time.perf_counter() - t_all, 1)}
-    write_json(out / "results.json", summary)
-    chart = plot(summary, out)
-    write_text(out / "report.md", report(summary, chart))
-    console.print(f"report: {out / 'report.md'} ({summary['seconds']['total']:.0f}s)")
-    return summary
+    return publish(out, summarize(runs, layers, n_layers, out), stages.seconds, t_all, lambda s: plot(s, out),
+                   report, console)
 
 
 def base_demon(out: Path, retrained: bool, console: Console, progress: bool | None) -> dict:
