@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_vlm import CLIP, LLMS, images
+from test_vlm import batch as vlm_batch
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
 from vlkit.models.fusion.adapter import AdapterConfig, gated_prompt_attention
@@ -34,9 +35,7 @@ def make(tok, family="llama", fusions=None, queries=4, **arch):
 
 
 def batch(proc, conv=CONV, n=1):
-    b = proc.pad([proc.encode(conv, n)])
-    b["pixel_values"] = proc.pixel_values(images(n))
-    return b
+    return vlm_batch(proc, conv, n)
 
 
 def perturb(module, seed=0, scale=0.5):
@@ -107,8 +106,12 @@ def test_early_fusion_puts_the_image_in_the_first_layers_only(tiny_tokenizer):
             model(**b)
         changed = {i for i in extra if not torch.equal(extra[i], first[i])}
         assert min(changed) == first_image_layer  # what attention adds changes from the layer the image enters
-        if fusion == "early":  # and the top layers' own prompts never hold the image
-            assert adapter._prompts_of(1, 1)[0].shape == (1, 4, 48)
+        if fusion == "early":  # and the top layers' prompts never hold the image, even while it is active
+            x = model.fusion_inputs(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"],
+                                    images_per_row=b["images_per_row"])
+            with model.fused(x):
+                assert torch.equal(adapter._prompts_of(1)[0], adapter.prompts[0][None])
+                assert adapter._prompts_of(0)[0] is not None  # while the first layer's are the image's
 
 
 def test_rows_without_images_and_several_images_per_row(tiny_tokenizer):

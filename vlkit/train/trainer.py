@@ -111,13 +111,12 @@ class Trainer:
         seen = [0] * len(self.streams)
         for s, k in enumerate(self.plan):
             self._nth[s], seen[k] = seen[k], seen[k] + 1
-        dataset, collate = self.streams[0].dataset, self.streams[0].collate
         self.cfg = cfg
         self.rt = runtime or make_runtime(cfg.device, cfg.precision, cfg.num_threads)
         self.model = model.to(self.rt.device)
         if not any(p.requires_grad for p in model.parameters()):
             raise VlkitError(f"{out_dir}: no trainable parameters; choose at least one trainable group")
-        self.dataset, self.collate, self.loss_fn, self.evaluate_fn = dataset, collate, loss_fn, evaluate
+        self.loss_fn, self.evaluate_fn = loss_fn, evaluate
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.run_config = run_config or {}

@@ -154,7 +154,7 @@ class Adapter(Fusion):
     def _adapt(self, layer: int, attn: nn.Module):
         def hook(module, args):
             hidden, cos, sin = self._pass.pop(layer)
-            prompts, mask = self._prompts_of(layer, hidden.shape[0])
+            prompts, mask = self._prompts_of(layer)
             if prompts is None:
                 return None
             gate = self.visual_gates[layer] if layer in self.visual_layer_ids \
@@ -163,7 +163,7 @@ class Adapter(Fusion):
             return (args[0] + extra.to(args[0].dtype), *args[1:])
         return hook
 
-    def _prompts_of(self, layer: int, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _prompts_of(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B or 1, P, D) prompts of `layer` in this pass, with a (B, P) mask where some are absent."""
         if layer in self.visual_layer_ids:
             return self._visual if self._visual is not None else (None, None)
