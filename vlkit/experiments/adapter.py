@@ -113,10 +113,12 @@ def run_experiment(out: str | Path = "runs/adapter", demo: str | Path = "runs/de
             continue
         runs[name] = stages.run(name, [f"output_dir={out / name}", f"init={init}", *EVAL, *TRAIN, *extra],
                                 config=config, after=("vpg_qformer",), label=label)
-    expert = demo / "vlm_instruct" / "model"
-    checks = {name: analyse(out / name, expert, stages.retrained(name, "vlm_instruct"), console, progress)
+    from vlkit.world.sources import RecordsConfig, load_split
+
+    expert, test = demo / "vlm_instruct" / "model", load_split(RecordsConfig(world=WORLD), "test")
+    checks = {name: analyse(out / name, expert, test, stages.retrained(name, "vlm_instruct"), console, progress)
               for name in runs}
-    base_text = base_text_vqa(demo / "lm_llama_small" / "model", expert, out, console)
+    base_text = base_text_vqa(demo / "lm_llama_small" / "model", expert, test, out, console)
     return publish(out, summarize(runs, checks, base_text), stages.seconds, t_all, lambda s: plot(s, out), report,
                    console)
 
@@ -137,15 +139,28 @@ class Memo:
 _EXPERTS: dict[str, Memo] = {}
 
 
-def analyse(run: Path, expert_dir: Path, stale: bool, console: Console, progress: bool | None) -> dict:
+def captioner(expert_dir: Path) -> Memo:
+    """The caption expert of `expert_dir`, loaded once per process and its captions kept."""
+    from vlkit.experts import CaptionExpert
+
+    return _EXPERTS.setdefault(str(expert_dir), Memo(CaptionExpert(expert_dir)))
+
+
+def captioned(memo: Memo):
+    """record -> its text-only conversation with each image replaced by the expert's caption."""
+    from vlkit.data.records import text_only
+    from vlkit.experts import with_context
+
+    return lambda rec: text_only(with_context(rec["messages"], rec["images"], [memo]))
+
+
+def analyse(run: Path, expert_dir: Path, test: list[dict], stale: bool, console: Console,
+            progress: bool | None) -> dict:
     """The checks beyond the recipe's own evaluation, cached beside the run: the questions asked in words, and VQA
     with the caption expert's caption in the prompt."""
-    from vlkit.data.records import text_only
     from vlkit.eval.world import EvalConfig, evaluate_vlm
-    from vlkit.experts import CaptionExpert, with_context
     from vlkit.models.io import load_vlm
     from vlkit.recipes.lm import context_vqa
-    from vlkit.world.sources import RecordsConfig, load_split
 
     key = {"run": read_json(run / "run.json")["config_hash"], "expert": read_json(expert_dir.parent / "run.json")
            ["config_hash"], "n": 1000, "checks": 3}
@@ -154,11 +169,9 @@ def analyse(run: Path, expert_dir: Path, stale: bool, console: Console, progress
         return read_json(cache)["checks"]
     console.print(f"[bold]{run.name}[/bold]: questions in words, and VQA with the caption expert")
     model, proc = load_vlm(run / "model")
-    test = load_split(RecordsConfig(world=WORLD), "test")
     text = context_vqa(model.llm, proc.tokenizer, test, limit=1000, items=True)
-    memo = _EXPERTS.setdefault(str(expert_dir), Memo(CaptionExpert(expert_dir)))
-    expert_text = context_vqa(model.llm, proc.tokenizer, test, limit=1000, items=True,
-                              describe=lambda rec: text_only(with_context(rec["messages"], rec["images"], [memo])))
+    memo = captioner(expert_dir)
+    expert_text = context_vqa(model.llm, proc.tokenizer, test, limit=1000, items=True, describe=captioned(memo))
     with_expert = evaluate_vlm(model, proc, test, EvalConfig(tasks=["vqa"], max_per_task=1000, blind=False,
                                                               batch_size=100), progress=progress, experts=[memo])
     checks = {"text": {k: text[k] for k in ("acc", "lo", "hi", "n", "items")},
@@ -168,16 +181,13 @@ def analyse(run: Path, expert_dir: Path, stale: bool, console: Console, progress
     return checks
 
 
-def base_text_vqa(lm_dir: Path, expert_dir: Path, out: Path, console: Console) -> dict:
+def base_text_vqa(lm_dir: Path, expert_dir: Path, test: list[dict], out: Path, console: Console) -> dict:
     """The world LLaMA before any visual tuning, on the same questions in words (the text ability to keep), and
     with the caption expert's caption in place of the scene (what the expert's text alone can answer)."""
     from transformers import AutoModelForCausalLM
 
-    from vlkit.data.records import text_only
     from vlkit.data.tokenizer import load_tokenizer
-    from vlkit.experts import CaptionExpert, with_context
     from vlkit.recipes.lm import context_vqa
-    from vlkit.world.sources import RecordsConfig, load_split
 
     key = {"lm": read_json(lm_dir.parent / "run.json")["config_hash"], "n": 1000,
            "expert": read_json(expert_dir.parent / "run.json")["config_hash"]}
@@ -185,12 +195,9 @@ def base_text_vqa(lm_dir: Path, expert_dir: Path, out: Path, console: Console) -
     if cache.is_file() and read_json(cache).get("key") == key:
         return read_json(cache)["text"]
     console.print("[bold]base LLM[/bold]: questions in words, and with the expert's caption alone")
-    lm, tok, test = AutoModelForCausalLM.from_pretrained(lm_dir), load_tokenizer(lm_dir), \
-        load_split(RecordsConfig(world=WORLD), "test")
-    memo = _EXPERTS.setdefault(str(expert_dir), Memo(CaptionExpert(expert_dir)))
+    lm, tok = AutoModelForCausalLM.from_pretrained(lm_dir), load_tokenizer(lm_dir)
     r = context_vqa(lm, tok, test, limit=1000, items=True)
-    e = context_vqa(lm, tok, test, limit=1000, items=True,
-                    describe=lambda rec: text_only(with_context(rec["messages"], rec["images"], [memo])))
+    e = context_vqa(lm, tok, test, limit=1000, items=True, describe=captioned(captioner(expert_dir)))
     text = {**{k: r[k] for k in ("acc", "lo", "hi", "n", "items")},
             "expert_alone": {k: e[k] for k in ("acc", "lo", "hi", "n")}}
     write_json(cache, {"key": key, "text": text})
@@ -222,7 +229,7 @@ def summarize(runs: dict[str, dict], checks: dict[str, dict], base_text: dict) -
         s["methods"][name] = {
             "label": METHODS[name][0], "trainable_params": r["trainable_params"], "total_params": r["total_params"],
             "trainable_pct": 100 * r["trainable_params"] / r["total_params"],
-            "vqa": interval(items["image"]["vqa_acc"]), "cider": ev["image"]["caption_cider"],
+            "vqa": interval(items["image"]["vqa_acc"]),
             "cider_items": interval(items["image"]["caption_cider"]),
             "blind_vqa": ev.get("blind", {}).get("vqa_acc"), "blind_cider": ev.get("blind", {}).get("caption_cider"),
             "text": interval(checks[name]["text"]["items"]),

@@ -116,10 +116,10 @@ def described(records: list[dict]) -> list[dict]:
 def run(cfg: AdapterRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
     record = prepare_output(cfg, out, resume, overwrite)
-    _, test_recs = splits(cfg.streams[0].data, cfg.eval_data, progress)
+    first, test_recs = splits(cfg.streams[0].data, cfg.eval_data, progress)
     streams = []
-    for st in cfg.streams:
-        recs = load_split(st.data, "train", progress)
+    for i, st in enumerate(cfg.streams):
+        recs = first if i == 0 else load_split(st.data, "train", progress)
         streams.append(RecordStream(st.name, described(recs) if st.text_only else recs, st.weight, st.trainable))
     seed_everything(cfg.train.seed)
     model, proc = build(cfg)
