@@ -362,6 +362,20 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
         module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None)
 
 
+@app.command()
+def merge(a: Path = typer.Argument(..., help="Model A: a vlkit model or a Hugging Face LM directory."),
+          b: Path = typer.Argument(..., help="Model B: another fine-tune of A's base, of the same kind."),
+          beta: float = typer.Option(..., help="Weight of A, in [0, 1]: theta = beta * A + (1 - beta) * B."),
+          out: Path = typer.Option(..., help="Directory to write (neither A nor B)."),
+          part: str = typer.Option("all", help="vlkit models: all, llm or vpg (only those tensors are mixed, the "
+                                   "rest are A's)."),
+          overwrite: bool = typer.Option(False, help="Replace --out if it exists.")) -> None:
+    """Mix the weights of two fine-tunes of one base (SPHINX): vlkit merge A B --beta 0.5 --out C"""
+    from vlkit.models.merge import merge as merge_models
+
+    typer.echo(merge_models(a, b, beta, out, part=part, overwrite=overwrite).summary())
+
+
 @bench_app.command("build")
 def bench_build(out: Path = typer.Option(Path("runs/bench"), help="Where the bench models go."),
                 only: list[str] = typer.Option(None, help="Build only these stages (repeatable): lm_small, lm_large, "
