@@ -1,12 +1,13 @@
 """Metrics from maintained implementations where they exist: CIDEr (pycocoevalcap), ROUGE-L
-(rouge-score); exact match and box IoU written here."""
+(rouge-score); exact match, box IoU and the box-list scores of the SPHINX tasks (detection F1, grounded
+caption recall and precision) written here."""
 
 from __future__ import annotations
 
 import re
 import string
 
-from vlkit.world.language import parse_box
+from vlkit.world.language import labelled_boxes, parse_box, parse_boxes
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -66,3 +67,46 @@ def box_iou(a, b) -> float:
 def grounding_iou(pred: str, ref_box) -> float:
     box = parse_box(pred)
     return box_iou(box, ref_box) if box is not None else 0.0
+
+
+def match_boxes(pred, ref, threshold: float = 0.5, allowed=None) -> list[tuple[int, int]]:
+    """One-to-one greedy matching of predicted to reference boxes: pairs (i, j) taken in order of falling IoU
+    (ties: lower i, then lower j), each box used at most once, only pairs with IoU >= `threshold` and, when
+    given, ``allowed(i, j)`` true."""
+    pairs = sorted(((box_iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)),
+                   key=lambda t: (-t[0], t[1], t[2]))
+    used_p, used_r, out = set(), set(), []
+    for iou, i, j in pairs:
+        if iou < threshold:
+            break
+        if i in used_p or j in used_r or (allowed is not None and not allowed(i, j)):
+            continue
+        used_p.add(i)
+        used_r.add(j)
+        out.append((i, j))
+    return out
+
+
+def detect_f1(pred: str, ref_boxes, threshold: float = 0.5) -> float:
+    """F1 of the boxes in `pred` against `ref_boxes` under `match_boxes`: 2 m / (predicted + reference). A
+    prediction without boxes ("none") scores 1 when there are no reference boxes, else 0; boxes where there are
+    none score 0."""
+    boxes = parse_boxes(pred)
+    if not boxes and not ref_boxes:
+        return 1.0
+    return 2 * len(match_boxes(boxes, ref_boxes, threshold)) / (len(boxes) + len(ref_boxes))
+
+
+def grounded_scores(pred: str, names: list[str], ref_boxes, threshold: float = 0.5) -> tuple[float, float]:
+    """(recall, precision) of a grounded caption. Each box in `pred` is labelled by the text since the previous
+    box (`labelled_boxes`); predicted box i and object j match when j's name (e.g. "red circle") appears as whole
+    words in i's label and their IoU is >= `threshold`, one to one (`match_boxes`). Recall: matched objects /
+    objects; precision: matched boxes / predicted boxes (0 when none is predicted)."""
+    pred_pairs = labelled_boxes(pred)
+    labels = [f" {normalize_answer(label)} " for label, _ in pred_pairs]
+    wanted = [f" {normalize_answer(n)} " for n in names]
+    matched = len(match_boxes([b for _, b in pred_pairs], ref_boxes, threshold,
+                              allowed=lambda i, j: wanted[j] in labels[i]))
+    recall = matched / len(names) if names else float(not pred_pairs)
+    precision = matched / len(pred_pairs) if pred_pairs else 0.0
+    return recall, precision

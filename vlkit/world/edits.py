@@ -64,7 +64,7 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, 
             text = scene.text
             if text is not None and text.on is not None:
                 text = None if text.on == i else replace(text, on=text.on - (text.on > i))
-            return Scene(tuple(objs), text, scene.seed), k, f"the {o.name} disappeared."
+            return replace(scene, objects=tuple(objs), text=text), k, f"the {o.name} disappeared."
         if k == "add":
             if len(objs) >= 6:
                 continue
@@ -72,7 +72,7 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, 
                 new = sample_object(rng, [p.box for p in objs])
                 if new is not None and new.name not in names:
                     objs.append(new)
-                    return Scene(tuple(objs), scene.text, scene.seed), k, f"{a(new.name)} {new.name} appeared {where(new.region)}."
+                    return replace(scene, objects=tuple(objs)), k, f"{a(new.name)} {new.name} appeared {where(new.region)}."
     raise RuntimeError("no edit applies to this scene")  # unreachable: recolor always has a free colour
 
 
@@ -85,4 +85,4 @@ def _with(scene: Scene, objs: list, i: int) -> Scene:
     if text is not None and text.on == i:
         o = objs[i]
         text = replace(text, cx=o.cx, cy=o.cy)
-    return Scene(tuple(objs), text, scene.seed)
+    return replace(scene, objects=tuple(objs), text=text)  # keeps the aspect and size scale

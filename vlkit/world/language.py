@@ -1,13 +1,17 @@
 """What a scene says: captions, questions with short answers, boxes, text to read, class labels.
 
 All functions are pure: (scene, rng) -> text. Answers are short and canonical so that exact-match
-accuracy is meaningful.
+accuracy is meaningful. Every box is in the image's own normalised coordinates (`Scene.box`).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import numpy as np
 
+from vlkit.data.records import message_text
 from vlkit.world.scene import COLORS, SHAPES, Obj, Scene, plural
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -70,17 +74,38 @@ def box_text(box: tuple[float, float, float, float]) -> str:
     return "[" + ",".join(f"{min(1.0, max(0.0, v)):.2f}" for v in box) + "]"
 
 
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """Read the first '[x1,y1,x2,y2]' in `text`; None when there is none."""
-    import re
+_BOX = re.compile(r"\[\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\]")
 
-    m = re.search(r"\[\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\]", text)
-    if not m:
-        return None
+
+def _floats(m: re.Match) -> tuple[float, float, float, float] | None:
     try:
         return tuple(float(v) for v in m.groups())  # type: ignore[return-value]
     except ValueError:
         return None
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """Read the first '[x1,y1,x2,y2]' in `text`; None when there is none."""
+    m = _BOX.search(text)
+    return _floats(m) if m else None
+
+
+def labelled_boxes(text: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Every readable '[x1,y1,x2,y2]' in `text`, in order, each with the text since the previous box (what a
+    grounded caption says of it): "a red circle [..] and a blue square [..]" -> [("a red circle ", box),
+    (" and a blue square ", box)]."""
+    out, start = [], 0
+    for m in _BOX.finditer(text):
+        box = _floats(m)
+        if box is not None:
+            out.append((text[start:m.start()], box))
+            start = m.end()
+    return out
+
+
+def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
+    """Every readable box in `text`, in order ("none" and text without boxes give [])."""
+    return [box for _, box in labelled_boxes(text)]
 
 
 def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
@@ -147,9 +172,97 @@ def vqa(scene: Scene, rng: np.random.Generator, relations: bool = False) -> tupl
     return options[rng.integers(len(options))]
 
 
+GROUNDING_REQUEST = "give the box of {expr}."  # grounding and refer: the expression picks one object
+
+
 def grounding(scene: Scene, rng: np.random.Generator) -> tuple[Obj, str, str]:
     o = scene.objects[rng.integers(len(scene.objects))]
-    return o, f"give the box of the {o.name}.", box_text(o.box)
+    return o, GROUNDING_REQUEST.format(expr=f"the {o.name}"), box_text(scene.box(o))
+
+
+# What a referring expression may say of its object, in order of preference.
+ATTRIBUTES = ("shape", "color", "size", "region")
+
+
+def describe(obj: Obj, attrs: tuple[str, ...]) -> str:
+    """The phrase naming `attrs` of `obj`: ("shape", "size", "region") -> "the large circle on the left"."""
+    words = ["the"] + [getattr(obj, a) for a in ("size", "color") if a in attrs]
+    words.append(obj.shape if "shape" in attrs else "object")
+    if "region" in attrs:
+        words.append(where(obj.region))
+    return " ".join(words)
+
+
+def referring_expression(scene: Scene, obj: Obj, rng: np.random.Generator | None = None) -> str:
+    """A phrase that picks `obj` alone among the scene's objects with the fewest attributes among its shape,
+    colour, size and region (RefCOCO-style): "the circle", "the red object", "the large object", "the object on
+    the left", "the red circle" (a world scene's colour and shape always suffice). Among equally short phrases,
+    the first by ATTRIBUTES order, or one drawn with `rng`."""
+    for n in range(1, len(ATTRIBUTES) + 1):
+        unique = [attrs for attrs in itertools.combinations(ATTRIBUTES, n)
+                  if sum(all(getattr(p, a) == getattr(obj, a) for a in attrs) for p in scene.objects) == 1]
+        if unique:
+            return describe(obj, unique[0] if rng is None else unique[int(rng.integers(len(unique)))])
+    raise ValueError(f"no expression picks the {obj.name} alone: the scene has two objects equal in every attribute")
+
+
+def refer(scene: Scene, rng: np.random.Generator) -> tuple[Obj, str, str, str]:
+    """(object, expression, request, box answer) for one object of the scene."""
+    o = scene.objects[rng.integers(len(scene.objects))]
+    expr = referring_expression(scene, o, rng)
+    return o, expr, GROUNDING_REQUEST.format(expr=expr), box_text(scene.box(o))
+
+
+def grounded_caption(scene: Scene) -> str:
+    """Every object with its box, in reading order: "a small red circle [0.10,0.20,0.27,0.37] and a large ..."."""
+    return join([f"{a(o.size)} {o.size} {o.name} {box_text(scene.box(o))}" for o in scene.ordered()]) + "."
+
+
+def matches_kind(obj: Obj, kind: str) -> bool:
+    """Whether `obj` is of a detection kind: a plural shape ("circles") or a colour's objects ("red objects")."""
+    return kind == f"{obj.color} objects" if kind.endswith(" objects") else kind == plural(obj.shape)
+
+
+def detect(scene: Scene, rng: np.random.Generator, absent_prob: float = 0.2) -> tuple[str, list[tuple], str, str]:
+    """(kind, boxes in reading order, request, answer): every object of a shape or a colour, the kind absent from
+    the scene with `absent_prob` (answer "none")."""
+    if rng.random() < absent_prob:
+        kinds = [plural(s) for s in SHAPES if all(o.shape != s for o in scene.objects)]
+        kinds += [f"{c} objects" for c in COLORS if all(o.color != c for o in scene.objects)]
+        kind = kinds[rng.integers(len(kinds))]  # never empty: 6 objects cannot show all 7 shapes
+    else:
+        o = scene.objects[rng.integers(len(scene.objects))]
+        kind = plural(o.shape) if rng.random() < 0.5 else f"{o.color} objects"
+    boxes = [scene.box(o) for o in scene.ordered() if matches_kind(o, kind)]
+    return kind, boxes, f"find all the {kind}.", "; ".join(box_text(b) for b in boxes) or "none"
+
+
+def request_text(record: dict) -> str:
+    """A record's request as the world wrote it: the last user turn before the final answer (meta["request"]
+    when an instruction set has since rewritten it); "" when there is none."""
+    meta = record.get("meta") or {}
+    if "request" in meta:
+        return meta["request"]
+    msgs = record["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+    turn = next((m for m in reversed(msgs[:last]) if m["role"] == "user"), None)
+    return message_text(turn) if turn is not None else ""
+
+
+def slots(record: dict) -> dict:
+    """The fields an instruction template may fill from a record: {"question": its request} for every task,
+    plus "expr" (grounding, refer: the phrase that picks the object) and "kind" (detect: "circles", "red
+    objects"). Records of the SPHINX tasks store theirs in meta["slots"]; older records (whose content must not
+    change) have them recovered from their text: a grounding request is GROUNDING_REQUEST."""
+    meta = record.get("meta") or {}
+    if isinstance(meta.get("slots"), dict):
+        return dict(meta["slots"])
+    out = {"question": request_text(record)}
+    if record.get("task") == "grounding":
+        m = re.fullmatch(re.escape(GROUNDING_REQUEST).replace(re.escape("{expr}"), "(.+)"), out["question"])
+        if m:
+            out["expr"] = m.group(1)
+    return out
 
 
 def class_labels(scene: Scene) -> dict:

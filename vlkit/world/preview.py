@@ -29,7 +29,9 @@ def contact_sheet(rows: list[tuple[list[str | Path | Image.Image], list[str]]], 
     for (imgs, _), lines, h in zip(rows, wrapped, heights):
         for k, im in enumerate(imgs):
             im = im if isinstance(im, Image.Image) else load_image(im)
-            sheet.paste(im.resize((thumb, thumb), Image.Resampling.NEAREST), (4 + k * (thumb + 6), y))
+            scale = thumb / max(im.size)  # the longer side fills the thumbnail: non-square images keep their shape
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            sheet.paste(im.resize(size, Image.Resampling.NEAREST), (4 + k * (thumb + 6), y))
         for j, line in enumerate(lines):
             draw.text((n_img * (thumb + 6) + 6, y + 4 + 17 * j), line, fill=(20, 20, 20), font=font)
         y += h

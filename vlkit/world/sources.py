@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from vlkit.config import Section
+from vlkit.data.instructions import apply_named
 from vlkit.data.records import load_records
 from vlkit.data.tasks import mix_tasks
 from vlkit.world.dataset import WorldData, build
@@ -21,6 +22,10 @@ class RecordsConfig(Section):
     max_test: int | None = Field(None, gt=0, description="Use at most this many held-out records.")
     mix: dict[str, float] | None = Field(None, description="Task mixing: task -> weight; train records are "
                                          "resampled so each task makes up its share (same total).")
+    instructions: str | None = Field(None, description="Task-specific instructions (SPHINX): a built-in set "
+                                     "(sphinx, generic) or a YAML/JSON file of task -> template; rewrites each "
+                                     "record's request in both splits, before mixing (vlkit.data.instructions). "
+                                     "Held-out prompts at evaluation follow eval.instructions.")
 
 
 def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[dict], list[dict]]:
@@ -28,14 +33,15 @@ def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[
 
 
 def load_split(cfg: RecordsConfig, split: str, progress: bool | None = None) -> list[dict]:
-    """One split's records ("train" or "test"), filtered, capped and (train) task-mixed as `cfg` says."""
+    """One split's records ("train" or "test"), filtered, capped, given `cfg.instructions` and (train) task-mixed
+    as `cfg` says."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     path = getattr(cfg, split) or build(cfg.world, progress=progress) / f"{split}.jsonl"
     records = load_records(path)
     if cfg.tasks is not None:
         records = [r for r in records if r.get("task") in cfg.tasks]
+    records = apply_named(records[: cfg.max_test if split == "test" else cfg.max_train], cfg.instructions)
     if split == "test":
-        return records[: cfg.max_test]
-    records = records[: cfg.max_train]
+        return records
     return mix_tasks(records, cfg.mix, seed=cfg.world.seed) if cfg.mix else records
