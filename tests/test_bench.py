@@ -129,12 +129,20 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before["train"].pop("length_groups")  # an older later setting
     for key in ("drill", "drill_repeat", "whole", "loss_on"):
         before["data"].pop(key)
+    before["data"].pop("instructions")  # SPHINX's settings, later still
+    before["train"].pop("batch_by_task")
+    before["data"]["world"].pop("smalltext_size")
+    for key in ("text_size", "aspects", "size_scale"):
+        before["data"]["world"]["world"].pop(key)
     assert config_hash(cfg) == stable_hash(before)
     changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"whole": True})})
     assert config_hash(changed) != config_hash(cfg)
     w = WorldData()
     old = w.model_dump(mode="json")
     old.pop("relations")
+    old.pop("smalltext_size")  # SPHINX's, later still
+    for key in ("text_size", "aspects", "size_scale"):
+        old["world"].pop(key)
     assert dataset_dir(w).name == stable_hash({"cfg": old, "version": 1})
     assert dataset_dir(w.model_copy(update={"relations": True})) != dataset_dir(w)
 

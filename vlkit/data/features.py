@@ -4,7 +4,8 @@ Pixels are decoded once per (image files, transform geometry) and kept on disk a
 computed once per (encoder weights, feature settings, transform) and image, and kept on disk as float32
 ``.npy`` shards under ``$VLKIT_CACHE/features/<encoder>/``; training with them skips the encoders'
 forward passes entirely (they are frozen, so the numbers are the same). A vision stack of several
-encoders caches each encoder's features on its own.
+encoders caches each encoder's features on its own. A tiled (high-resolution) model's images are their
+views: pixels (n, V, S, S, 3), features (n, V, N, C), with a view mask (n, V) of the views each image keeps.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def repeat(x, n: int):
 
 @torch.no_grad()
 def compute_features(encoder, pixels: np.ndarray, batch_size: int = 128, progress: bool | None = None) -> np.ndarray:
-    """uint8 (n, S, S, 3) pixels -> float32 features (n, N, C) of one encoder."""
+    """uint8 (n, S, S, 3) pixels -> float32 features (n, N, C) of one encoder; views (n, V, S, S, 3) ->
+    (n, V, N, C)."""
+    if pixels.ndim == 5:
+        flat = compute_features(encoder, pixels.reshape(-1, *pixels.shape[2:]), batch_size, progress)
+        return flat.reshape(len(pixels), pixels.shape[1], *flat.shape[1:])
     chunks = []
     for i in bar(range(0, len(pixels), batch_size), desc="features", enabled=progress):
         chunks.append(encoder(encoder.transform.normalize(pixels[i:i + batch_size])).float().cpu().numpy())
@@ -81,12 +86,14 @@ class CachedFeatures:
         return a if dtype is None else a.astype(dtype)
 
 
-def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: bool | None = None) -> CachedFeatures:
-    """Features of `paths` (rows of `pixels`, decoded with the encoder's transform) under this encoder. The cache
-    holds, per encoder, shards of features with the image paths they cover; only images no shard covers are
-    computed (one new shard), so a recipe whose records select other tasks, a subset or another order reuses
-    what earlier runs computed."""
-    root = cache_root() / "features" / stable_hash({"encoder": encoder.fingerprint()}, 20)
+def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: bool | None = None,
+                    tiler=None) -> CachedFeatures:
+    """Features of `paths` (rows of `pixels`, decoded with the encoder's transform, cut into views by `tiler`)
+    under this encoder. The cache holds, per encoder (and view geometry), shards of features with the image paths
+    they cover; only images no shard covers are computed (one new shard), so a recipe whose records select other
+    tasks, a subset or another order reuses what earlier runs computed."""
+    key = {"encoder": encoder.fingerprint()} if tiler is None else {"encoder": encoder.fingerprint(), **tiler.geometry}
+    root = cache_root() / "features" / stable_hash(key, 20)
     shards: list[np.ndarray] = []
     where_of: dict[str, tuple[int, int]] = {}
     for index in sorted(root.glob("*.json")) if root.is_dir() else []:
@@ -111,9 +118,11 @@ def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: boo
 
 
 class ImageBank:
-    """Every distinct image of a set of records, addressable by row, as each encoder's transform sees it."""
+    """Every distinct image of a set of records, addressable by row, as each encoder's transform sees it (cut into
+    views by `tiler` for a high-resolution model)."""
 
-    def __init__(self, records: list[dict], transforms: list[ImageTransform], progress: bool | None = None):
+    def __init__(self, records: list[dict], transforms: list[ImageTransform], progress: bool | None = None,
+                 tiler=None):
         index: dict[str, int] = {}
         for r in records:
             for p in r["images"]:
@@ -130,20 +139,47 @@ class ImageBank:
         for t in self.transforms:
             key = stable_hash(t.geometry)
             if key not in decoded:
-                decoded[key] = t.cached_arrays(self.paths, progress)
+                decoded[key] = t.cached_arrays(self.paths, progress, tiler=tiler)
             self.pixels.append(decoded[key])
+        self.tiler = tiler
+        self.view_mask = None if tiler is None else torch.from_numpy(tiler.masks(
+            [image_size(p) for p in self.paths]) if self.paths else np.zeros((0, tiler.num_views), bool))
         self.features: list[CachedFeatures] | None = None
+
+    @classmethod
+    def of(cls, records: list[dict], processor, progress: bool | None = None) -> "ImageBank":
+        """The bank of these records' images as `processor` (a `VLProcessor`) prepares them."""
+        return cls(records, processor.transforms, progress, tiler=processor.tiler)
 
     def rows(self, record: dict) -> list[int]:
         return [self.index[p] for p in record["images"]]
 
+    def views(self, rows: list[int]) -> list[int] | None:
+        """Views each of these images keeps (None: every image keeps every view)."""
+        return None if self.view_mask is None else self.view_mask[rows].sum(1).tolist()
+
     def use_features(self, stack, progress: bool | None = None) -> "ImageBank":
         """Serve cached features of the stack's (frozen) encoders instead of pixels."""
-        self.features = [cached_features(e, self.paths, px, progress) for e, px in zip(stack.encoders, self.pixels)]
+        self.features = [cached_features(e, self.paths, px, progress, self.tiler)
+                         for e, px in zip(stack.encoders, self.pixels)]
         return self
 
     def inputs(self, rows: list[int]) -> dict:
-        """Model inputs for these images: cached features when available, else pixels."""
+        """Model inputs for these images: cached features when available, else pixels (+ the view mask)."""
+        out = {} if self.view_mask is None else {"view_mask": self.view_mask[rows]}
         if self.features is not None:
-            return {"image_features": as_batch([torch.from_numpy(f[rows]) for f in self.features])}
-        return {"pixel_values": as_batch([t.normalize(px[rows]) for t, px in zip(self.transforms, self.pixels)])}
+            return {**out, "image_features": as_batch([torch.from_numpy(f[rows]) for f in self.features])}
+        return {**out, "pixel_values": as_batch([t.normalize(px[rows]) for t, px in zip(self.transforms, self.pixels)])}
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file as decoded upright (EXIF orientations 5-8 swap them), from its header."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+        except (OSError, ValueError, SyntaxError):  # a malformed EXIF block: decoding keeps the pixels as stored
+            turned = False
+    return (h, w) if turned else (w, h)

@@ -155,13 +155,16 @@ class ImageTransform:
         return np.asarray(self.resized(self.rgb(image, where)), dtype=np.uint8)
 
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (B, S, S, 3) -> float (B, 3, S, S), scaled to [0, 1] then normalised per channel."""
+        """uint8 (..., S, S, 3) -> float (..., 3, S, S), scaled to [0, 1] then normalised per channel (leading
+        dims: images, or images x views of a tiled image)."""
         if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
             pixels = pixels.copy()
-        x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.as_tensor(pixels)
+        lead = x.shape[:-3]
+        x = x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float().div_(255.0)
         m = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
         s = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x - m) / s
+        return ((x - m) / s).reshape(*lead, *x.shape[1:])
 
     def __call__(self, images: Sequence) -> torch.Tensor:
         """Images (paths, PIL images, arrays; any mix) -> (n, 3, S, S)."""
@@ -173,18 +176,21 @@ class ImageTransform:
         """A black image at the encoder's size (the blind baseline's input)."""
         return np.zeros((self.size, self.size, 3), dtype=np.uint8)
 
-    def cached_arrays(self, paths: list[str], progress: bool | None = None) -> np.ndarray:
-        """Image files decoded once into uint8 (N, S, S, 3) and kept on disk, keyed by the files and geometry."""
+    def cached_arrays(self, paths: list[str], progress: bool | None = None, tiler=None) -> np.ndarray:
+        """Image files decoded once into uint8 (N, S, S, 3), or with a `vlkit.data.tiling.Tiler` their views
+        (N, V, S, S, 3), and kept on disk, keyed by the files and geometry."""
+        shape = (self.size, self.size, 3) if tiler is None else (tiler.num_views, self.size, self.size, 3)
         if not paths:
-            return np.zeros((0, self.size, self.size, 3), np.uint8)
-        key = stable_hash({"paths": paths, **self.geometry,
+            return np.zeros((0, *shape), np.uint8)
+        geometry = self.geometry if tiler is None else {**self.geometry, **tiler.geometry}
+        key = stable_hash({"paths": paths, **geometry,
                            "stat": [(os.stat(p).st_size, int(os.stat(p).st_mtime)) for p in paths]}, 16)
         path = cache_root() / "pixels" / f"{key}.npy"
         if path.is_file():
             return np.load(path)
-        out = np.empty((len(paths), self.size, self.size, 3), dtype=np.uint8)
+        out = np.empty((len(paths), *shape), dtype=np.uint8)
         for i, p in enumerate(bar(paths, desc="decode images", enabled=progress if len(paths) > 2000 else False)):
-            out[i] = self.array(p, str(p))
+            out[i] = self.array(p, str(p)) if tiler is None else tiler.arrays(self.rgb(p, str(p)), self)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, out)
         return out

@@ -213,7 +213,7 @@ def evaluate_demon(model, processor, tasks: list[DemonTask], max_per_task: int |
         missing = [p for p in r["images"] if not Path(p).is_file()]
         if missing:
             raise VlkitError(f"{missing[0]}: image file not found; check the task's core/images folder")
-    bank = ImageBank(records, processor.transforms)
+    bank = ImageBank.of(records, processor)
     if use_features:
         bank.use_features(model.vision, progress=progress)
     scores: dict[str, list[float]] = {}

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from vlkit.config import Section
 from vlkit.console import bar
+from vlkit.data.instructions import apply_named
 from vlkit.data.records import message_text
 from vlkit.eval import metrics as M
 from vlkit.experts import Expert, with_context
@@ -34,6 +35,9 @@ class EvalConfig(Section):
     blind: bool = Field(True, description="Also evaluate with blank images.")
     during_training: int = Field(50, gt=0, description="Records per task for evaluations during training "
                                  "(train.eval_every); no blind pass there.")
+    instructions: str | None = Field(None, description="Task-specific instructions for the held-out prompts: a "
+                                     "built-in set (sphinx, generic) or a YAML/JSON file of task -> template "
+                                     "(vlkit.data.instructions); None: the records' own requests.")
 
 
 def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
@@ -46,10 +50,13 @@ def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
 
 
 def select(records: list[dict], cfg: EvalConfig) -> dict[str, list[dict]]:
+    """Up to max_per_task records of each evaluated task, their requests rewritten by cfg.instructions."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("task") in cfg.tasks and len(by_task[r["task"]]) < cfg.max_per_task:
             by_task[r["task"]].append(r)
+    if cfg.instructions is not None:
+        by_task.update({t: apply_named(recs, cfg.instructions) for t, recs in by_task.items()})
     return by_task
 
 
@@ -81,7 +88,15 @@ def answers(model, processor, records: list[dict], bank: ImageBank, cfg: EvalCon
 
 def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, list[float]]:
     """Per-item scores of one task, metric by metric (the paired bootstrap of `vlkit.eval.stats` reads these);
-    each metric's mean is its corpus figure (CIDEr's document frequencies come from the whole set)."""
+    each metric's mean is its corpus figure (CIDEr's document frequencies come from the whole set).
+
+    The SPHINX tasks (not in TASKS: ask for them in EvalConfig.tasks; a grounded caption runs to ~45
+    characters per object: raise max_new_tokens for it): refer, IoU of the first box against meta["box"]
+    (`refer_iou50`: IoU >= 0.5, `refer_miou`); grounded, `metrics.grounded_scores` against meta["names"] and
+    meta["boxes"] (`grounded_recall`: the share of objects named with a box of IoU >= 0.5, `grounded_precision`:
+    the share of predicted boxes that are such a match); detect, `metrics.detect_f1` at IoU 0.5 against
+    meta["boxes"] (`detect_f1`; "none" is right exactly when there is nothing to find); smalltext, exact match
+    (`smalltext_acc`)."""
     refs = [prompt_and_reference(r)[1] for r in records]
     if task == "caption":
         multi = [r.get("meta", {}).get("refs") or [ref] for r, ref in zip(records, refs)]
@@ -89,9 +104,14 @@ def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, l
     if task == "edit":  # "what changed?" between two images: a sentence, scored like a caption (one reference)
         return {"edit_rougeL": M.rouge_l_items(preds, [[ref] for ref in refs]),
                 "edit_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
-    if task == "grounding":
+    if task in ("grounding", "refer"):  # one box for one object
         ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
-        return {"grounding_iou50": [float(i >= 0.5) for i in ious], "grounding_miou": ious}
+        return {f"{task}_iou50": [float(i >= 0.5) for i in ious], f"{task}_miou": ious}
+    if task == "grounded":
+        pairs = [M.grounded_scores(p, r["meta"]["names"], r["meta"]["boxes"]) for p, r in zip(preds, records)]
+        return {"grounded_recall": [rc for rc, _ in pairs], "grounded_precision": [pr for _, pr in pairs]}
+    if task == "detect":
+        return {"detect_f1": [M.detect_f1(p, r["meta"]["boxes"]) for p, r in zip(preds, records)]}
     return {f"{task}_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
 
 
@@ -125,7 +145,7 @@ def evaluate_vlm(model, processor, records: list[dict], cfg: EvalConfig, bank: I
     by_task = select(records, cfg)
     chosen = [r for t in cfg.tasks for r in by_task.get(t, [])]
     if bank is None:
-        bank = ImageBank(chosen, processor.transforms)
+        bank = ImageBank.of(chosen, processor)
     result: dict = {"counts": {t: len(v) for t, v in by_task.items()}, "examples": [], "items": {}}
     modes = ["image", "blind"] if cfg.blind else ["image"]
     if with_images is not None:

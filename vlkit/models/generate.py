@@ -42,13 +42,20 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     all of them at once, as model inputs (`image_inputs`: {"pixel_values"} or {"image_features"}, in order)."""
     if len(conversations) != len(images):
         raise VlkitError(f"{len(conversations)} conversations but {len(images)} image lists")
-    encs = [processor.encode(conv, len(imgs), record_id=f"conversation {i}", add_generation_prompt=True)
-            for i, (conv, imgs) in enumerate(zip(conversations, images))]
+    counts = [len(imgs) for imgs in images]
+    # the views each image keeps (a tiled model skipping padded sub-images; None: all of them)
+    if image_inputs is not None:
+        views = image_inputs["view_mask"].sum(1).tolist() if "view_mask" in image_inputs else None
+    else:
+        views = processor.view_counts([im for imgs in images for im in imgs])
+    per_conv = [None if views is None else views[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
+    encs = [processor.encode(conv, len(imgs), record_id=f"conversation {i}", add_generation_prompt=True, views=v)
+            for i, (conv, imgs, v) in enumerate(zip(conversations, images, per_conv))]
     batch = processor.pad(encs, side="left")
     device = next(model.llm.parameters()).device
     flat = [im for i, imgs in enumerate(images) for im in list(imgs)[: encs[i]["num_images"]]]
     if image_inputs is None:
-        image_inputs = {"pixel_values": processor.pixel_values(flat)} if flat else {}
+        image_inputs = processor.image_inputs(flat) if flat else {}
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     with torch.no_grad():

@@ -146,6 +146,9 @@ def _check_fusions(model: VisionLanguageModel, fmt: str) -> None:
 
 
 def _single_encoder(model: VisionLanguageModel, fmt: str):
+    if model.vision.mixer is not None or model.tiled:
+        raise VlkitError(f"export {fmt}: a stock {fmt} checkpoint has no encoder mixing or sub-images; export a model "
+                         "without model.mix and model.tiles")
     if len(model.vision.encoders) != 1 or not hasattr(model.vision.encoders[0], "hf_config"):
         raise VlkitError(f"export {fmt}: needs one transformers vision encoder; this model's stack has "
                          f"{[e.kind for e in model.vision.encoders]}")

@@ -3,6 +3,10 @@
     images -> VisionStack (n, N, C) -> VPG (n, M, D) ---------+
     text   -> tokenizer -> LLM input embeddings -> fusions ---+-> LLM (fusions active inside) -> logits
 
+A high-resolution model (`tiles`) sees each image as views (global + k x k sub-images, `vlkit.data.tiling`):
+the stack and the VPG run per view, so an image's visual tokens are its kept views' tokens in order, and the
+rows of `FusionInputs.features` / `.visual` are views.
+
 The model knows no particular encoder, VPG or fusion: it asks each part. Every part declares its named
 parameter groups (the stack: ``vision``; the VPG: ``vpg``, ``vpg.queries``, ``vpg.qformer``,
 ``vpg.projector``; each fusion its own, e.g. ``vpgc``; the LLM: ``llm``, ``llm.embeddings``, ``llm.head``,
@@ -23,8 +27,10 @@ from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
 from vlkit.models.llm import base_model, llm_groups, load_llm, position_limit
+from vlkit.data.tiling import TileConfig
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
+from vlkit.models.vision.stack import MixConfig
 from vlkit.data.features import as_list, count
 from vlkit.models.vpg import VPGConfig, build_vpg
 
@@ -40,6 +46,10 @@ class LLMSource(Section):
 class VLMConfig(Section):
     tower: EncoderConfig | list[EncoderConfig] = Field(
         default_factory=EncoderConfig, description="The vision encoder, or a list of them (a vision stack).")
+    mix: MixConfig | None = Field(None, description="Mix encoders of any widths and grids (SPHINX): grids resampled "
+                                  "to one, channels concatenated and projected, query streams beside them.")
+    tiles: TileConfig | None = Field(None, description="High resolution (SPHINX): each image as a global view plus "
+                                     "k x k sub-images; tokens per image = views x VPG tokens.")
     vpg: VPGConfig = Field(default_factory=VPGConfig)
     llm: LLMSource = Field(default_factory=LLMSource)
     max_length: int = Field(256, gt=0, description="Longest token sequence (image tokens included).")
@@ -83,7 +93,6 @@ class VisionLanguageModel(nn.Module):
     def build(cls, cfg: VLMConfig, image_token_id: int | None = None, vocab_size: int | None = None,
               device: str | None = None) -> "VisionLanguageModel":
         """Build from parts: load what has a path, create what has an arch (`device="meta"`: no weights)."""
-        vision = VisionStack.build(cfg.tower, device=device)
         if cfg.llm.path and device != "meta":
             llm = load_llm(cfg.llm.path)
         elif cfg.llm.arch:
@@ -95,7 +104,9 @@ class VisionLanguageModel(nn.Module):
             raise VlkitError("llm: set path (a local directory) or arch (an HF config)")
         if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(vocab_size)  # a tokenizer that gained <image>
-        vpg = build_vpg(cfg.vpg, vision.width, llm.config.get_text_config().hidden_size, vision.num_tokens)
+        llm_width = llm.config.get_text_config().hidden_size
+        vision = VisionStack.build(cfg.tower, device=device, mix=cfg.mix, tiles=cfg.tiles, mix_width=llm_width)
+        vpg = build_vpg(cfg.vpg, vision.width, llm_width, vision.num_tokens)
         if device == "meta":
             vpg = vpg.to("meta")
         if image_token_id is None:
@@ -137,9 +148,12 @@ class VisionLanguageModel(nn.Module):
             cls, config = kind, kind.Config(**options) if config is None else config
         if cls.kind in self.fusions:
             raise VlkitError(f"fusions: this model already has a {cls.kind} fusion")
+        if self.tiled and not cls.takes_views:
+            raise VlkitError(f"fusions: the {cls.kind} fusion does not work on views of an image; drop model.tiles "
+                             "or this fusion")
         if self.vpg is None:
             raise VlkitError(f"fusions: a text-only LM takes no images, so no {cls.kind} fusion")
-        p = next(self.vpg.parameters())
+        p = self._anchor
         with on_device("meta" if p.is_meta else None):
             fusion = cls.build(config, self)
         fusion = fusion.to(dtype=p.dtype) if p.is_meta else fusion.to(device=p.device, dtype=p.dtype)
@@ -202,42 +216,66 @@ class VisionLanguageModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     @property
+    def _anchor(self) -> torch.Tensor:
+        """A tensor on the device and in the dtype of the visual path (the VPG's; the LLM's for a VPG without
+        parameters)."""
+        return next(iter([*self.vpg.parameters(), *self.llm.parameters()]))
+
+    @property
     def vpg_dtype(self) -> torch.dtype:
-        return next(self.vpg.parameters()).dtype
+        return self._anchor.dtype
 
-    def image_features(self, pixel_values=None, image_features=None) -> torch.Tensor | None:
+    @property
+    def tiled(self) -> bool:
+        return self.vision is not None and self.vision.tiles is not None
+
+    def image_features(self, pixel_values=None, image_features=None, view_mask: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
         """The stack's features (n, N, C) of images given as pixels or as cached per-encoder features (None
-        without images)."""
-        if count(image_features):
-            if self.vision is None:
-                raise VlkitError("this model is a text-only LM: it takes no images")
-            device = next(self.vpg.parameters()).device  # cached features come from the CPU
-            return self.vision.combine([f.to(device) for f in as_list(image_features)])
-        if count(pixel_values):
-            if self.vision is None:
-                raise VlkitError("this model is a text-only LM: it takes no images")
-            return self.vision(pixel_values)
-        return None
+        without images). A tiled model's inputs are views, (n, V, ...): the result has one row per kept view
+        (`view_mask` (n, V); default every view), images in order, views in order within each."""
+        given = image_features if count(image_features) else pixel_values if count(pixel_values) else None
+        if given is None:
+            return None
+        if self.vision is None:
+            raise VlkitError("this model is a text-only LM: it takes no images")
+        parts = as_list(given)
+        if count(image_features):  # cached features come from the CPU
+            parts = [f.to(self._anchor.device) for f in parts]
+        views = None
+        if self.tiled:
+            n, v = parts[0].shape[:2]
+            if v != 1 + self.vision.tiles.k ** 2 or parts[0].dim() < 4:
+                raise VlkitError(f"image inputs of shape {tuple(parts[0].shape)} are not views of this model's "
+                                 f"{1 + self.vision.tiles.k ** 2}-view tiling; encode images with its processor")
+            keep = torch.ones(n * v, dtype=torch.bool) if view_mask is None else view_mask.reshape(-1).bool().cpu()
+            views = torch.arange(v).repeat(n)[keep]
+            parts = [p.flatten(0, 1)[keep.to(p.device)] for p in parts]
+        feats = self.vision.encode(parts) if given is pixel_values else parts
+        return self.vision.combine(feats, views=views)
 
-    def encode_images(self, pixel_values=None, image_features=None) -> torch.Tensor:
-        """Pixels or cached features of n images -> visual tokens (n, M, D)."""
-        features = self.image_features(pixel_values, image_features)
+    def encode_images(self, pixel_values=None, image_features=None, view_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Pixels or cached features of n images -> visual tokens (n, M, D) (a tiled model: one row per view)."""
+        features = self.image_features(pixel_values, image_features, view_mask)
         if features is None:
             raise VlkitError("encode_images needs pixel_values or image_features")
         return self.vpg(features.to(self.vpg_dtype))
 
     def fusion_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       labels: torch.Tensor | None = None, pixel_values=None, image_features=None,
-                      images_per_row: torch.Tensor | None = None) -> FusionInputs:
+                      images_per_row: torch.Tensor | None = None, view_mask: torch.Tensor | None = None
+                      ) -> FusionInputs:
         """What this batch hands every fusion: the stack's features and the VPG's tokens computed once."""
-        features = self.image_features(pixel_values, image_features)
+        features = self.image_features(pixel_values, image_features, view_mask)
         visual = self.vpg(features.to(self.vpg_dtype)) if features is not None else None
-        n = 0 if features is None else len(features)
+        n = count(image_features) or count(pixel_values)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         return FusionInputs(input_ids, mask, labels, self.image_token_id, features, visual,
-                            self._owners(input_ids, n, images_per_row))
+                            self._owners(input_ids, n, images_per_row, view_mask))
 
-    def _owners(self, input_ids: torch.Tensor, n: int, images_per_row: torch.Tensor | None) -> torch.Tensor:
+    def _owners(self, input_ids: torch.Tensor, n: int, images_per_row: torch.Tensor | None,
+                view_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) the batch row of each image, in text order."""
         if images_per_row is not None:
             per_row = images_per_row.to(input_ids.device)
@@ -247,7 +285,11 @@ class VisionLanguageModel(nn.Module):
             return torch.repeat_interleave(torch.arange(len(per_row), device=input_ids.device), per_row)
         slots = self.image_slots
         if slots:
-            return (input_ids == self.image_token_id).nonzero()[:, 0][::slots][:n]
+            views = view_mask.sum(1).tolist() if view_mask is not None else \
+                [1 + self.vision.tiles.k ** 2 if self.tiled else 1] * n
+            starts = torch.tensor([0, *torch.tensor(views[:-1]).cumsum(0).tolist()][:n], dtype=torch.long) * slots
+            rows = (input_ids == self.image_token_id).nonzero()[:, 0]
+            return rows[starts[starts < len(rows)].to(rows.device)]
         if n and len(input_ids) > 1:
             raise VlkitError("images_per_row is needed to place images in a batch whose fusions take no token slots; "
                              "encode batches with the model's processor")
@@ -270,8 +312,9 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values=None, image_features=None,
-                images_per_row: torch.Tensor | None = None, **kwargs):
-        x = self.fusion_inputs(input_ids, attention_mask, labels, pixel_values, image_features, images_per_row)
+                images_per_row: torch.Tensor | None = None, view_mask: torch.Tensor | None = None, **kwargs):
+        x = self.fusion_inputs(input_ids, attention_mask, labels, pixel_values, image_features, images_per_row,
+                               view_mask)
         embeds = self.embed_inputs(x)
         with self.fused(x):
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)

@@ -29,12 +29,16 @@ from vlkit.models.llm import count_parameters
 from vlkit.data.features import ImageBank, count, select
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.train import Stream, Trainer
+from vlkit.world.dataset import LATER_SETTINGS as WORLD_LATER
+from vlkit.world.dataset import LATER_WORLD_SETTINGS as WORLD_CONFIG_LATER
+from vlkit.world.dataset import WorldData
+from vlkit.world.scene import WorldConfig
 from vlkit.world.sources import RecordsConfig, load_split
 
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the hash at
-# that value, so adding a setting does not invalidate every finished run. A key is a path into the config;
-# a whole section added later is left out when it equals its default.
+# that value, so adding a setting does not invalidate every finished run. A key is a path into the config
+# ("*": every item of a list there); a whole section added later is left out when it equals its default.
 LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("train", "length_groups"): 1,
     ("data", "world", "relations"): False,
@@ -43,18 +47,35 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "drill_repeat"): False,
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
+    ("model", "mix"): None,
+    ("model", "tiles"): None,
+    ("data", "instructions"): None,
+    ("eval_data", "instructions"): None,
+    ("streams", "*", "data", "instructions"): None,
+    ("eval", "instructions"): None,
+    ("train", "batch_by_task"): False,
 }
+# the world's own later settings (vlkit.world.dataset), wherever a recipe holds a world section
+for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
+    for _name in WORLD_LATER:
+        if _where[0] == "streams" and _name == "relations":  # streams came later: their hashes always held it
+            continue
+        LATER_SETTINGS[(*_where, "world", _name)] = WorldData().model_dump(mode="json")[_name]
+    for _name in WORLD_CONFIG_LATER:
+        LATER_SETTINGS[(*_where, "world", "world", _name)] = WorldConfig().model_dump(mode="json")[_name]
 LATER_SECTIONS: dict[str, dict[str, dict]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}}}
 
 
 def drop_later_settings(data: dict, recipe: str | None = None) -> dict:
     """`data` (a config's model_dump) without the settings added later where they hold their old value."""
     for path, old in LATER_SETTINGS.items():
-        node = data
+        nodes = [data]
         for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == old:
-            node.pop(path[-1])
+            nodes = [item for n in nodes if isinstance(n, list) for item in n] if key == "*" else \
+                [n.get(key) for n in nodes if isinstance(n, dict)]
+        for node in nodes:
+            if isinstance(node, dict) and path[-1] in node and node[path[-1]] == old:
+                node.pop(path[-1])
     for key, default in LATER_SECTIONS.get(recipe or "", {}).items():
         if data.get(key) == default:
             data.pop(key)
@@ -121,13 +142,16 @@ class VLDataset:
 
     def __init__(self, records: list[dict], processor: VLProcessor, bank: ImageBank):
         self.items = []
+        self.tasks = []  # each item's record task (the trainer's train.batch_by_task batches by it)
         dropped = 0
         for r in records:
-            enc = processor.encode(r["messages"], len(r["images"]), record_id=r.get("id", "?"))
+            enc = processor.encode(r["messages"], len(r["images"]), record_id=r.get("id", "?"),
+                                   views=bank.views(bank.rows(r)))
             if not any(lab != IGNORE_INDEX for lab in enc["labels"][1:]):
                 dropped += 1
                 continue
             self.items.append((enc, bank.rows(r)[: enc["num_images"]]))
+            self.tasks.append(r.get("task"))
         self.dropped = dropped
         if dropped:
             warnings.warn(f"{dropped} of {len(records)} training records have no supervised token within "
@@ -150,7 +174,8 @@ class VLDataset:
         return batch
 
 
-BATCH_KEYS = {"input_ids", "attention_mask", "labels", "image_features", "pixel_values", "images_per_row"}
+BATCH_KEYS = {"input_ids", "attention_mask", "labels", "image_features", "pixel_values", "images_per_row",
+              "view_mask"}
 
 
 def vl_loss(model, batch, groups: int = 1):
@@ -175,7 +200,8 @@ def vl_loss(model, batch, groups: int = 1):
         sub = {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "labels")}
         sub["images_per_row"] = images[rows]
         keep = torch.cat([torch.arange(int(first[r]), int(first[r] + images[r])) for r in rows])
-        sub.update({k: select(batch[k], keep) for k in ("image_features", "pixel_values") if count(batch.get(k))})
+        sub.update({k: select(batch[k], keep) for k in ("image_features", "pixel_values", "view_mask")
+                    if count(batch.get(k))})
         loss = loss + model(**sub, num_items_in_batch=total).loss
     return loss, {"tokens": tokens}
 
@@ -184,13 +210,13 @@ def image_banks(model: VisionLanguageModel, proc: VLProcessor, train_recs: list[
                 cache: bool, out: Path, progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
     """Pixel banks for both splits (the processor's transforms); with `cache`, the frozen encoders' features
     instead (seconds spent)."""
-    bank = ImageBank(train_recs, proc.transforms, progress)
-    test_bank = ImageBank(test_recs, proc.transforms, progress)
+    bank = ImageBank.of(train_recs, proc, progress)
+    test_bank = ImageBank.of(test_recs, proc, progress)
     t0 = time.perf_counter()
     if cache:
-        if not model.vision.frozen:
-            raise VlkitError(f"{out}: cache_features needs frozen vision encoders; drop 'vision' from trainable or "
-                             "set cache_features=false")
+        if not model.vision.encoders_frozen:
+            raise VlkitError(f"{out}: cache_features needs frozen vision encoders; drop the encoders' groups from "
+                             "trainable or set cache_features=false")
         bank.use_features(model.vision, progress)
         test_bank.use_features(model.vision, progress)
     return bank, test_bank, time.perf_counter() - t0

@@ -29,6 +29,11 @@ class TrainConfig(Section):
                                "rows of similar length, each padded only to its own longest row: the same gradient "
                                "(up to float rounding) with less compute spent on padding (4: ~30% faster steps on "
                                "2 CPU cores with captions and short answers mixed).")
+    batch_by_task: bool = Field(False, description="Draw every (global) batch from one task (LLaMA2-Accessory's "
+                                "sampler for SPHINX): each epoch, each task's examples are shuffled and cut into "
+                                "whole batches, and the batches of all tasks are shuffled together, so tasks come "
+                                "in proportion to their example counts; a task with fewer examples than a global "
+                                "batch is left out. Needs a dataset with `tasks` (the VLM recipes').")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")

@@ -12,7 +12,9 @@ updates only that stream's parameters; the others keep no gradient, so AdamW lea
 
 Data order is a pure function of (seed, epoch): the permutation of epoch e comes from a generator
 seeded with ``seed * 1_000_003 + e`` (stream k > 0: + k * 7_919), so a resumed run sees exactly the batches
-it would have seen.
+it would have seen. With ``train.batch_by_task`` (LLaMA2-Accessory's sampler for SPHINX) every optimiser step
+draws from one task: the same generator shuffles each task's examples, cuts them into whole steps (batch_size x
+grad_accum x ranks) and shuffles the steps of all tasks together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -114,6 +117,8 @@ class Trainer:
         self.cfg = cfg
         self.rt = runtime or make_runtime(cfg.device, cfg.precision, cfg.num_threads)
         self.model = model.to(self.rt.device)
+        self._by_task = [self._group_by_task(st, out_dir) for st in self.streams] if cfg.batch_by_task else None
+        self._epoch_steps: dict[int, tuple[int, list[list[int]]]] = {}  # stream -> (epoch, its steps' indices)
         if not any(p.requires_grad for p in model.parameters()):
             raise VlkitError(f"{out_dir}: no trainable parameters; choose at least one trainable group")
         self.loss_fn, self.evaluate_fn = loss_fn, evaluate
@@ -131,12 +136,54 @@ class Trainer:
 
     # -- data order ---------------------------------------------------------------------------
     def batches_per_epoch(self, stream: int = 0) -> int:
+        if self._by_task is not None:
+            return self.cfg.grad_accum * sum(len(v) // self._step_size() for v in self._by_task[stream].values())
         per_rank = len(self.streams[stream].dataset) // self.rt.world_size
         return max(1, per_rank // self.cfg.batch_size)
+
+    def _step_size(self) -> int:
+        """Examples per optimiser step over every rank."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.rt.world_size
+
+    def _group_by_task(self, stream: Stream, out_dir) -> dict:
+        """task -> the indices of its examples (train.batch_by_task), tasks in order of first appearance."""
+        tasks = getattr(stream.dataset, "tasks", None)
+        if tasks is None or len(tasks) != len(stream.dataset):
+            raise VlkitError(f"{out_dir}: train.batch_by_task needs a dataset that says each example's task "
+                             f"(stream {stream.name!r} does not); set train.batch_by_task=false")
+        by_task: dict = {}
+        for i, t in enumerate(tasks):
+            by_task.setdefault(t, []).append(i)
+        small = [t for t, v in by_task.items() if len(v) < self._step_size()]
+        if len(small) == len(by_task):
+            raise VlkitError(f"{out_dir}: train.batch_by_task: no task of stream {stream.name!r} has a step's worth "
+                             f"({self._step_size()}) of examples; lower train.batch_size or set batch_by_task=false")
+        if small:
+            warnings.warn(f"train.batch_by_task: task(s) {small} of stream {stream.name!r} have fewer examples than "
+                          f"one step ({self._step_size()}) and are left out", stacklevel=3)
+        return by_task
+
+    def _task_steps(self, epoch: int, stream: int) -> list[list[int]]:
+        """The steps of `epoch` (every rank's indices of each), each from one task, in their shuffled order."""
+        cached = self._epoch_steps.get(stream)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+        n, steps = self._step_size(), []
+        for idx in self._by_task[stream].values():
+            perm = torch.randperm(len(idx), generator=g).tolist()
+            steps += [[idx[i] for i in perm[j:j + n]] for j in range(0, len(idx) - n + 1, n)]
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+        self._epoch_steps[stream] = (epoch, steps)
+        return steps
 
     def _batch_indices(self, micro: int, stream: int = 0) -> list[int]:
         """Indices of micro-batch `micro` of `stream`'s own data order."""
         epoch, pos = divmod(micro, self.batches_per_epoch(stream))
+        if self._by_task is not None:  # micro-batch k of a step: the k-th slice of that step's examples
+            step, k = divmod(pos, self.cfg.grad_accum)
+            n = self.cfg.batch_size * self.rt.world_size
+            return self._task_steps(epoch, stream)[step][k * n:(k + 1) * n][self.rt.rank::self.rt.world_size]
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
         perm = torch.randperm(len(self.streams[stream].dataset), generator=g)[self.rt.rank::self.rt.world_size]
         start = pos * self.cfg.batch_size

@@ -54,6 +54,7 @@ class Fusion(nn.Module):
     kind: ClassVar[str] = ""
     Config: ClassVar[type[Section]] = Section
     exports: ClassVar[frozenset[str]] = frozenset()  # stock formats (llava, blip-2) that can represent it
+    takes_views: ClassVar[bool] = False  # works on a tiled model, whose visual rows are views, not images
 
     def __init__(self, config: Section):
         super().__init__()

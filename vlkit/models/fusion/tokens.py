@@ -30,6 +30,7 @@ def scatter_image_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, image_to
 @register_fusion("tokens")
 class TokenFusion(Fusion):
     exports = frozenset({"llava", "blip-2"})
+    takes_views = True  # visual tokens are written in order, whatever their rows are
 
     def image_slots(self, model) -> int:
         return model.vpg.num_tokens

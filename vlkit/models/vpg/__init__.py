@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from vlkit.config import Section
-from vlkit.models.vpg.linear import LinearVPG
+from vlkit.models.vpg.linear import IdentityVPG, LinearVPG
 from vlkit.models.vpg.mlp import MLPVPG
 from vlkit.models.vpg.qformer import QFormerVPG
 
@@ -21,13 +21,17 @@ class QFormerConfig(Section):
 
 
 class VPGConfig(Section):
-    kind: Literal["qformer", "mlp", "linear"] = Field("qformer", description="BLIP-2 Q-Former, LLaVA MLP or linear.")
+    kind: Literal["qformer", "mlp", "linear", "identity"] = Field(
+        "qformer", description="BLIP-2 Q-Former, LLaVA MLP, linear, or identity (the features already are in the "
+        "LLM's width: a SPHINX mix projects into it).")
     num_queries: int = Field(16, gt=0, description="Q-Former: learned queries = visual tokens per image.")
     qformer: QFormerConfig = Field(default_factory=QFormerConfig)
     mlp_act: str = Field("gelu", description="MLP: activation between the two layers (LLaVA: gelu).")
 
 
 def build_vpg(cfg: VPGConfig, vision_width: int, llm_width: int, num_features: int):
+    if cfg.kind == "identity":
+        return IdentityVPG(vision_width, llm_width, num_features)
     if cfg.kind == "linear":
         return LinearVPG(vision_width, llm_width, num_features)
     if cfg.kind == "mlp":
@@ -37,4 +41,4 @@ def build_vpg(cfg: VPGConfig, vision_width: int, llm_width: int, num_features: i
                       q.intermediate_size, q.cross_attention_frequency)
 
 
-__all__ = ["VPGConfig", "QFormerConfig", "build_vpg", "LinearVPG", "MLPVPG", "QFormerVPG"]
+__all__ = ["VPGConfig", "QFormerConfig", "build_vpg", "IdentityVPG", "LinearVPG", "MLPVPG", "QFormerVPG"]
