@@ -54,7 +54,7 @@ def test_generic_leaves_records_identical_and_apply_is_pure():
     assert new[2]["content"] == [{"type": "text", "text": "look: which color?\nAnswer the question using a single "
                                   "word or phrase."}, {"type": "image"}, {"type": "image"}]
     assert new[:2] == multi["messages"][:2] and new[3] == multi["messages"][3]  # only the last request changes
-    assert slots(multi) == {"question": "look: which color?", "kind": "color"}
+    assert slots(multi) == {"question": "look: which color?"}  # a VQA record's meta kind is its question kind
     assert slots({**multi, "meta": {"slots": {"question": "q", "expr": "e"}}}) == {"question": "q", "expr": "e"}
 
 

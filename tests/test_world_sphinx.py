@@ -14,8 +14,8 @@ from vlkit.eval import metrics as M
 from vlkit.eval.world import EvalConfig, score_items, select, summarize_items
 from vlkit.world import WorldConfig, WorldData, build, generate_scene, render
 from vlkit.world.dataset import DEFAULT_TASKS, SMALLTEXT_SIZE, TASKS, dataset_dir
-from vlkit.world.language import (box_text, detect, grounded_caption, parse_box, refer, referring_expression,
-                                  slots, where)
+from vlkit.data.instructions import slots
+from vlkit.world.language import box_text, detect, grounded_caption, parse_box, refer, referring_expression, where
 from vlkit.world.scene import BACKGROUND, COLORS, REGIONS, SHAPES, SIZES, Obj, Scene, Text, overlaps
 
 NEW_TASKS = ["refer", "grounded", "detect", "smalltext"]
@@ -83,8 +83,7 @@ def test_slots_of_old_records_come_from_their_text(old_world):
     g = next(r for r in recs if r["task"] == "grounding")
     name = g["messages"][0]["content"][1]["text"].removeprefix("give the box of the ").removesuffix(".")
     assert name in {o["color"] + " " + o["shape"] for o in g["meta"]["scene"]["objects"]}
-    assert slots(g) == {"question": f"give the box of the {name}.", "expr": f"the {name}"}
-    assert slots({**g, "meta": {**g["meta"], "request": "give the box of the blue star."}})["expr"] == "the blue star"
+    assert slots(g) == {"question": f"give the box of the {name}."}
     assert slots(next(r for r in recs if r["task"] == "caption")).keys() == {"question"}
 
 

@@ -121,14 +121,15 @@ def load_instructions(spec: str) -> Instructions:
 
 
 def slots(record: dict) -> dict:
-    """A record's template fields: meta["slots"] when it has them, else {"question": the request's text (as it was
-    before any instruction set rewrote it)} plus meta's `expr` and `kind` where present."""
+    """A record's template fields: meta["slots"] when it has them (the world's records of every SPHINX task do), else
+    {"question": the request's text (as it was before any instruction set rewrote it)} plus meta's `expr` where
+    present (meta's `kind` is not taken: a world VQA record's is its question kind, not a detection class)."""
     meta = record.get("meta") or {}
     if isinstance(meta.get("slots"), dict):
         return dict(meta["slots"])
     _, user = _request(record)
     out = {"question": meta.get("request", message_text(record["messages"][user]) if user is not None else "")}
-    out.update({k: meta[k] for k in ("expr", "kind") if k in meta})
+    out.update({k: meta[k] for k in ("expr",) if k in meta})
     return out
 
 

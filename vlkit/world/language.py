@@ -249,22 +249,6 @@ def request_text(record: dict) -> str:
     return message_text(turn) if turn is not None else ""
 
 
-def slots(record: dict) -> dict:
-    """The fields an instruction template may fill from a record: {"question": its request} for every task,
-    plus "expr" (grounding, refer: the phrase that picks the object) and "kind" (detect: "circles", "red
-    objects"). Records of the SPHINX tasks store theirs in meta["slots"]; older records (whose content must not
-    change) have them recovered from their text: a grounding request is GROUNDING_REQUEST."""
-    meta = record.get("meta") or {}
-    if isinstance(meta.get("slots"), dict):
-        return dict(meta["slots"])
-    out = {"question": request_text(record)}
-    if record.get("task") == "grounding":
-        m = re.fullmatch(re.escape(GROUNDING_REQUEST).replace(re.escape("{expr}"), "(.+)"), out["question"])
-        if m:
-            out["expr"] = m.group(1)
-    return out
-
-
 def class_labels(scene: Scene) -> dict:
     return {"shapes": sorted({o.shape for o in scene.objects}),
             "colors": sorted({o.color for o in scene.objects}),
