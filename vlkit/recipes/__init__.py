@@ -26,6 +26,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "ats": ("vlkit.recipes.ats", "ATSRecipe"),
     "adapter": ("vlkit.recipes.adapter", "AdapterRecipe"),
     "illama": ("vlkit.recipes.illama", "ILlamaRecipe"),
+    "classify": ("vlkit.recipes.classify", "ClassifyRecipe"),
 }
 
 

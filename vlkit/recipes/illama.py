@@ -7,9 +7,8 @@ switch between them per batch, stochastic depth, and the soft mask's alpha set o
 its schedule. Reports held-out top-1 beside chance (the most frequent class) and the curve of both during
 training; saves the model (``<out>/model``: `tower: {kind: illama, path: <out>/model}` uses it as a VLM tower).
 
-Mixup and CutMix are written here, as timm's `Mixup` defines them (one lambda per batch, CutMix's lambda
-corrected to the pasted box's area, soft targets with label smoothing): torchvision's and timm's need a
-torchvision that cannot be installed beside the CPU torch this project pins.
+The loop, Mixup / CutMix and the data are recipe `classify`'s (vlkit/recipes/classify.py), which trains a tower of
+any kind with its own head; this recipe adds iLLaMA's model, its count head and the soft mask's schedule.
 """
 
 from __future__ import annotations
@@ -23,18 +22,16 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vlkit.config import Section
-from vlkit.data.transforms import unique_paths
 from vlkit.errors import VlkitError
 from vlkit.models.llm import count_parameters
 from vlkit.models.vision.illama import ILlama, ILlamaConfig, mask_alpha, write_illama
+from vlkit.recipes.classify import Augment, ClassData, fit_classifier, image_arrays, mix, smooth_one_hot
 from vlkit.recipes.common import finish, prepare_output
-from vlkit.train import TrainConfig, Trainer
+from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
-from vlkit.world.sources import RecordsConfig, load_splits
+from vlkit.world.sources import load_splits
 
-
-class ClassData(RecordsConfig):
-    tasks: list[str] | None = Field(["class"], description="World records carrying class labels.")
+__all__ = ["Augment", "ClassData", "ILlamaRecipe", "MaskSchedule", "accuracy", "count_labels", "mix", "run"]
 
 
 class MaskSchedule(Section):
@@ -43,14 +40,6 @@ class MaskSchedule(Section):
                                                             "or none (0 from the start).")
     alpha0: float = Field(1.0, ge=0, le=1)
     cutoff_epochs: float = Field(1.0, ge=0, description="Epochs until alpha reaches 0 (the paper: 25 of 300).")
-
-
-class Augment(Section):
-    mixup: float = Field(0.8, ge=0, description="Mixup's Beta(alpha, alpha) (0: off).")
-    cutmix: float = Field(1.0, ge=0, description="CutMix's Beta(alpha, alpha) (0: off).")
-    switch_prob: float = Field(0.5, ge=0, le=1, description="Chance a batch uses CutMix when both are on.")
-    prob: float = Field(1.0, ge=0, le=1, description="Chance a batch is mixed at all.")
-    smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the soft targets.")
 
 
 class ILlamaRecipe(Section):
@@ -76,38 +65,6 @@ def count_labels(records: list[dict], classes: int, where: str) -> list[int]:
     return out
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, classes: int, a: Augment, rng: np.random.Generator):
-    """Mixup or CutMix of a batch with its reverse (one lambda per batch), and soft targets (B, classes)."""
-    off, on = a.smoothing / classes, 1 - a.smoothing + a.smoothing / classes
-    target = torch.full((len(y), classes), off, device=x.device).scatter_(1, y[:, None], on)
-    if (a.mixup <= 0 and a.cutmix <= 0) or rng.random() >= a.prob:
-        return x, target
-    cut = a.cutmix > 0 and (a.mixup <= 0 or rng.random() < a.switch_prob)
-    lam = float(rng.beta(a.cutmix, a.cutmix) if cut else rng.beta(a.mixup, a.mixup))
-    x = x.clone()
-    if cut:  # a box of area (1 - lam), centred anywhere, clipped; lam is then the area left
-        h, w = x.shape[-2:]
-        bh, bw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
-        cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
-        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    else:
-        x = x * lam + x.flip(0) * (1 - lam)
-    return x, target * lam + target.flip(0) * (1 - lam)
-
-
-class Images:
-    def __init__(self, pixels: np.ndarray, labels: list[int]):
-        self.pixels, self.labels = torch.from_numpy(pixels), labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.pixels[i], self.labels[i]
-
-
 @torch.no_grad()
 def accuracy(model: ILlama, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> dict:
     """Top-1 over held-out images, each item's hit kept (for intervals and paired comparisons)."""
@@ -130,28 +87,15 @@ def run(cfg: ILlamaRecipe, resume: bool = False, overwrite: bool = False, progre
     classes = cfg.model.num_classes
     train_y, test_y = count_labels(train_recs, classes, "train"), count_labels(test_recs, classes, "test")
     transform = cfg.model.transform()
-    paths, rows = unique_paths(train_recs)
-    train_px = transform.cached_arrays(paths, progress)[rows]
-    test_paths, test_rows = unique_paths(test_recs)
-    test_px = transform.normalize(transform.cached_arrays(test_paths, progress)[test_rows])
+    train_px = image_arrays(transform, train_recs, progress)
+    test_px = transform.normalize(image_arrays(transform, test_recs, progress))
     test_t = torch.tensor(test_y)
     chance = float(np.bincount(test_y, minlength=classes).max() / len(test_y))
     seed_everything(cfg.train.seed)
     model = ILlama(cfg.model)
     per_epoch = len(train_y) / (cfg.train.batch_size * cfg.train.grad_accum)
-    draws = {"step": -1, "k": 0}  # the mixing draws of a step are seeded by (seed, step, micro-batch): exact resume
 
-    def rng():
-        draws.update(k=draws["k"] + 1 if draws["step"] == trainer.step else 0, step=trainer.step)
-        return np.random.default_rng((cfg.train.seed, trainer.step, draws["k"]))
-
-    def collate(items):
-        return {"pixel_values": transform.normalize(torch.stack([p for p, _ in items])),
-                "labels": torch.tensor([y for _, y in items])}
-
-    def loss_fn(m, batch):
-        x, target = mix(batch["pixel_values"], batch["labels"], classes, cfg.augment, rng())
-        logits = m(x)
+    def objective(logits, target):
         return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean(), {"alpha": model.alpha}
 
     def set_alpha(step: int, _=None):
@@ -160,10 +104,9 @@ def run(cfg: ILlamaRecipe, resume: bool = False, overwrite: bool = False, progre
     def evaluate(m):
         return {"acc": accuracy(model, test_px, test_t)["acc"], "alpha": model.alpha}
 
-    trainer = Trainer(model, cfg.train, Images(train_px, train_y), collate, loss_fn, out, evaluate=evaluate,
-                      run_config=cfg.model_dump(mode="json"), desc="illama",
-                      on_start=lambda: (record(), set_alpha(trainer.step)))
-    trainer.fit(resume=resume, overwrite=overwrite, callbacks=[set_alpha])
+    targets = smooth_one_hot(torch.tensor(train_y), classes, cfg.augment.smoothing)
+    trainer = fit_classifier(model, cfg, out, transform, train_px, targets, objective, evaluate, record, "illama",
+                             resume, overwrite, on_step=set_alpha)
     final = accuracy(model, test_px, test_t)
     trainer.save_model(out / "model", lambda tmp: write_illama(model, tmp))
     curve = [{"step": h["step"], "acc": h["eval/acc"], "alpha": h.get("eval/alpha")} for h in trainer.history
