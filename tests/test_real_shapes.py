@@ -123,3 +123,31 @@ def test_llama_adapter_v2_7b_groups():
     assert g["adapter.visual_gates"] == 32
     assert g["adapter.prompts"] == 10 * 31 * 4096 and g["adapter.gates"] == 31 * 32
     assert g["vpg.projector"] == 1024 * 4096 + 4096
+
+
+@pytest.mark.parametrize("k,views", [(2, 5), (3, 10)])
+def test_sphinx_mixes_four_encoders_into_291_positions_per_view(k, views, tiny_tokenizer):
+    """SPHINX (llama_ens5; llama_ens10 at k = 3): 32 Q-Former queries + [CLS; 16 x 16] of CLIP ViT-L/14, ConvNeXt-XXL
+    (8 x 8 repeated 2x) and DINOv2 ViT-g/14, channels 1024 + 3072 + 1536 = 5632 -> 5120, + start/end."""
+    from vlkit.data.processor import ProcessorConfig, VLProcessor
+
+    cfg, _ = load_config(REAL / "sphinx_1k.yaml", [f"model.tiles.k={k}"])
+    m = VisionLanguageModel.build(cfg.model, device="meta")
+    m.set_trainable(cfg.trainable)
+    q, clip, convnext, dino = m.vision.encoders
+    assert [e.num_tokens for e in m.vision.encoders] == [32, 257, 65, 257]
+    assert [e.width for e in m.vision.encoders] == [768, 1024, 3072, 1536]
+    assert (clip.grid, convnext.grid, dino.grid) == ((16, 16), (8, 8), (16, 16))
+    mixer = m.vision.mixer
+    assert mixer.grid_proj[0].weight.shape == (5120, 5632) and mixer.grid_proj[1].weight.shape == (5120,)
+    assert [p[0].weight.shape for p in mixer.query_proj] == [(5120, 768)]
+    assert m.vision.num_tokens == m.image_slots == 291
+    assert count_parameters(m.llm) == 13_015_864_320                   # LLaMA-2-13B
+    proj = 5632 * 5120 + 5120 + 2 * 5120 + 768 * 5120 + 5120 + 2 * 5120 + 2 * 5120  # projections, norms, tags
+    assert count_parameters(m, trainable_only=True) == proj + 13_015_864_320
+
+    proc = VLProcessor(tiny_tokenizer, ProcessorConfig(transforms=[t.config for t in m.vision.transforms],
+                                                       image_tokens=m.image_slots, max_length=4096,
+                                                       tiles=m.vision.tiles))
+    assert proc.num_views == views and proc.slots(None, 1) == [291 * views]  # 1,455 positions (2,910 at k = 3)
+    assert [t.size for t in proc.transforms] == [224, 224, 256, 224] and proc.tiler.size == 224

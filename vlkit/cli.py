@@ -340,19 +340,21 @@ def ats_check(n: int = typer.Option(500, help="Generated instances per procedura
 
 @app.command()
 def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans, guard, vpgc, ats, adapter, "
-                                                "illama."),
+                                                "illama, sphinx."),
                out: Path = typer.Option(None, help="Where runs and the report go (default runs/NAME)."),
                demo_dir: Path = typer.Option(Path("runs/demo"), "--demo",
-                                             help="The demo's stages, reused (vpgc, adapter, illama)."),
+                                             help="The demo's stages, reused (vpgc, adapter, illama, sphinx)."),
                bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
                                           "build`)."),
                seeds: int = typer.Option(3, min=1, help="vpgtrans: seeds per headline arm."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable); vpgtrans: a pair "
-                                              "(small_to_large, llama_to_opt) or an ablation.")) -> None:
+                                              "(small_to_large, llama_to_opt) or an ablation; sphinx: a part (tiles, "
+                                              "mix, merge, instructions).")) -> None:
     """Reproduce a paper's claim in miniature on the shapes world; writes <out>/report.md."""
     experiments = {"vpgtrans": "vlkit.experiments.vpgtrans", "guard": "vlkit.experiments.guard",
                    "vpgc": "vlkit.experiments.vpgc", "ats": "vlkit.experiments.ats",
-                   "adapter": "vlkit.experiments.adapter", "illama": "vlkit.experiments.illama"}
+                   "adapter": "vlkit.experiments.adapter", "illama": "vlkit.experiments.illama",
+                   "sphinx": "vlkit.experiments.sphinx"}
     if name not in experiments:
         raise VlkitError(f"experiment {name!r} is unknown; choose one of {sorted(experiments)}")
     module = __import__(experiments[name], fromlist=["run_experiment"])

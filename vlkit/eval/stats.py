@@ -43,7 +43,8 @@ def interval(items: Sequence[float], level: float = LEVEL, resamples: int = RESA
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resamples: int = RESAMPLES,
            seed: int = 0) -> dict:
-    """b - a on the same items: {"diff", "lo", "hi", "n", "p_not_better", "a", "b"}.
+    """b - a on the same items: {"diff", "lo", "hi", "n", "se" (bootstrap standard error), "p_not_better", "a",
+    "b"}.
 
     `p_not_better` is the share of resamples in which b - a <= 0: small means b beats a beyond the noise."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -52,7 +53,7 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resampl
     d = y - x
     diffs = d[_resample_index(len(d), resamples, seed)].mean(axis=1)
     lo, hi = _bounds(diffs, level)
-    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d)),
+    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d)), "se": float(diffs.std(ddof=1)),
             "p_not_better": float(np.mean(diffs <= 0)), "a": float(x.mean()), "b": float(y.mean())}
 
 
