@@ -42,8 +42,8 @@ LOWRES = {"seed": 12, "train_scenes": 4000, "test_scenes": 1000, "vqa_per_scene"
           "tasks": ["caption", "vqa", "refer"]}
 SMALL = {"seed": 13, "train_scenes": 4000, "test_scenes": 1000, "vqa_per_scene": 1, "tasks": ["vqa"],
          "world": {"size_scale": 0.5}}
-TILES = {"global": ("global view only", None), "2x2": ("global + 2x2", {"k": 2}),
-         "3x3": ("global + 3x3", {"k": 3}), "3x3_skip": ("global + 3x3, padded skipped", {"k": 3, "skip_padding": True})}
+TILES = {"global": ("global view only", None), "2x2": ("global + 2x2", {"k": 2}), "3x3": ("global + 3x3", {"k": 3}),
+         "3x3_skip": ("global + 3x3, padded skipped", {"k": 3, "skip_padding": True})}
 QUERIES = 8
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOLERANCE = 0.03  # "no loss": the paired 95% interval of (skip - all) lies above -0.03
@@ -200,7 +200,8 @@ def claim(what: str, paper: str, a: list[float], b: list[float], compared: str, 
     if tolerance is None:
         v = verdict(p)
     else:
-        v = "holds" if p["lo"] > -tolerance else ("does not hold" if p["hi"] < -tolerance else "not shown (within noise)")
+        v = "holds" if p["lo"] > -tolerance else \
+            ("does not hold" if p["hi"] < -tolerance else "not shown (within noise)")
     return {"claim": what, "paper": paper, "compared": compared, "paired": p, "verdict": v}
 
 
@@ -320,7 +321,7 @@ def ci(items: list[float]) -> str:
 def report(s: dict, chart: str) -> str:
     md = ["# SPHINX in miniature: sub-images, encoder mixing, weight mixing, task instructions", "",
           "The demo's frozen world ViT and world LLaMA; a fresh Q-Former VPG trained with the LLM "
-          f"(`configs/world/sphinx.yaml`). Intervals: bootstrap 95% over held-out items; comparisons: paired "
+          "(`configs/world/sphinx.yaml`). Intervals: bootstrap 95% over held-out items; comparisons: paired "
           "bootstrap over the same items, with its standard error.", ""]
     if "tiles" in s:
         t, flags = s["tiles"]["runs"], s["tiles"]["banner"]
