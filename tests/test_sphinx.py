@@ -223,3 +223,20 @@ def test_fusions_that_read_images_not_views_are_refused_on_a_tiled_model(tiny_to
     with pytest.raises(VlkitError, match="views"):
         build(tiny_tokenizer, tiles=TileConfig(k=2), vpg="qformer",
               fusions=[{"kind": "tokens"}, {"kind": "vpgc", "layer": 1}])
+
+
+def test_set_tiles_turns_a_trained_model_into_its_high_resolution_self(tiny_tokenizer):
+    plain, _ = build(tiny_tokenizer)
+    tiled, proc = build(tiny_tokenizer, tiles=TileConfig(k=2, positions=True))
+    tiled.load_state_dict(plain.state_dict(), strict=False)
+    plain.set_trainable(["vpg"])
+    plain.set_tiles(TileConfig(k=2, positions=True))
+    assert not plain.vision.view_embed.requires_grad  # new parameters train only when their group is named
+    assert plain.config.tiles == tiled.config.tiles
+    converted = VLProcessor.for_model(tiny_tokenizer, plain)
+    assert converted.config == proc.config
+    inputs = proc.image_inputs([quadrants(64)])
+    with torch.no_grad():
+        assert torch.equal(plain.encode_images(**inputs), tiled.encode_images(**inputs))
+    plain.set_tiles(None)
+    assert plain.vision.view_embed is None and VLProcessor.for_model(tiny_tokenizer, plain).num_views == 1

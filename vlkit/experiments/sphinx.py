@@ -2,8 +2,10 @@
 
     vlkit experiment sphinx [--out runs/sphinx] [--demo runs/demo] [--only PART ...]
 
-Every run uses the demo's frozen world ViT and world LLaMA (`configs/world/sphinx.yaml`: a fresh 8-query Q-Former
-VPG trained with the LLM). Parts:
+The tiles, merge and instructions parts instruction-tune the demo's VPG-pretrained VLM (world ViT -> 16-query
+Q-Former -> world LLaMA; the VPG and the LLM train, LLaVA stage 2, 300 steps); the mix part trains the mix projection
+and a fresh Q-Former between frozen encoders and the frozen world LLaMA (`configs/world/sphinx.yaml`, BLIP-2 stage
+2, 500 steps). Parts:
   tiles         small-text reading and fine-detail VQA on 448 px scenes (text at 0.04 of the side: 2 px high
                 at 64 px, 5 px at 192 px; objects at 0.6 of their size; a quarter of the images 3.5 : 1
                 banners): the global view only vs + 2 x 2 vs + 3 x 3 sub-images vs + 3 x 3 with padded
@@ -36,7 +38,8 @@ from vlkit.experiments.stages import Stages
 from vlkit.fileio import read_json, write_json
 
 PARTS = ("tiles", "mix", "merge", "instructions")
-HIRES = {"seed": 11, "train_scenes": 3000, "test_scenes": 1000, "vqa_per_scene": 1, "tasks": ["smalltext", "vqa"],
+HIRES = {"seed": 11, "train_scenes": 3000, "test_scenes": 1000, "vqa_per_scene": 1,
+         "tasks": ["caption", "smalltext", "vqa"],
          "world": {"resolution": 448, "text_prob": 1.0, "size_scale": 0.6, "aspects": [1.0, 1.0, 1.0, 3.5]}}
 LOWRES = {"seed": 12, "train_scenes": 4000, "test_scenes": 1000, "vqa_per_scene": 1,
           "tasks": ["caption", "vqa", "refer"]}
@@ -44,7 +47,9 @@ SMALL = {"seed": 13, "train_scenes": 4000, "test_scenes": 1000, "vqa_per_scene":
          "world": {"size_scale": 0.5}}
 TILES = {"global": ("global view only", None), "2x2": ("global + 2x2", {"k": 2}), "3x3": ("global + 3x3", {"k": 3}),
          "3x3_skip": ("global + 3x3, padded skipped", {"k": 3, "skip_padding": True})}
-QUERIES = 8
+# instruction tuning from the demo's VPG-pretrained VLM (LLaVA stage 2): the merge and instructions parts
+TUNE = ["train.steps=300", "train.batch_size=32", "train.length_groups=4", "train.lr=1.0e-3", "train.warmup_steps=20",
+        "train.log_every=20", "train.seed=0", "trainable=[vpg,llm]"]
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOLERANCE = 0.03  # "no loss": the paired 95% interval of (skip - all) lies above -0.03
 
@@ -67,9 +72,9 @@ def run_experiment(out: str | Path = "runs/sphinx", demo: str | Path = "runs/dem
         stages.run(name, stage_overrides(name, demo), after=DEPENDS.get(name, ()))
     vit = {"path": str(demo / "clip_vit" / "vision"), "feature_layer": -2, "select": "patch"}
     base = [f"model.llm.path={demo / 'lm_llama_small' / 'model'}"]
-    s: dict = {"parts": parts, "queries": QUERIES}
+    s: dict = {"parts": parts}
     if "tiles" in parts:
-        s["tiles"] = tiles_part(stages, out, vit, base, console, progress)
+        s["tiles"] = tiles_part(stages, out, demo / "vpg_qformer" / "model", progress)
     if "mix" in parts:
         stages.run("convnext", [f"output_dir={out / 'convnext'}"], label="world ConvNeXt")
         convnext = {"path": str(out / "convnext" / "tower"), "kind": "hf", "feature_layer": "output",
@@ -78,13 +83,13 @@ def run_experiment(out: str | Path = "runs/sphinx", demo: str | Path = "runs/dem
     if "merge" in parts:
         s["merge"] = merge_part(stages, out, demo / "vpg_qformer" / "model", console, progress)
     if "instructions" in parts:
-        s["instructions"] = instructions_part(stages, out, vit, base)
+        s["instructions"] = instructions_part(stages, out, demo / "vpg_qformer" / "model")
     s["claims"] = claims(s)
     return publish(out, s, stages.seconds, t_all, lambda x: plot(x, out), report, console)
 
 
 # -- tiles ---------------------------------------------------------------------------------------------------
-def tiles_part(stages: Stages, out: Path, vit: dict, base: list[str], console, progress) -> dict:
+def tiles_part(stages: Stages, out: Path, base_vlm: Path, progress) -> dict:
     from vlkit.data.tiling import TileConfig, Tiler
     from vlkit.eval.world import EvalConfig, select
     from vlkit.world.sources import RecordsConfig, load_split
@@ -94,9 +99,12 @@ def tiles_part(stages: Stages, out: Path, vit: dict, base: list[str], console, p
     banner = {t: [r["meta"]["scene"].get("aspect", 1.0) != 1.0 for r in recs] for t, recs in chosen.items()}
     runs = {}
     for name, (label, tiles) in TILES.items():
-        r = stages.run(f"tiles_{name}", [f"output_dir={out / 'tiles' / name}", f"model.tower={j(vit)}",
-                                         f"model.tiles={j(tiles)}", f"data.world={j(HIRES)}", *base],
-                       config="sphinx", label=f"tiles: {label}", after=("clip_vit", "lm_llama_small"))
+        r = stages.run(f"tiles_{name}", [f"output_dir={out / 'tiles' / name}", f"init={base_vlm}",
+                                         f"tiles={j(tiles)}", "max_length=256", f"data.world={j(HIRES)}",
+                                         "data.tasks=[caption,smalltext,vqa]", "data.mix=null",
+                                         "eval.tasks=[smalltext,vqa]", "eval.max_per_task=1000", "eval.batch_size=100",
+                                         "eval.max_new_tokens=8", *TUNE],
+                       config="vlm_instruct", label=f"tiles: {label}", after=("vpg_qformer",))
         items = r["eval"]["items"]["image"]
         views = 1
         if tiles:
@@ -110,10 +118,60 @@ def tiles_part(stages: Stages, out: Path, vit: dict, base: list[str], console, p
             views = float(tiler.masks(sizes).sum(1).mean())
         runs[name] = {"label": label, "smalltext": items["smalltext_acc"], "vqa": items["vqa_acc"],
                       "blind": {k: r["eval"].get("blind", {}).get(k) for k in ("smalltext_acc", "vqa_acc")},
-                      "views": views, "tokens": views * QUERIES,
+                      "views": views, "tokens": views * r["num_image_tokens"],
                       "step_seconds": r["train_seconds"] / r["steps"] if r.get("steps") else None,
                       "train_seconds": r["train_seconds"]}
-    return {"runs": runs, "banner": banner}
+    return {"runs": runs, "banner": banner, "probe": text_probe(base_vlm.parents[1] / "clip_vit" / "vision", out,
+                                                                 progress)}
+
+
+def text_probe(vit_dir: Path, out: Path, progress) -> dict:
+    """What the frozen world ViT can read at each view scale: a linear probe (logistic regression) from the
+    features of the 3 x 3 patches around the text's centre, in the view that holds it, to the text itself, on
+    square small-text images (train split -> held-out split). An upper bound on what a VPG over the same frozen
+    features can read at that scale."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from vlkit.data.tiling import TileConfig, Tiler
+    from vlkit.models.vision import EncoderConfig, build_encoder
+    from vlkit.world.sources import RecordsConfig, load_split
+
+    cache = out / "tiles" / "probe.json"
+    key = {"vit": read_json(vit_dir.parent / "run.json")["config_hash"], "world": HIRES, "n": 2000}
+    if cache.is_file() and read_json(cache).get("key") == key:
+        return read_json(cache)["probe"]
+    enc = build_encoder(EncoderConfig(path=str(vit_dir), feature_layer=-2, select="patch")).eval()
+    side = enc.grid[0]
+    result = {}
+    for k in (None, 2, 3):
+        data = {}
+        for split, n in (("train", 2000), ("test", 1000)):
+            recs = [r for r in load_split(RecordsConfig(world=HIRES, tasks=["smalltext"]), split, progress)
+                    if r["meta"]["scene"].get("aspect", 1.0) == 1.0][:n]
+            tiler = Tiler(TileConfig(k=k), enc.transform.size, enc.transform.fill) if k else None
+            xs, ys = [], []
+            for r in recs:
+                t = r["meta"]["scene"]["text"]
+                img = enc.transform.rgb(r["images"][0])
+                if tiler is None:
+                    view, (u, v) = enc.transform.array(img), (t["cx"], t["cy"])
+                else:
+                    row, col = min(k - 1, int(t["cy"] * k)), min(k - 1, int(t["cx"] * k))
+                    view = tiler.arrays(img, enc.transform)[1 + row * k + col]
+                    u, v = t["cx"] * k - col, t["cy"] * k - row
+                with torch.no_grad():
+                    f = enc(enc.transform.normalize(view[None]))[0].reshape(side, side, -1)
+                pr, pc = min(side - 2, max(1, int(v * side))), min(side - 2, max(1, int(u * side)))
+                xs.append(f[pr - 1:pr + 2, pc - 1:pc + 2].reshape(-1).numpy())
+                ys.append(r["meta"]["answer"])
+            data[split] = (np.stack(xs), ys)
+        probe = LogisticRegression(max_iter=300, C=0.5).fit(*data["train"])
+        hits = [float(p == y) for p, y in zip(probe.predict(data["test"][0]), data["test"][1])]
+        result["global" if k is None else f"{k}x{k}"] = {"scale": enc.transform.size * (k or 1), "items": hits}
+    write_json(cache, {"key": key, "probe": result})
+    return result
 
 
 def split_by(items: list[float], flags: list[bool]) -> tuple[list[float], list[float]]:
@@ -127,10 +185,7 @@ def mix_part(stages: Stages, out: Path, vit: dict, convnext: dict, base: list[st
     runs = {}
     for name, (label, towers) in arms.items():
         r = stages.run(f"mix_{name}", [f"output_dir={out / 'mix' / name}", f"model.tower={j(towers)}",
-                                       "model.tiles=null", "model.mix={}", "model.vpg.num_queries=16",
-                                       "model.max_length=128", f"data.world={j(LOWRES)}", "data.tasks=[vqa,refer]",
-                                       "trainable=[vision.mix,vpg,llm]", "eval.tasks=[vqa,refer]",
-                                       "eval.max_new_tokens=24", *base],
+                                       f"data.world={j(LOWRES)}", *base],
                        config="sphinx", label=f"mix: {label}", after=("clip_vit", "lm_llama_small", "convnext"))
         items = r["eval"]["items"]["image"]
         runs[name] = {"label": label, "vqa": items["vqa_acc"], "refer": items["refer_iou50"],
@@ -151,9 +206,7 @@ def merge_part(stages: Stages, out: Path, base_vlm: Path, console, progress) -> 
     for d, (label, world) in domains.items():
         stages.run(f"merge_{d}", [f"output_dir={out / 'merge' / d}", f"init={base_vlm}", f"data.world={j(world)}",
                                   "data.tasks=[vqa]", "data.mix=null", "eval.tasks=[vqa]", "eval.max_per_task=1000",
-                                  "eval.batch_size=100", "eval.blind=false", "train.steps=300", "train.batch_size=32",
-                                  "train.length_groups=4", "train.lr=1.0e-3", "train.warmup_steps=20",
-                                  "train.log_every=20", "train.seed=0", "trainable=[vpg,llm]"],
+                                  "eval.batch_size=100", "eval.blind=false", *TUNE],
                    config="vlm_instruct", label=f"merge: fine-tune on {label}", after=("vpg_qformer",))
         tuned[d] = out / "merge" / d / "model"
     key = {d: read_json(out / "merge" / d / "run.json")["config_hash"] for d in domains} | {"betas": list(BETAS)}
@@ -177,16 +230,16 @@ def merge_part(stages: Stages, out: Path, base_vlm: Path, console, progress) -> 
 
 
 # -- task instructions ---------------------------------------------------------------------------------------
-def instructions_part(stages: Stages, out: Path, vit: dict, base: list[str]) -> dict:
+def instructions_part(stages: Stages, out: Path, base_vlm: Path) -> dict:
     arms = {"sphinx": "SPHINX's task-specific instructions", "generic": "each record's own request"}
     runs = {}
     for name, label in arms.items():
         r = stages.run(f"instructions_{name}", [
-            f"output_dir={out / 'instructions' / name}", f"model.tower={j(vit)}", "model.tiles=null",
-            "model.vpg.num_queries=16", "model.max_length=160", f"data.world={j(LOWRES)}",
-            "data.tasks=[caption,vqa,refer]", f"data.instructions={name}", f"eval.instructions={name}",
-            "eval.tasks=[caption,vqa,refer]", "eval.max_new_tokens=48", *base],
-            config="sphinx", label=f"instructions: {label}", after=("clip_vit", "lm_llama_small"))
+            f"output_dir={out / 'instructions' / name}", f"init={base_vlm}", f"data.world={j(LOWRES)}",
+            "data.tasks=[caption,vqa,refer]", "data.mix=null", f"data.instructions={name}",
+            f"eval.instructions={name}", "eval.tasks=[caption,vqa,refer]", "eval.max_per_task=1000",
+            "eval.batch_size=100", "eval.max_new_tokens=48", *TUNE],
+            config="vlm_instruct", label=f"instructions: {label}", after=("vpg_qformer",))
         items = r["eval"]["items"]["image"]
         runs[name] = {"label": label, "vqa": items["vqa_acc"], "caption": items["caption_cider"],
                       "refer": items["refer_iou50"], "train_seconds": r["train_seconds"],
@@ -269,7 +322,7 @@ def plot(s: dict, out: Path) -> str:
                     lo.append(c["mean"] - c["lo"])
                     hi.append(c["hi"] - c["mean"])
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=label, ls="none")
-                for x, y, r in zip(xs, ys, t.values()):
+                for x, y, r in zip(xs, ys, t.values() if task == "vqa" else ()):  # labelled once, above
                     step = f", {r['step_seconds']:.2f}s/step" if r.get("step_seconds") else ""
                     ax.annotate(f"{r['label'].replace('global + ', '+')}{step}", (x, y), fontsize=6,
                                 xytext=(3, 3), textcoords="offset points")
@@ -320,12 +373,13 @@ def ci(items: list[float]) -> str:
 
 def report(s: dict, chart: str) -> str:
     md = ["# SPHINX in miniature: sub-images, encoder mixing, weight mixing, task instructions", "",
-          "The demo's frozen world ViT and world LLaMA; a fresh Q-Former VPG trained with the LLM "
-          "(`configs/world/sphinx.yaml`). Intervals: bootstrap 95% over held-out items; comparisons: paired "
-          "bootstrap over the same items, with its standard error.", ""]
+          "Sub-images, weight mixing and instructions: the demo's VPG-pretrained VLM instruction-tuned (VPG + "
+          "LLM, 300 steps); encoder mixing: the mix projection and a fresh Q-Former between frozen encoders and "
+          "the frozen world LLaMA (`configs/world/sphinx.yaml`, 500 steps). Intervals: bootstrap 95% over held-out "
+          "items; comparisons: paired bootstrap over the same items, with its standard error.", ""]
     if "tiles" in s:
         t, flags = s["tiles"]["runs"], s["tiles"]["banner"]
-        md += ["## Sub-images (448 px scenes, 8 queries per view)", "",
+        md += ["## Sub-images (448 px scenes, 16 visual tokens per view)", "",
                "| views | visual tokens / image | small text, square | small text, banners | VQA (objects at 0.6) | "
                "VQA blind | s / step |", "|---|---|---|---|---|---|---|"]
         for r in t.values():
@@ -336,6 +390,13 @@ def report(s: dict, chart: str) -> str:
         md += ["", f"Small text: {sum(not f for f in flags['smalltext'])} square images and "
                f"{sum(flags['smalltext'])} banners (3.5 : 1, whose text is drawn at 0.04 of the shorter side, "
                "so it is smaller still); VQA: 1,000 questions.", ""]
+        if s["tiles"].get("probe"):
+            pr = s["tiles"]["probe"]
+            md += ["What the frozen world ViT can read at each scale, measured: a linear probe (logistic regression) "
+                   "from its features of the 3 x 3 patches around the text, in the view that holds it, to the text "
+                   "(110 words and numbers; trained on up to 2,000 square train images, scored on held-out ones): " +
+                   "; ".join(f"{n} ({p['scale']} px across the image): {ci(p['items'])}" for n, p in pr.items()) +
+                   ". A VPG over the same frozen features reads no more than this.", ""]
     if "mix" in s:
         m = s["mix"]["runs"]
         md += ["## Encoder mixing (64 px, 16 queries)", "", "| encoders | VQA | referring IoU@0.5 | referring mIoU | "

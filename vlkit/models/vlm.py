@@ -137,6 +137,25 @@ class VisionLanguageModel(nn.Module):
 
     num_image_tokens = image_slots  # the name the processor and reports have always used
 
+    # -- high resolution ---------------------------------------------------------------------------
+    def set_tiles(self, tiles: TileConfig | None) -> None:
+        """See each image as views from now on (global + k x k sub-images; None: the image alone). The encoders,
+        VPG and fusions are unchanged (they run per view); new view embeddings start at zero. Rebuild the processor
+        afterwards (`VLProcessor.for_model`): it expands placeholders by the views."""
+        if self.vision is None:
+            raise VlkitError("tiles: a text-only LM takes no images")
+        if tiles is not None:
+            refused = [kind for kind, f in self.fusions.items() if not f.takes_views]
+            if refused:
+                raise VlkitError(f"tiles: the {refused[0]} fusion does not work on views of an image; drop it first")
+        self.vision.tiles = tiles
+        self.vision.view_embed = None
+        if tiles is not None and tiles.positions:
+            p = self._anchor
+            self.vision.view_embed = nn.Parameter(torch.zeros(1 + tiles.k ** 2, self.vision.width, device=p.device,
+                                                              dtype=p.dtype), requires_grad=False)  # set_trainable
+        self.config = self.config.model_copy(update={"tiles": tiles})
+
     # -- fusions -------------------------------------------------------------------------------------
     def add_fusion(self, kind: str | type[Fusion], config: Section | None = None, **options) -> Fusion:
         """Attach a fusion (by registered kind or class); its weights follow the VPG's device and dtype. A model

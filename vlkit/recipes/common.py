@@ -48,6 +48,8 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,
+    ("tiles",): None,
+    ("max_length",): None,
     ("model", "tiles"): None,
     ("data", "instructions"): None,
     ("eval_data", "instructions"): None,

@@ -15,6 +15,10 @@ from typing import Literal
 from pydantic import Field
 
 from vlkit.config import Section
+from vlkit.data.processor import VLProcessor
+from vlkit.data.tiling import TileConfig
+from vlkit.errors import VlkitError
+from vlkit.models.llm import position_limit
 from vlkit.world.sources import RecordsConfig
 from vlkit.eval.world import EvalConfig
 from vlkit.models.io import load_vlm
@@ -39,6 +43,10 @@ class InstructRecipe(Section):
                                  "(with `lora`, name the group `lora`).")
     lora: LoraSettings | None = Field(None, description="Add LoRA adapters to the LLM (peft); merged into its "
                                       "weights before evaluation and saving.")
+    tiles: TileConfig | None = Field(None, description="See each image as views (global + k x k sub-images, "
+                                     "SPHINX) from here on: the loaded model's VPG runs per view.")
+    max_length: int | None = Field(None, gt=0, description="Longest token sequence from here on (default: the "
+                                   "loaded model's); views take room.")
     data: RecordsConfig = Field(default_factory=RecordsConfig)
     eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: data's world, every task).")
     cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
@@ -52,6 +60,16 @@ def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, prog
     train_recs, test_recs = splits(cfg.data, cfg.eval_data, progress)
     seed_everything(cfg.train.seed)
     model, proc = load_vlm(cfg.init)
+    if cfg.tiles is not None or cfg.max_length is not None:
+        if cfg.tiles is not None:
+            model.set_tiles(cfg.tiles)
+        if cfg.max_length is not None:
+            limit = position_limit(model.llm)
+            if limit is not None and cfg.max_length > limit:
+                raise VlkitError(f"max_length: {cfg.max_length} tokens exceed the LLM's {limit} positions; set "
+                                 f"max_length to at most {limit}")
+            model.config = model.config.model_copy(update={"max_length": cfg.max_length})
+        proc = VLProcessor.for_model(proc.tokenizer, model)
     if cfg.lora:
         model.add_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     model.set_trainable(cfg.trainable)

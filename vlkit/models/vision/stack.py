@@ -158,10 +158,6 @@ class VisionStack(nn.Module):
         return [e.transform for e in self.encoders]
 
     @property
-    def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.parameters())
-
-    @property
     def encoders_frozen(self) -> bool:
         """No encoder trains (the mix projection and view embeddings may): their features can be cached."""
         return not any(p.requires_grad for p in self.encoders.parameters())
