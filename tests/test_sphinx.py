@@ -240,3 +240,29 @@ def test_set_tiles_turns_a_trained_model_into_its_high_resolution_self(tiny_toke
         assert torch.equal(plain.encode_images(**inputs), tiled.encode_images(**inputs))
     plain.set_tiles(None)
     assert plain.vision.view_embed is None and VLProcessor.for_model(tiny_tokenizer, plain).num_views == 1
+
+
+def test_images_keeping_different_views_batch_through_length_groups_and_the_feature_cache(tiny_tokenizer, tmp_path):
+    from vlkit.recipes.common import VLDataset, vl_loss
+
+    model, proc = build(tiny_tokenizer, tiles=TileConfig(k=3, skip_padding=True))
+    shapes = [(64, 64), (16, 64), (64, 16), (64, 64)]  # square (10 views), wide and tall (4 views each), square
+    records = []
+    for i, (h, w) in enumerate(shapes):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        conv = [CONV[0], {"role": "assistant", "content": "red " * (1 + 3 * i)}]
+        records.append({"id": f"r{i}", "task": "vqa", "images": [str(path)], "messages": conv})
+    bank = ImageBank.of(records, proc)
+    assert bank.views(list(range(4))) == [10, 4, 4, 10]
+    data = VLDataset(records, proc, bank)
+    batch = data.collate([data[i] for i in range(4)])
+    assert batch["view_mask"].sum().item() == 28
+    with torch.no_grad():
+        one, _ = vl_loss(model, batch, groups=1)
+        two, _ = vl_loss(model, batch, groups=2)  # rows regrouped by length: images and their masks follow
+    assert torch.allclose(one, two, atol=1e-5)
+    cached = VLDataset(records, proc, ImageBank.of(records, proc).use_features(model.vision))
+    with torch.no_grad():
+        from_cache, _ = vl_loss(model, cached.collate([cached[i] for i in range(4)]), groups=2)
+    assert torch.allclose(from_cache, one, atol=1e-5)

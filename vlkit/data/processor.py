@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field, ValidationError
 
 from vlkit.config import Section
@@ -71,6 +70,8 @@ class VLProcessor:
         """The processor of `model`: its encoders' transforms, its views and the token slots its fusions ask for."""
         transforms = [t.config for t in model.vision.transforms] if model.takes_images else []
         tiles = model.vision.tiles if model.takes_images else None
+        if tiles is not None and tiles.size is None:  # saved resolved: the view side the model was trained with
+            tiles = tiles.model_copy(update={"size": transforms[0].size})
         return cls(tokenizer, ProcessorConfig(transforms=transforms, image_tokens=model.image_slots,
                                               max_length=max_length or model.config.max_length, tiles=tiles))
 
@@ -109,7 +110,7 @@ class VLProcessor:
         def size(im, where: str) -> tuple[int, int]:
             if isinstance(im, np.ndarray):
                 return im.shape[1], im.shape[0]
-            return im.size if isinstance(im, Image.Image) else self.transforms[0].rgb(im, where).size
+            return self.transforms[0].rgb(im, where).size  # upright (EXIF applied), as the views are cut
 
         sizes = [size(im, f"image {i}") for i, im in enumerate(images)]
         return [int(m.sum()) for m in self.tiler.masks(sizes)]
@@ -121,10 +122,11 @@ class VLProcessor:
         return self.transforms[0].blank()
 
     # -- text -------------------------------------------------------------------------------------
-    def slots(self, views: Sequence[int] | None, num_images: int) -> list[int]:
+    def slots(self, views: Sequence[int] | None, num_images: int, record_id: str = "conversation") -> list[int]:
         """Token slots of each image: `image_tokens` per view it keeps (every view when `views` is None)."""
         if views is not None and len(views) != num_images:
-            raise VlkitError(f"{len(views)} view counts for {num_images} images")
+            raise VlkitError(f"{record_id}: {len(views)} view counts for {num_images} images; give one per image "
+                             "(processor.view_counts)")
         return [self.config.image_tokens * (self.num_views if views is None else v) for v in
                 (views if views is not None else [None] * num_images)]
 
@@ -166,7 +168,7 @@ class VLProcessor:
             ids, labels = enc["input_ids"], enc["labels"]
         if ids.count(self.image_token_id) != expected:
             raise VlkitError(f"{record_id}: the text itself contains '<image>'; remove it from the message text")
-        slots = self.slots(views, expected)
+        slots = self.slots(views, expected, record_id)
         ids, labels, starts = self.expand(ids, labels, slots)
         if not truncate:
             return {"input_ids": ids, "labels": labels, "num_images": expected}

@@ -36,6 +36,11 @@ class TileConfig(Section):
     positions: bool = Field(False, description="Add a learned embedding per view (global, tile 1, ...) to its "
                             "tokens, zero-initialised.")
 
+    @property
+    def num_views(self) -> int:
+        """V = 1 + k^2."""
+        return 1 + self.k * self.k
+
 
 class Tiler:
     """Cuts images into views as a `TileConfig` says, at view side `size`, padding with `fill` (8-bit RGB)."""
@@ -49,7 +54,7 @@ class Tiler:
 
     @property
     def num_views(self) -> int:
-        return 1 + self.k * self.k
+        return self.config.num_views
 
     @property
     def geometry(self) -> dict:

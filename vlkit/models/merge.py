@@ -145,6 +145,8 @@ def merge(a: str | Path, b: str | Path, beta: float, out: str | Path, part: str 
         _same_files(a, b, ("processor_config.json",), "processor config", "merge models with one image processor")
     prefix = PARTS[part]
     mixed = [k for k in weights_a.where if k.startswith(prefix)]
+    if not mixed:
+        raise VlkitError(f"{a}: holds no {part} tensors (names starting {prefix!r}) to mix; choose another --part")
     _same_buffers(weights_a, weights_b, mixed)
 
     parameters, mixed = 0, set(mixed)

@@ -148,11 +148,13 @@ class VisionLanguageModel(nn.Module):
             refused = [kind for kind, f in self.fusions.items() if not f.takes_views]
             if refused:
                 raise VlkitError(f"tiles: the {refused[0]} fusion does not work on views of an image; drop it first")
+        kept = self.vision.view_embed if tiles is not None and tiles.positions and self.vision.view_embed is not None \
+            and len(self.vision.view_embed) == tiles.num_views else None  # the same views: trained embeddings stay
         self.vision.tiles = tiles
-        self.vision.view_embed = None
-        if tiles is not None and tiles.positions:
+        self.vision.view_embed = kept
+        if tiles is not None and tiles.positions and kept is None:
             p = self._anchor
-            self.vision.view_embed = nn.Parameter(torch.zeros(1 + tiles.k ** 2, self.vision.width, device=p.device,
+            self.vision.view_embed = nn.Parameter(torch.zeros(tiles.num_views, self.vision.width, device=p.device,
                                                               dtype=p.dtype), requires_grad=False)  # set_trainable
         self.config = self.config.model_copy(update={"tiles": tiles})
 
@@ -264,9 +266,9 @@ class VisionLanguageModel(nn.Module):
         views = None
         if self.tiled:
             n, v = parts[0].shape[:2]
-            if v != 1 + self.vision.tiles.k ** 2 or parts[0].dim() < 4:
+            if v != self.vision.tiles.num_views or parts[0].dim() < 4:
                 raise VlkitError(f"image inputs of shape {tuple(parts[0].shape)} are not views of this model's "
-                                 f"{1 + self.vision.tiles.k ** 2}-view tiling; encode images with its processor")
+                                 f"{self.vision.tiles.num_views}-view tiling; encode images with its processor")
             keep = torch.ones(n * v, dtype=torch.bool) if view_mask is None else view_mask.reshape(-1).bool().cpu()
             views = torch.arange(v).repeat(n)[keep]
             parts = [p.flatten(0, 1)[keep.to(p.device)] for p in parts]
@@ -305,7 +307,7 @@ class VisionLanguageModel(nn.Module):
         slots = self.image_slots
         if slots:
             views = view_mask.sum(1).tolist() if view_mask is not None else \
-                [1 + self.vision.tiles.k ** 2 if self.tiled else 1] * n
+                [self.vision.tiles.num_views if self.tiled else 1] * n
             starts = torch.tensor([0, *torch.tensor(views[:-1]).cumsum(0).tolist()][:n], dtype=torch.long) * slots
             rows = (input_ids == self.image_token_id).nonzero()[:, 0]
             return rows[starts[starts < len(rows)].to(rows.device)]

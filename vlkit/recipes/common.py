@@ -48,8 +48,6 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,
-    ("tiles",): None,
-    ("max_length",): None,
     ("model", "tiles"): None,
     ("data", "instructions"): None,
     ("eval_data", "instructions"): None,
@@ -65,7 +63,8 @@ for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
         LATER_SETTINGS[(*_where, "world", _name)] = WorldData().model_dump(mode="json")[_name]
     for _name in WORLD_CONFIG_LATER:
         LATER_SETTINGS[(*_where, "world", "world", _name)] = WorldConfig().model_dump(mode="json")[_name]
-LATER_SECTIONS: dict[str, dict[str, dict]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}}}
+LATER_SECTIONS: dict[str, dict[str, object]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}},
+                                                "instruct": {"tiles": None, "max_length": None}}
 
 
 def drop_later_settings(data: dict, recipe: str | None = None) -> dict:
@@ -79,7 +78,7 @@ def drop_later_settings(data: dict, recipe: str | None = None) -> dict:
             if isinstance(node, dict) and path[-1] in node and node[path[-1]] == old:
                 node.pop(path[-1])
     for key, default in LATER_SECTIONS.get(recipe or "", {}).items():
-        if data.get(key) == default:
+        if key in data and data[key] == default:
             data.pop(key)
     return data
 

@@ -107,7 +107,7 @@ def synthetic_records(model, processor, scenes: list[tuple[Scene, str]], cfg: Sy
     """Edit each (scene, image path) and write the edited image under `out`; one "edit" record per scene.
     Returns (records, stats: how many scenes, and how often each edit was made)."""
     rng = np.random.default_rng(cfg.seed)
-    bank = ImageBank([{"images": [p]} for _, p in scenes], processor.transforms) \
+    bank = ImageBank.of([{"images": [p]} for _, p in scenes], processor) \
         if cfg.guidance == "attention" else None  # random edits need no pixels
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def prepare(raw: bytes, engine: Engine, limits: ServeLimits) -> Prepared:
     except VlkitError as e:  # an expert that failed is the server's fault, not the request's
         raise APIError(500, str(e), type_="server_error") from None
     try:
-        prompt_tokens = engine.prompt_tokens(conv, len(images))
+        prompt_tokens = engine.prompt_tokens(conv, images)
     except VlkitError as e:
         raise APIError(400, str(e), param="messages") from None
     ctx = engine.processor.config.max_length

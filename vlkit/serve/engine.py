@@ -116,9 +116,10 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_tokens(self, conversation: list[dict], n_images: int) -> int:
-        return len(self.processor.encode(conversation, n_images, add_generation_prompt=True,
-                                         truncate=False)["input_ids"])
+    def prompt_tokens(self, conversation: list[dict], images: list) -> int:
+        """Tokens of the prompt, each image taking the views it keeps (a tiled model skipping padded sub-images)."""
+        return len(self.processor.encode(conversation, len(images), add_generation_prompt=True, truncate=False,
+                                         views=self.processor.view_counts(images) if images else None)["input_ids"])
 
     # -- API ---------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:

@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 
-from vlkit.data.records import message_text
 from vlkit.world.scene import COLORS, SHAPES, Obj, Scene, plural
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -235,18 +234,6 @@ def detect(scene: Scene, rng: np.random.Generator, absent_prob: float = 0.2) -> 
         kind = plural(o.shape) if rng.random() < 0.5 else f"{o.color} objects"
     boxes = [scene.box(o) for o in scene.ordered() if matches_kind(o, kind)]
     return kind, boxes, f"find all the {kind}.", "; ".join(box_text(b) for b in boxes) or "none"
-
-
-def request_text(record: dict) -> str:
-    """A record's request as the world wrote it: the last user turn before the final answer (meta["request"]
-    when an instruction set has since rewritten it); "" when there is none."""
-    meta = record.get("meta") or {}
-    if "request" in meta:
-        return meta["request"]
-    msgs = record["messages"]
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-    turn = next((m for m in reversed(msgs[:last]) if m["role"] == "user"), None)
-    return message_text(turn) if turn is not None else ""
 
 
 def class_labels(scene: Scene) -> dict:

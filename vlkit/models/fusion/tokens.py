@@ -20,8 +20,9 @@ def scatter_image_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, image_to
     n_slots, n_visual = int(mask.sum()), visual.shape[0] * visual.shape[1]
     if n_slots != n_visual:
         raise VlkitError(f"image features and image tokens do not match: {n_slots} image tokens in the text, "
-                         f"{visual.shape[0]} images x {visual.shape[1]} tokens = {n_visual}; "
-                         "encode inputs with the model's processor")
+                         f"{visual.shape[0]} visual rows (images, or views of tiled images) x {visual.shape[1]} tokens "
+                         f"= {n_visual}; encode inputs with the model's processor (its image_inputs give the view "
+                         "mask of tiled images)")
     if n_visual == 0:
         return embeds
     return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), visual.to(embeds.dtype))

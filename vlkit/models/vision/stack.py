@@ -133,7 +133,7 @@ class VisionStack(nn.Module):
             self.mixer = Mixer(encoders, mix.model_copy(update={"width": width}), width)
         self.view_embed = None
         if tiles is not None and tiles.positions:
-            self.view_embed = nn.Parameter(torch.zeros(1 + tiles.k * tiles.k, self.width))
+            self.view_embed = nn.Parameter(torch.zeros(tiles.num_views, self.width))
 
     @classmethod
     def build(cls, cfg: EncoderConfig | list[EncoderConfig], device=None, mix: MixConfig | None = None,
@@ -181,7 +181,8 @@ class VisionStack(nn.Module):
         if len(parts) != len(self.encoders):
             raise VlkitError(f"vision stack: features of {len(parts)} encoders for a stack of {len(self.encoders)}")
         if self.mixer is not None:
-            x = self.mixer(parts)
+            dtype = self.mixer.start.dtype if self.mixer.cfg.boundaries else next(self.mixer.parameters()).dtype
+            x = self.mixer([p.to(dtype) for p in parts])  # cached features arrive in float32
         else:
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.view_embed is not None and views is not None:
@@ -189,6 +190,11 @@ class VisionStack(nn.Module):
         return x
 
     def forward(self, pixel_values) -> torch.Tensor:
+        """Pixels of whole images -> (n, N, C); views of tiled images go through the model
+        (`VisionLanguageModel.image_features`), which knows which views each image keeps."""
+        if any(p.dim() == 5 for p in as_list(pixel_values)):
+            raise VlkitError("vision stack: pixels of views (n, V, 3, S, S) go through the model's image_features, "
+                             "which applies the view mask and the view embeddings")
         return self.combine(self.encode(pixel_values))
 
     def saved_config(self) -> EncoderConfig | list[EncoderConfig]:
