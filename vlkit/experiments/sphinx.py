@@ -5,14 +5,15 @@
 The tiles, merge and instructions parts instruction-tune the demo's VPG-pretrained VLM (world ViT -> 16-query
 Q-Former -> world LLaMA; the VPG and the LLM train, LLaVA stage 2, 300 steps); the mix part trains the mix projection
 and a fresh Q-Former between frozen encoders and the frozen world LLaMA (`configs/world/sphinx.yaml`, BLIP-2 stage
-2, 500 steps). Parts:
+2, 500 steps), then instruction-tunes each the same way. Parts:
   tiles         small-text reading and fine-detail VQA on 448 px scenes (text at 0.04 of the side: 2 px high
                 at 64 px, 5 px at 192 px; objects at 0.6 of their size; a quarter of the images 3.5 : 1
                 banners): the global view only vs + 2 x 2 vs + 3 x 3 sub-images vs + 3 x 3 with padded
                 sub-images skipped (SPHINX-X), accuracy against visual tokens per image and step time
   mix           the world ViT alone, a world ConvNeXt alone (another kind of encoder, trained on another
                 objective: `configs/world/convnext.yaml`) and both mixed (grids resampled to 8 x 8, channels
-                concatenated and projected), the same Q-Former and LLM, on VQA and referring expressions
+                concatenated and projected), the same Q-Former and LLM (VPG pretraining on captions and VQA, then
+                instruction tuning with boxes), on VQA and referring expressions
   merge         two fine-tunes of the demo's VPG-pretrained VLM on two world domains (objects at their size;
                 objects at half their size), mixed as beta * A + (1 - beta) * B for beta in {0, .25, .5, .75, 1}
                 (`vlkit merge`), each measured on both domains
@@ -184,12 +185,21 @@ def mix_part(stages: Stages, out: Path, vit: dict, convnext: dict, base: list[st
             "mixed": ("ViT + ConvNeXt mixed", [vit, convnext])}
     runs = {}
     for name, (label, towers) in arms.items():
-        r = stages.run(f"mix_{name}", [f"output_dir={out / 'mix' / name}", f"model.tower={j(towers)}",
-                                       f"data.world={j(LOWRES)}", *base],
-                       config="sphinx", label=f"mix: {label}", after=("clip_vit", "lm_llama_small", "convnext"))
+        align = stages.run(f"mix_{name}", [f"output_dir={out / 'mix' / name}", f"model.tower={j(towers)}",
+                                           f"data.world={j(LOWRES)}", *base],
+                           config="sphinx", label=f"mix: {label}, VPG pretraining",
+                           after=("clip_vit", "lm_llama_small", "convnext"))
+        r = stages.run(f"mix_{name}_tuned", [f"output_dir={out / 'mix' / (name + '_tuned')}",
+                                             f"init={out / 'mix' / name / 'model'}", f"data.world={j(LOWRES)}",
+                                             "data.tasks=[caption,vqa,refer]", "data.mix=null",
+                                             "eval.tasks=[vqa,refer]", "eval.max_per_task=1000", "eval.batch_size=100",
+                                             "eval.max_new_tokens=24", *TUNE[:-1], "trainable=[vision.mix,vpg,llm]"],
+                       config="vlm_instruct", label=f"mix: {label}, instruction tuning", after=(f"mix_{name}",))
         items = r["eval"]["items"]["image"]
         runs[name] = {"label": label, "vqa": items["vqa_acc"], "refer": items["refer_iou50"],
-                      "refer_miou": items["refer_miou"], "train_seconds": r["train_seconds"],
+                      "refer_miou": items["refer_miou"], "train_seconds": align["train_seconds"] + r["train_seconds"],
+                      "aligned_vqa": align["eval"]["image"]["vqa_acc"],
+                      "aligned_blind": align["eval"]["blind"]["vqa_acc"],
                       "blind": {k: r["eval"].get("blind", {}).get(k) for k in ("vqa_acc", "refer_iou50")}}
     return {"runs": runs}
 
@@ -375,7 +385,8 @@ def report(s: dict, chart: str) -> str:
     md = ["# SPHINX in miniature: sub-images, encoder mixing, weight mixing, task instructions", "",
           "Sub-images, weight mixing and instructions: the demo's VPG-pretrained VLM instruction-tuned (VPG + "
           "LLM, 300 steps); encoder mixing: the mix projection and a fresh Q-Former between frozen encoders and "
-          "the frozen world LLaMA (`configs/world/sphinx.yaml`, 500 steps). Intervals: bootstrap 95% over held-out "
+          "the frozen world LLaMA (`configs/world/sphinx.yaml`, 500 steps), then the same instruction tuning. "
+          "Intervals: bootstrap 95% over held-out "
           "items; comparisons: paired bootstrap over the same items, with its standard error.", ""]
     if "tiles" in s:
         t, flags = s["tiles"]["runs"], s["tiles"]["banner"]
@@ -399,10 +410,14 @@ def report(s: dict, chart: str) -> str:
                    ". A VPG over the same frozen features reads no more than this.", ""]
     if "mix" in s:
         m = s["mix"]["runs"]
-        md += ["## Encoder mixing (64 px, 16 queries)", "", "| encoders | VQA | referring IoU@0.5 | referring mIoU | "
-               "train s |", "|---|---|---|---|---|"]
-        md += [f"| {r['label']} | {ci(r['vqa'])} | {ci(r['refer'])} | {sum(r['refer_miou']) / len(r['refer_miou']):.3f}"
-               f" | {r['train_seconds']:.0f} |" for r in m.values()]
+        md += ["## Encoder mixing (64 px, 16 queries)", "",
+               "Each arm: VPG pretraining (the mix projection + a fresh Q-Former, frozen encoders and LLM, captions "
+               "and VQA, 500 steps), then instruction tuning (+ the LLM, captions, VQA and boxes, 300 steps).", "",
+               "| encoders | VQA after pretraining (blind) | VQA | VQA blind | referring IoU@0.5 | referring mIoU | "
+               "train s |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {r['label']} | {r['aligned_vqa']:.3f} ({r['aligned_blind']:.3f}) | {ci(r['vqa'])} | "
+               f"{(r['blind']['vqa_acc'] or 0):.3f} | {ci(r['refer'])} | "
+               f"{sum(r['refer_miou']) / len(r['refer_miou']):.3f} | {r['train_seconds']:.0f} |" for r in m.values()]
         md.append("")
     if "merge" in s:
         b, d = s["merge"]["betas"], s["merge"]["domains"]
