@@ -279,7 +279,7 @@ def test_serve_engine_writes_expert_text_into_each_request(tiny_tokenizer, monke
     try:
         bare = prepare(json.dumps(body).encode(), plain, limits)
         assert bare.conversation[0]["content"] == [IMAGE, text("what does the text say?")]
-        assert p.prompt_tokens == engine.prompt_tokens(p.conversation, 1) > bare.prompt_tokens  # counted with it
+        assert p.prompt_tokens == engine.prompt_tokens(p.conversation, p.images) > bare.prompt_tokens  # with it
     finally:
         plain.close()
 

@@ -266,3 +266,34 @@ def test_images_keeping_different_views_batch_through_length_groups_and_the_feat
     with torch.no_grad():
         from_cache, _ = vl_loss(model, cached.collate([cached[i] for i in range(4)]), groups=2)
     assert torch.allclose(from_cache, one, atol=1e-5)
+
+
+def test_a_tiled_model_is_served_unchanged_and_its_prompt_counts_the_views_kept(tiny_tokenizer):
+    import base64
+    import io
+
+    from test_serve import Live, ask
+    from vlkit.models.generate import GenerationConfig, generate
+    from vlkit.serve import Engine, ServeLimits, create_app
+
+    model, proc = build(tiny_tokenizer, tiles=TileConfig(k=3, skip_padding=True))
+
+    def url(h, w):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    engine = Engine(model, proc, "tiny")
+    srv = Live(create_app(engine, ServeLimits(max_tokens=8, max_images=2, max_pixels=64 * 64)))
+    try:
+        text = {"type": "text", "text": "what color is the circle?"}
+        wide = ask(srv.client, [{"type": "image_url", "image_url": {"url": url(16, 64)}}, text], max_tokens=4)
+        square = ask(srv.client, [{"type": "image_url", "image_url": {"url": url(64, 64)}}, text], max_tokens=4)
+        assert square.usage.prompt_tokens - wide.usage.prompt_tokens == (10 - 4) * 16  # 6 padded tiles skipped
+        conv = [{"role": "user", "content": [{"type": "image"}, text]}]
+        direct = generate(model, proc, [conv], [[np.full((16, 64, 3), 90, np.uint8)]],
+                          GenerationConfig(max_new_tokens=4))
+        assert wide.choices[0].message.content == direct[0]["text"]
+    finally:
+        srv.close()
+        engine.close()
