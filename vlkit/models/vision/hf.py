@@ -187,7 +187,7 @@ class QFormerTower(nn.Module):
     def load_from(self, path: Path) -> None:
         """This tower's tensors out of a Blip2Model / Blip2ForConditionalGeneration directory (one file or sharded);
         the language model's tensors are never read."""
-        from vlkit.models.merge import Weights
+        from vlkit.models.weights import Weights
 
         weights = Weights(path)
         want = self.state_dict()
