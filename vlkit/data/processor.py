@@ -102,11 +102,17 @@ class VLProcessor:
         mask = torch.from_numpy(self.tiler.masks([im.size for im in rgb]))
         return {"pixel_values": as_batch(pixels), "view_mask": mask}
 
+    @property
+    def views_vary(self) -> bool:
+        """Whether an image's view count depends on the image (a tiled model skipping padded sub-images)."""
+        return self.tiler is not None and self.tiler.config.skip_padding
+
     def view_counts(self, images: Sequence) -> list[int] | None:
-        """Views kept per image, where that depends on the image (a tiled model skipping padded sub-images);
-        None where every image takes every view."""
-        if self.tiler is None or not self.tiler.config.skip_padding:
+        """Views kept per image, where that depends on the image (`views_vary`); None where every image takes
+        every view."""
+        if not self.views_vary:
             return None
+
         def size(im, where: str) -> tuple[int, int]:
             if isinstance(im, np.ndarray):
                 return im.shape[1], im.shape[0]

@@ -91,6 +91,7 @@ def run_experiment(out: str | Path = "runs/sphinx", demo: str | Path = "runs/dem
 
 # -- tiles ---------------------------------------------------------------------------------------------------
 def tiles_part(stages: Stages, out: Path, base_vlm: Path, progress) -> dict:
+    from vlkit.data.features import image_size
     from vlkit.data.tiling import TileConfig, Tiler
     from vlkit.eval.world import EvalConfig, select
     from vlkit.world.sources import RecordsConfig, load_split
@@ -108,15 +109,9 @@ def tiles_part(stages: Stages, out: Path, base_vlm: Path, progress) -> dict:
                        config="vlm_instruct", label=f"tiles: {label}", after=("vpg_qformer",))
         items = r["eval"]["items"]["image"]
         views = 1
-        if tiles:
-            from PIL import Image
-
-            tiler = Tiler(TileConfig(**tiles), 64, (0, 0, 0))
-            sizes = []
-            for rec in chosen["smalltext"] + chosen["vqa"]:
-                with Image.open(Path(rec["images"][0])) as im:
-                    sizes.append(im.size)
-            views = float(tiler.masks(sizes).sum(1).mean())
+        if tiles:  # the mask depends on the tiling and the image sizes only
+            sizes = [image_size(rec["images"][0]) for rec in chosen["smalltext"] + chosen["vqa"]]
+            views = float(Tiler(TileConfig(**tiles), 64, (0, 0, 0)).masks(sizes).sum(1).mean())
         runs[name] = {"label": label, "smalltext": items["smalltext_acc"], "vqa": items["vqa_acc"],
                       "blind": {k: r["eval"].get("blind", {}).get(k) for k in ("smalltext_acc", "vqa_acc")},
                       "views": views, "tokens": views * r["num_image_tokens"],

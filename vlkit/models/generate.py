@@ -47,6 +47,8 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     if image_inputs is not None:
         views = image_inputs["view_mask"].sum(1).tolist() if "view_mask" in image_inputs else None
     else:
+        if processor.views_vary:  # decoded once: the view counts and the pixels both read the upright image
+            images = [[processor.transforms[0].rgb(im, f"image {k}") for k, im in enumerate(imgs)] for imgs in images]
         views = processor.view_counts([im for imgs in images for im in imgs])
     per_conv = [None if views is None else views[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
     encs = [processor.encode(conv, len(imgs), record_id=f"conversation {i}", add_generation_prompt=True, views=v)

@@ -306,9 +306,9 @@ class VisionLanguageModel(nn.Module):
             return torch.repeat_interleave(torch.arange(len(per_row), device=input_ids.device), per_row)
         slots = self.image_slots
         if slots:
-            views = view_mask.sum(1).tolist() if view_mask is not None else \
-                [self.vision.tiles.num_views if self.tiled else 1] * n
-            starts = torch.tensor([0, *torch.tensor(views[:-1]).cumsum(0).tolist()][:n], dtype=torch.long) * slots
+            views = view_mask.sum(1).long().cpu() if view_mask is not None else \
+                torch.full((n,), self.vision.tiles.num_views if self.tiled else 1, dtype=torch.long)
+            starts = (views.cumsum(0) - views) * slots  # each image's first slot among all the batch's slots
             rows = (input_ids == self.image_token_id).nonzero()[:, 0]
             return rows[starts[starts < len(rows)].to(rows.device)]
         if n and len(input_ids) > 1:

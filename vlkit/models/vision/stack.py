@@ -181,7 +181,7 @@ class VisionStack(nn.Module):
         if len(parts) != len(self.encoders):
             raise VlkitError(f"vision stack: features of {len(parts)} encoders for a stack of {len(self.encoders)}")
         if self.mixer is not None:
-            dtype = self.mixer.start.dtype if self.mixer.cfg.boundaries else next(self.mixer.parameters()).dtype
+            dtype = next(self.mixer.parameters()).dtype
             x = self.mixer([p.to(dtype) for p in parts])  # cached features arrive in float32
         else:
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
