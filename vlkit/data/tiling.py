@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import Field
 
 from vlkit.config import Section
+from vlkit.data.transforms import pad_to_square
 
 
 class TileConfig(Section):
@@ -66,7 +67,7 @@ class Tiler:
         if not self.config.skip_padding:
             return [True] * self.num_views
         side, k = max(width, height), self.k
-        x0, y0 = (side - width) // 2, (side - height) // 2  # where `padded` pastes the image
+        x0, y0 = (side - width) // 2, (side - height) // 2  # where `pad_to_square` pastes the image
         x1, y1 = x0 + width, y0 + height
 
         def overlaps(i: int, lo: int, hi: int) -> bool:  # tile i spans [i*side/k, (i+1)*side/k); scaled by k
@@ -74,18 +75,9 @@ class Tiler:
 
         return [True] + [overlaps(r, y0, y1) and overlaps(c, x0, x1) for r in range(k) for c in range(k)]
 
-    def padded(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        if w == h:
-            return img
-        side = max(w, h)
-        square = Image.new("RGB", (side, side), self.fill)
-        square.paste(img, ((side - w) // 2, (side - h) // 2))
-        return square
-
     def views(self, img: Image.Image) -> list[Image.Image]:
         """An RGB image -> its V views, each size x size, in order (padded ones included)."""
-        square, s, k = self.padded(img), self.size, self.k
+        square, s, k = pad_to_square(img, self.fill), self.size, self.k
         big = square.resize((k * s, k * s), Image.Resampling.BICUBIC)
         tiles = [big.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(k) for c in range(k)]
         return [square.resize((s, s), Image.Resampling.BICUBIC), *tiles]

@@ -129,12 +129,7 @@ class ImageTransform:
     def resized(self, img: Image.Image) -> Image.Image:
         s, policy = self.size, self.config.resize
         if policy == "pad":
-            w, h = img.size
-            if w != h:
-                side = max(w, h)
-                square = Image.new("RGB", (side, side), self.fill)
-                square.paste(img, ((side - w) // 2, (side - h) // 2))
-                img = square
+            img = pad_to_square(img, self.fill)
         elif policy == "crop":
             w, h = img.size
             if (w, h) != (s, s):
@@ -215,6 +210,17 @@ class ImageTransform:
             return LlavaImageProcessor(size={"height": c.size, "width": c.size}, do_center_crop=False, do_pad=True,
                                        **common)
         return CLIPImageProcessor(size={"height": c.size, "width": c.size}, do_center_crop=False, **common)
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """A non-square image centred on a square of its longer side in `fill` (LLaVA-1.5's expand2square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    square = Image.new("RGB", (side, side), tuple(fill))
+    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    return square
 
 
 def unique_paths(records: list[dict], position: int = 0) -> tuple[list[str], list[int]]:
