@@ -233,3 +233,39 @@ def test_two_streams_resume_exactly(tmp_path):
     t, _, _ = two_stream_trainer(tmp_path / "cut", steps=6)
     t.fit(resume=True)
     assert all(torch.equal(want[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_bf16_training_keeps_fp32_master_weights_and_fp32_training_upcasts(tmp_path):
+    m = tiny_model(0).to(torch.bfloat16)
+    m.model.embed_tokens.requires_grad_(False)
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup_steps=0, progress=False, precision="bf16", device="cpu")
+    t = Trainer(m, cfg, data(), collate, loss_fn, tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16  # frozen: stays as stored
+    assert all(v.dtype == torch.float32 for g in t.optimizer.param_groups for v in g["params"])
+    t.fit()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    m32 = tiny_model(0).to(torch.bfloat16)
+    Trainer(m32, cfg.model_copy(update={"precision": "fp32"}), data(), collate, loss_fn, tmp_path / "fp32")
+    assert all(t.dtype == torch.float32 for t in [*m32.parameters(), *m32.buffers()] if t.is_floating_point())
+
+
+def test_fp16_scales_the_loss_skips_overflowed_steps_and_resumes_the_scale(tmp_path):
+    t = trainer(tmp_path, steps=4, precision="fp16", device="cpu")
+    assert t.scaler is not None and t.scaler.get_scale() == 65536.0
+    before = [p.detach().clone() for p in t.model.parameters()]
+    hook = t.model.lm_head.weight.register_hook(lambda g: g * float("inf"))  # every step's gradients overflow
+
+    def stop_at_1(step, _):
+        if step == 1:
+            raise Crash
+    with pytest.raises(Crash):
+        t.fit(callbacks=[stop_at_1])
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))  # the overflowed step was skipped
+    assert t.scaler.get_scale() == 32768.0  # and the scale halved
+    t.save()
+    resumed = trainer(tmp_path, steps=4, precision="fp16", device="cpu")
+    resumed.fit(resume=True)
+    assert resumed.scaler.get_scale() >= 32768.0 and resumed.step == 4
+    assert not all(torch.equal(a, b) for a, b in zip(before, resumed.model.parameters()))

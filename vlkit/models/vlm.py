@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
-from vlkit.models.llm import base_model, llm_groups, load_llm, position_limit
+from vlkit.models.llm import base_model, decoder_layers, llm_groups, load_llm, position_limit
 from vlkit.data.tiling import TileConfig
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
@@ -208,6 +208,12 @@ class VisionLanguageModel(nn.Module):
         """Fold the adapters into the LLM's weights and drop peft (a plain HF model again)."""
         if hasattr(self.llm, "merge_and_unload"):
             self.llm = self.llm.merge_and_unload()
+
+    def shard_units(self) -> list[nn.Module]:
+        """What FSDP shards one by one (each gathered only while it runs): the LLM's decoder layers and each
+        vision encoder; embeddings, head, VPG and fusions stay in the root unit."""
+        encoders = list(self.vision.encoders) if self.vision is not None else []
+        return [*encoders, *decoder_layers(base_model(self.llm))]
 
     # -- trainable groups ----------------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -25,6 +25,17 @@ class TrainConfig(Section):
         "auto", description="Autocast dtype; auto = bf16 on CUDA when supported, else fp32."
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp (every rank holds the whole "
+                                             "model) or fsdp (PyTorch FSDP2: parameters, gradients and optimiser "
+                                             "state sharded across ranks, one unit per decoder layer and per "
+                                             "vision encoder; sharded checkpoints that resume on any number of "
+                                             "ranks). One process: ignored.")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder layers' activations in the "
+                                           "backward pass (less memory, ~30% more compute).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes that read, decode and collate "
+                             "batches ahead of the step (0: in the training process).")
+    prefetch_factor: int = Field(2, gt=0, description="Batches each worker prepares ahead (num_workers > 0).")
+    pin_memory: bool | None = Field(None, description="Pinned host memory for batches (default: on CUDA).")
     length_groups: int = Field(1, gt=0, description="VLM recipes: run each micro-batch as this many groups of "
                                "rows of similar length, each padded only to its own longest row: the same gradient "
                                "(up to float rounding) with less compute spent on padding (4: ~30% faster steps on "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlkit.errors import VlkitError
+from vlkit.devices import resolve_device
 
 
 @dataclass
@@ -38,26 +38,6 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise VlkitError(f"train.device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VlkitError(f"train.device: {name!r} asks for CUDA, which this machine does not have; use auto or cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise VlkitError(f"train.device: {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise VlkitError(f"train.device: {name!r}: MPS is not available here; use auto or cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise VlkitError(f"train.device: {name!r} is not a device vlkit trains on; use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
@@ -70,7 +50,7 @@ def make_runtime(device: str = "auto", precision: str = "auto", num_threads: int
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, what="train.device")
     if num_threads:
         torch.set_num_threads(num_threads)
     if world_size > 1:

@@ -35,9 +35,10 @@ from vlkit.console import bar as progress_bar
 from vlkit.errors import VlkitError
 from vlkit.fileio import write_text
 from vlkit.train.checkpoint import checkpoint_name, clean_temporaries, latest_checkpoint, load_checkpoint, publish, \
-    trainable_state, write_checkpoint
+    trainable_state, write_checkpoint, write_sharded_checkpoint
 from vlkit.train.config import TrainConfig
-from vlkit.train.distributed import save_once, wrap
+from vlkit.train.distributed import checkpoint_activations, full_state, is_sharded, no_sync, save_once, \
+    save_together, wrap
 from vlkit.train.runtime import Runtime, make_runtime, seed_everything
 from vlkit.train.schedule import lr_at
 
@@ -54,6 +55,33 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def master_weights(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
+    """Trainable parameters in fp32, whatever the checkpoint stored (transformers keeps a bf16 checkpoint in
+    bf16): AdamW's updates and state then have fp32 precision while autocast computes in `compute_dtype`. Without
+    autocast (fp32 training) every floating parameter and buffer is fp32, frozen ones too."""
+    if compute_dtype is None:
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*model.parameters(), *model.buffers()]):
+            model.float()
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+class _Sampler:
+    """`Trainer._micro_batches` of one stream as a DataLoader batch sampler."""
+
+    def __init__(self, trainer: "Trainer", stream: int):
+        self.trainer, self.stream = trainer, stream
+
+    def __iter__(self):
+        return self.trainer._micro_batches(self.stream)
+
+    def __len__(self) -> int:
+        t = self.trainer
+        return t.cfg.grad_accum * sum(1 for s in range(t.step, t.cfg.steps) if t.plan[s] == self.stream)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -116,7 +144,11 @@ class Trainer:
             self._nth[s], seen[k] = seen[k], seen[k] + 1
         self.cfg = cfg
         self.rt = runtime or make_runtime(cfg.device, cfg.precision, cfg.num_threads)
+        if cfg.precision == "fp16" and self.rt.distributed and cfg.parallel == "fsdp":
+            raise VlkitError(f"{out_dir}: train.precision=fp16 with train.parallel=fsdp is not supported (its loss "
+                             "scaling needs a sharded GradScaler); use bf16, or parallel=ddp")
         self.model = model.to(self.rt.device)
+        master_weights(model, self.rt.autocast_dtype)
         self._by_task = [self._group_by_task(st, out_dir) for st in self.streams] if cfg.batch_by_task else None
         self._epoch_steps: dict[int, tuple[int, list[list[int]]]] = {}  # stream -> (epoch, its steps' indices)
         if not any(p.requires_grad for p in model.parameters()):
@@ -127,9 +159,15 @@ class Trainer:
         self.run_config = run_config or {}
         self.desc = desc
         self.on_start = on_start
-        self.wrapped = wrap(model, self.rt)
+        if cfg.activation_checkpointing:
+            checkpoint_activations(model)
+        self.wrapped = wrap(model, self.rt, cfg.parallel, self.rt.autocast_dtype)
+        self.sharded = is_sharded(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
+        # fp16 overflows where bf16 does not: scale the loss, skip the steps whose gradients overflowed
+        self.scaler = torch.amp.GradScaler(self.rt.device.type) if self.rt.autocast_dtype is torch.float16 else None
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}  # stream -> (epoch, its permutation of examples)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0  # optimisation time only (no evaluation, no checkpointing)
@@ -184,10 +222,38 @@ class Trainer:
             step, k = divmod(pos, self.cfg.grad_accum)
             n = self.cfg.batch_size * self.rt.world_size
             return self._task_steps(epoch, stream)[step][k * n:(k + 1) * n][self.rt.rank::self.rt.world_size]
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
-        perm = torch.randperm(len(self.streams[stream].dataset), generator=g)[self.rt.rank::self.rt.world_size]
+        cached = self._perms.get(stream)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+            cached = (epoch, torch.randperm(len(self.streams[stream].dataset), generator=g)[
+                self.rt.rank::self.rt.world_size])
+            self._perms[stream] = cached
         start = pos * self.cfg.batch_size
-        return perm[start:start + self.cfg.batch_size].tolist()
+        return cached[1][start:start + self.cfg.batch_size].tolist()
+
+    def _micro_batches(self, stream: int):
+        """The index lists of `stream`'s micro-batches from this step to the end, in the order the loop takes
+        them (a DataLoader's batch sampler: workers read, decode and collate ahead)."""
+        for s in range(self.step, self.cfg.steps):
+            if self.plan[s] == stream:
+                for k in range(self.cfg.grad_accum):
+                    yield self._batch_indices(self._nth[s] * self.cfg.grad_accum + k, stream)
+
+    def _loaders(self) -> list:
+        """One iterator of collated batches per stream, from this step on."""
+        from torch.utils.data import DataLoader
+
+        cfg, out = self.cfg, []
+        pin = cfg.pin_memory if cfg.pin_memory is not None else self.rt.device.type == "cuda"
+        for k, st in enumerate(self.streams):
+            workers = {"num_workers": cfg.num_workers, "prefetch_factor": cfg.prefetch_factor} \
+                if cfg.num_workers else {}
+            # its own generator: making the iterator draws a worker seed, which must not move the global RNG that
+            # dropout draws from (a resumed run would diverge from an uninterrupted one)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + k * 7_919)
+            out.append(iter(DataLoader(st.dataset, batch_sampler=_Sampler(self, k), collate_fn=st.collate,
+                                       pin_memory=pin, generator=g, **workers)))
+        return out
 
     # -- loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False,
@@ -202,7 +268,14 @@ class Trainer:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is None:
                 raise VlkitError(f"{self.ckpt_root}: no checkpoint to resume from; run without --resume")
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.rt.rank)
+            size = state.get("global_batch", self._step_size())
+            if size != self._step_size():
+                raise VlkitError(f"{ckpt}: written with {size} examples per step (batch_size x grad_accum x ranks), "
+                                 f"this run takes {self._step_size()}; on {self.rt.world_size} rank(s) set "
+                                 "train.batch_size and train.grad_accum so that the product matches")
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.step = state["step"]
             self.history = state.get("history", [])
             self.train_seconds = state.get("train_seconds", 0.0)
@@ -222,6 +295,7 @@ class Trainer:
                            enabled=cfg.progress if self.rt.is_main else False)
         window_t, window_n, window_tok = time.perf_counter(), 0, 0
         last_eval: dict[str, float] = {}
+        loaders = self._loaders()
         try:
             while self.step < cfg.steps:
                 t_step = time.perf_counter()
@@ -234,19 +308,20 @@ class Trainer:
                 stream = self.streams[sk]
                 for k in range(cfg.grad_accum):
                     micro = self._nth[self.step] * cfg.grad_accum + k
-                    indices = self._batch_indices(micro, sk)
-                    batch = to_device(stream.collate([stream.dataset[i] for i in indices]), self.rt.device)
-                    with self.rt.autocast():
-                        out = self.loss_fn(self.wrapped, batch)
-                    loss, extra = out if isinstance(out, tuple) else (out, {})
-                    if not torch.isfinite(loss):
-                        raise VlkitError(f"{self.out_dir}: loss became {loss.item()} at step {self.step}; "
-                                         "lower train.lr or check the data")
-                    (loss / cfg.grad_accum).backward()
+                    window_n += len(self._batch_indices(micro, sk))
+                    batch = to_device(next(loaders[sk]), self.rt.device)
+                    with no_sync(self.wrapped, last=k == cfg.grad_accum - 1):
+                        with self.rt.autocast():
+                            out = self.loss_fn(self.wrapped, batch)
+                        loss, extra = out if isinstance(out, tuple) else (out, {})
+                        if not torch.isfinite(loss) and self.scaler is None:
+                            raise VlkitError(f"{self.out_dir}: loss became {loss.item()} at step {self.step}; "
+                                             "lower train.lr or check the data")
+                        scaled = loss / cfg.grad_accum
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                     loss_sum += loss.item() / cfg.grad_accum
                     for key, v in extra.items():
                         extra_sum[key] = extra_sum.get(key, 0.0) + float(v)
-                    window_n += len(indices)
                     window_tok += int(extra.get("tokens", 0))
                 trainable = [p for p in self.model.parameters() if p.requires_grad]
                 if stream.params is not None:  # this stream's step updates its own group only
@@ -255,11 +330,19 @@ class Trainer:
                         if id(p) not in own:
                             p.grad = None
                     trainable = [p for p in trainable if id(p) in own]
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                self.optimizer.step()
+                if self.scaler is not None:  # skips the update when the gradients overflowed, then rescales
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - t_step
+                loss_sum = self._mean_over_ranks(loss_sum)
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
                 metrics = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm)}
                 metrics.update({k: v / cfg.grad_accum for k, v in extra_sum.items() if k != "tokens"})
                 if len(self.streams) > 1:
@@ -284,6 +367,17 @@ class Trainer:
             bar.close()
         return last_eval
 
+    def _mean_over_ranks(self, value: float) -> float:
+        """The loss of the global batch (ranks' micro-batch losses averaged), as one process would log it."""
+        if not self.rt.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.rt.device if self.rt.device.type == "cuda"
+                         else "cpu")
+        dist.all_reduce(t)
+        return float(t) / self.rt.world_size
+
     def _final_eval(self) -> dict[str, float]:
         """The evaluation at the last step, from the history when it was logged there, else run now."""
         last = self.history[-1] if self.history else {}
@@ -306,13 +400,25 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        """A checkpoint of this step: every rank takes part, rank 0 writes."""
+        """A checkpoint of this step: every rank takes part; rank 0 writes it, or under FSDP every rank its
+        shards."""
         name = checkpoint_name(self.step)
+        extra = {"config": self.run_config, "history": self.history, "train_seconds": self.train_seconds,
+                 "global_batch": self._step_size(), "world_size": self.rt.world_size}
+        if self.scaler is not None:
+            extra["grad_scaler"] = self.scaler.state_dict()
+        then = lambda: publish(self.ckpt_root, name, self.cfg.keep_checkpoints)  # noqa: E731
+        if self.sharded:
+            return save_together(self.rt, self.ckpt_root / name, lambda tmp: write_sharded_checkpoint(
+                tmp, self.step, self.model, self.optimizer, extra, self.rt.rank), then=then)
         trainable, opt = trainable_state(self.model), self.optimizer.state_dict()
-        extra = {"config": self.run_config, "history": self.history, "train_seconds": self.train_seconds}
         return save_once(self.rt, self.ckpt_root / name,
-                         lambda tmp: write_checkpoint(tmp, self.step, trainable, opt, extra),
-                         then=lambda: publish(self.ckpt_root, name, self.cfg.keep_checkpoints))
+                         lambda tmp: write_checkpoint(tmp, self.step, trainable, opt, extra), then=then)
+
+    def model_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP: every tensor of the model gathered on rank 0's CPU, for writing the model (collective:
+        every rank calls it). Otherwise None: the model's own state_dict is whole."""
+        return full_state(self.model, self.rt)
 
     def save_model(self, directory: str | Path, write: Callable[[Path], None]) -> Path:
         """The trained model as a directory: every rank calls this, `write(tmp)` runs once (rank 0)."""
