@@ -24,9 +24,10 @@ from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
 from vlkit.eval.world import EvalConfig, evaluate_vlm
 from vlkit.fileio import read_json, stable_hash, write_json, write_text
-from vlkit.models.io import write_vlm
+from vlkit.models.io import load_vlm, write_vlm
 from vlkit.models.llm import count_parameters
 from vlkit.data.features import ImageBank, count, select
+from vlkit.data.lazy import LazyVLDataset, RecordFile
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.train import Stream, Trainer
 from vlkit.world.dataset import LATER_SETTINGS as WORLD_LATER
@@ -54,6 +55,14 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("streams", "*", "data", "instructions"): None,
     ("eval", "instructions"): None,
     ("train", "batch_by_task"): False,
+    ("train", "parallel"): "ddp",
+    ("train", "activation_checkpointing"): False,
+    ("train", "num_workers"): 0,
+    ("train", "prefetch_factor"): 2,
+    ("train", "pin_memory"): None,
+    ("data", "lazy"): False,
+    ("eval_data", "lazy"): False,
+    ("streams", "*", "data", "lazy"): False,
 }
 # the world's own later settings (vlkit.world.dataset), wherever a recipe holds a world section
 for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
@@ -183,6 +192,8 @@ def vl_loss(model, batch, groups: int = 1):
     """Mean next-token loss over the batch's target tokens. With `groups` > 1 the rows run as that many
     groups of similar length, each cut to its own longest row: the same loss and gradient (up to float
     rounding) with less compute spent on padding. Needs right padding; one group under DDP."""
+    if not batch:  # a lazily read micro-batch whose every record lost its answers to max_length
+        return torch.zeros((), requires_grad=True), {"tokens": 0}
     labels = batch["labels"]
     tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     plain = groups <= 1 or len(labels) < 2 * groups or not isinstance(model, VisionLanguageModel) \
@@ -235,13 +246,21 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     record: see prepare_output). With `streams`, each stream's records train its own groups (joint training of
     disjoint groups, in `order`); `train_recs` is then every stream's records, for the image bank."""
     model_dir = model_dir or out / "model"
+    if isinstance(train_recs, RecordFile):  # data.lazy: records and images read by the trainer's DataLoader
+        if streams or cfg.cache_features:
+            raise VlkitError(f"{out}: data.lazy reads images as it trains: set cache_features=false"
+                             + (" and train one stream" if streams else ""))
+        if banks is not None:
+            raise VlkitError(f"{out}: data.lazy takes no precomputed image banks")
+        banks = (None, ImageBank.of(test_recs, proc, progress))
     if banks is None:
         bank, test_bank, feature_seconds = image_banks(model, proc, train_recs, test_recs, cfg.cache_features, out,
                                                        progress)
     else:
         (bank, test_bank), feature_seconds = banks, 0.0
     groups = model.param_groups()
-    datasets = [VLDataset(st.records, proc, bank) for st in streams] if streams else [VLDataset(train_recs, proc, bank)]
+    datasets = [VLDataset(st.records, proc, bank) for st in streams] if streams else \
+        [LazyVLDataset(train_recs, proc) if bank is None else VLDataset(train_recs, proc, bank)]
     data = datasets[0]
     plan = [Stream(st.name, d, d.collate, st.weight, [p for g in st.groups for p in groups[g]])
             for st, d in zip(streams, datasets)] if streams else None
@@ -254,8 +273,18 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     trainer = Trainer(model, cfg.train, data, data.collate, loss, out, run_config=cfg.model_dump(mode="json"),
                       desc=getattr(cfg, "recipe", "train"), evaluate=periodic, on_start=on_start, streams=plan,
                       order=order)
+    if trainer.sharded and (periodic is not None or before_eval is not None):
+        raise VlkitError(f"{out}: train.parallel=fsdp evaluates the saved model once training ends: set "
+                         "train.eval_every=0" + (" and train without lora (merged after training)"
+                                                 if before_eval is not None else ""))
     trainer.fit(resume=resume, overwrite=overwrite)
     trainable_params = count_parameters(model, True)
+    if trainer.sharded:  # the shards gathered into one directory, evaluated as `vlkit eval` would load it
+        total_params = count_parameters(model)
+        state = trainer.model_state()
+        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc, state=state))
+        model, _ = load_vlm(model_dir, device=trainer.rt.device)
+        save = False
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
         before_eval()
         last.clear()
@@ -269,10 +298,11 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
                               with_images=last["result"] if reuse else None)
     if save:
         trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc))
-    return {"trainable_params": trainable_params, "total_params": count_parameters(model),
+    return {"trainable_params": trainable_params, "total_params": total_params if trainer.sharded else
+            count_parameters(model),
             "num_image_tokens": model.image_slots, "steps": cfg.train.steps,
             "train_seconds": trainer.train_seconds, "feature_seconds": feature_seconds, "eval": result,
-            "history": trainer.history, "dropped_records": sum(d.dropped for d in datasets),
+            "history": trainer.history, "dropped_records": sum(getattr(d, "dropped", 0) for d in datasets),
             "model_dir": str(model_dir)}
 
 

@@ -8,6 +8,7 @@ from vlkit.config import Section
 from vlkit.data.instructions import apply_named
 from vlkit.data.records import load_records
 from vlkit.data.tasks import mix_tasks
+from vlkit.errors import VlkitError
 from vlkit.world.dataset import WorldData, build
 
 
@@ -26,6 +27,10 @@ class RecordsConfig(Section):
                                      "(sphinx, generic) or a YAML/JSON file of task -> template; rewrites each "
                                      "record's request in both splits, before mixing (vlkit.data.instructions). "
                                      "Held-out prompts at evaluation follow eval.instructions.")
+    lazy: bool = Field(False, description="Read train records on demand and decode their images in the trainer's "
+                       "DataLoader workers (train.num_workers) instead of holding every record and image in memory "
+                       "(large data: memory stays flat in the record count). Needs cache_features=false; not with "
+                       "data.mix.")
 
 
 def load_splits(cfg: RecordsConfig, progress: bool | None = None) -> tuple[list[dict], list[dict]]:
@@ -38,6 +43,15 @@ def load_split(cfg: RecordsConfig, split: str, progress: bool | None = None) -> 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     path = getattr(cfg, split) or build(cfg.world, progress=progress) / f"{split}.jsonl"
+    if cfg.lazy and split == "train":
+        if cfg.mix:
+            raise VlkitError("data.lazy: task mixing (data.mix) resamples records in memory; mix the JSONL "
+                             "beforehand or set data.lazy=false")
+        from vlkit.data.instructions import load_instructions
+        from vlkit.data.lazy import RecordFile
+
+        return RecordFile(path, cfg.tasks, cfg.max_train, cfg.instructions and load_instructions(cfg.instructions),
+                          progress=progress)
     records = load_records(path)
     if cfg.tasks is not None:
         records = [r for r in records if r.get("task") in cfg.tasks]
