@@ -16,6 +16,8 @@ world_app = typer.Typer(no_args_is_help=True, help="The shapes world: generate d
 app.add_typer(world_app, name="world")
 bench_app = typer.Typer(no_args_is_help=True, help="The science bench: the models every experiment builds on.")
 app.add_typer(bench_app, name="bench")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: import LLaVA and ShareGPT data as vlkit records.")
+app.add_typer(data_app, name="data")
 
 
 @world_app.command("build")
@@ -390,6 +392,27 @@ def bench_build(out: Path = typer.Option(Path("runs/bench"), help="Where the ben
     summary = build_bench(out, only=only or None, fresh=fresh)
     if strict and not summary["passed"]:
         raise VlkitError(f"bench build: a model missed its gate; see {out / 'report.md'}")
+
+
+@data_app.command("import")
+def data_import(fmt: str = typer.Argument(..., metavar="FORMAT", help="llava or sharegpt."),
+                source: Path = typer.Argument(..., metavar="FILE", help="The data: a JSON array of records or JSONL."),
+                out: Path = typer.Option(..., help="Records JSONL to write; the summary goes beside it "
+                                         "(records.jsonl -> records.import.json)."),
+                images: Optional[Path] = typer.Option(None, help="Folder the image paths are relative to "
+                                                      "(default: the input's folder)."),
+                task: Optional[str] = typer.Option(None, help="Task name of the records (default: FORMAT)."),
+                check_images: bool = typer.Option(True, help="Skip records whose image file is missing."),
+                overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+                progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
+                                                        help="Progress bar (default: when stderr is a terminal).")
+                ) -> None:
+    """Convert LLaVA or ShareGPT conversations to vlkit records, streaming; prints what was written and what was
+    skipped, by reason: vlkit data import llava llava_v1_5_mix665k.json --images data --out records.jsonl"""
+    from vlkit.data.importers import import_file, summary_text
+
+    typer.echo(summary_text(import_file(fmt, source, out, images=images, task=task, check_images=check_images,
+                                        overwrite=overwrite, progress=progress)))
 
 
 def main() -> None:
