@@ -97,7 +97,7 @@ def test_instruct_with_lora_trains_adapters_and_saves_them_merged(tmp_path, tiny
     cfg_w, _ = tiny_world
     cfg = load(InstructRecipe, None, [
         f"output_dir={tmp_path / 'run'}", f"init={tmp_path / 'base'}", "trainable=[vpg.projector,lora]",
-        "lora.r=4", "lora.target_modules=[q_proj,v_proj]", f"data.world.seed={cfg_w.seed}",
+        "lora.r=4", "lora.target_modules=[q_proj,v_proj]", "lora.save_adapter=true", f"data.world.seed={cfg_w.seed}",
         f"data.world.train_scenes={cfg_w.train_scenes}", f"data.world.test_scenes={cfg_w.test_scenes}",
         "data.tasks=[caption,vqa]", "data.mix={caption: 1, vqa: 1}", "eval.max_per_task=4", "eval.tasks=[vqa]",
         "cache_features=false", "train.steps=6", "train.batch_size=8", "train.lr=1e-2", "train.progress=false"])
@@ -110,3 +110,12 @@ def test_instruct_with_lora_trains_adapters_and_saves_them_merged(tmp_path, tiny
     assert set(after) == set(before)  # a plain HF LLM again: the adapters are folded in
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) and k.endswith("weight") for k in changed)
+    # the adapters also as a stock PEFT adapter: onto the init model's LLM, the merged LLM's logits
+    from peft import PeftModel
+
+    assert (tmp_path / "run" / "lora" / "adapter_config.json").is_file()
+    base, _ = load_vlm(tmp_path / "base")
+    peft_llm = PeftModel.from_pretrained(base.llm, tmp_path / "run" / "lora").eval()
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    with torch.no_grad():
+        assert torch.allclose(peft_llm(input_ids=ids).logits, merged.llm(input_ids=ids).logits, atol=1e-5)

@@ -61,6 +61,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("train", "prefetch_factor"): 2,
     ("train", "pin_memory"): None,
     ("data", "lazy"): False,
+    ("lora", "save_adapter"): False,
     ("eval_data", "lazy"): False,
     ("streams", "*", "data", "lazy"): False,
 }
@@ -285,8 +286,8 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
         trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc, state=state))
         model, _ = load_vlm(model_dir, device=trainer.rt.device)
         save = False
-    if before_eval is not None:  # e.g. merging LoRA adapters into the LLM
-        before_eval()
+    if before_eval is not None:  # e.g. merging LoRA adapters into the LLM (given the trainer's collective save)
+        before_eval(trainer.save_model)
         last.clear()
     # the evaluation at the last step saw the same records with images when during_training >= max_per_task;
     # it ran under the trainer's autocast, so it stands for this fp32 evaluation only where there is none

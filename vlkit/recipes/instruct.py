@@ -33,6 +33,10 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="LLM modules to adapt (default: peft's for the "
                                              "model type, e.g. q_proj and v_proj for LLaMA).")
+    save_adapter: bool = Field(False, description="Also save the trained adapters as a PEFT adapter directory "
+                               "(<out>/lora: adapter_config.json + adapter_model.safetensors, what "
+                               "peft.PeftModel.from_pretrained(llm, dir) loads onto the init model's LLM); the "
+                               "model directory always holds the LLM with the adapters merged.")
 
 
 class InstructRecipe(Section):
@@ -52,6 +56,14 @@ class InstructRecipe(Section):
     cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def merge_lora(model, lora: LoraSettings, out: Path, save) -> None:
+    """Fold the trained adapters into the LLM, first saving them as a PEFT adapter when asked (`save`: the
+    trainer's `save_model`, one writer under torchrun)."""
+    if lora.save_adapter:
+        save(out / "lora", lambda tmp: model.llm.save_pretrained(tmp, safe_serialization=True))
+    model.merge_lora()
 
 
 def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:
@@ -75,5 +87,6 @@ def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, prog
     model.set_trainable(cfg.trainable)
     model.train()
     result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress,
-                                before_eval=model.merge_lora if cfg.lora else None, on_start=record)
+                                before_eval=(lambda save: merge_lora(model, cfg.lora, out, save)) if cfg.lora else None,
+                                on_start=record)
     return finish(out, {"recipe": "instruct", "init": cfg.init, "trainable": cfg.trainable, **result})
