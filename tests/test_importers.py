@@ -55,7 +55,8 @@ def test_llava_instruct_converts_to_exact_records_that_load_records_resolves(tmp
 
 def test_every_skip_and_adjustment_is_counted_with_its_ids(tmp_path):
     summary, _, out = run_import(tmp_path, "instruct.json")
-    one = lambda rid: {"count": 1, "ids": [rid]}
+    def one(rid):
+        return {"count": 1, "ids": [rid]}
     assert summary["skipped"] == {
         "duplicate id": one("dup"), "unknown speaker": one("bad-speaker"), "empty turn": one("bad-empty"),
         "not alternating": one("bad-order"), "image count mismatch": one("bad-count"),
@@ -90,7 +91,8 @@ def test_llava_pretrain_keeps_token_position_and_adds_a_missing_token_at_the_sta
 
 
 def test_text_parts_place_images_and_drop_only_the_newlines_beside_them():
-    text = lambda t: {"type": "text", "text": t}
+    def text(t):
+        return {"type": "text", "text": t}
     assert text_parts("<image>\nWhat is it?") == [IMAGE, text("What is it?")]
     assert text_parts("What is it?\n<image>") == [text("What is it?"), IMAGE]
     assert text_parts("a <image> b\n\n<image>") == [text("a "), IMAGE, text(" b"), IMAGE]
@@ -100,7 +102,8 @@ def test_text_parts_place_images_and_drop_only_the_newlines_beside_them():
 
 def test_sharegpt_system_turns_and_both_spellings(tmp_path):
     summary, rows, out = run_import(tmp_path, "sharegpt.json", fmt="sharegpt", images=None)
-    system = lambda t: {"role": "system", "content": [{"type": "text", "text": t}]}
+    def system(t):
+        return {"role": "system", "content": [{"type": "text", "text": t}]}
     assert rows == [
         record("sg-1", out, [], system("You are terse."), user("Capital of France?"), assistant("Paris."),
                task="sharegpt"),

@@ -26,10 +26,10 @@ class ChatSession:
 
     @classmethod
     def open(cls, directory: str | Path, experts: Sequence[Expert] = (), template: str = WORLD_TEMPLATE,
-             **gen) -> "ChatSession":
+             device: str = "cpu", dtype: str | None = None, **gen) -> "ChatSession":
         from vlkit.models.io import load_vlm
 
-        model, processor = load_vlm(directory)
+        model, processor = load_vlm(directory, device=device, dtype=dtype)
         return cls(model, processor, GenerationConfig(**gen), experts, template)
 
     def attach(self, path: str | Path) -> None:

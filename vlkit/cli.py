@@ -10,6 +10,9 @@ import typer
 
 from vlkit.errors import VlkitError
 
+DEVICE_HELP = "Where the model runs: auto (CUDA when there is one, else CPU), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = "Weights and compute dtype: auto (as the checkpoint stores them), fp32, bf16 or fp16."
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="vlkit: compose, train, evaluate, guard and serve vision-language LLMs.")
 world_app = typer.Typer(no_args_is_help=True, help="The shapes world: generate datasets and previews.")
@@ -85,17 +88,21 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
              seed: int = typer.Option(0, help="World dataset seed of the held-out split."),
              test_scenes: int = typer.Option(500, help="Held-out scenes."),
              max_per_task: Optional[int] = typer.Option(None, help="Records per task (world default: 200; "
-                                                         "demon default: all).")):
+                                                         "demon default: all)."),
+             device: str = typer.Option("auto", help=DEVICE_HELP),
+             dtype: str = typer.Option("auto", help=DTYPE_HELP)):
     """Evaluate on held-out world data (LM: perplexity; CLIP: retrieval R@1; VLM: captioning, VQA,
     grounding and text reading, beside the blind baseline), or on DEMON-format interleaved instructions
     (per-task and per-category scores x100)."""
     import json
 
     if benchmark == "demon":
+        from vlkit.devices import resolve_device, resolve_dtype
         from vlkit.eval.demon import DemonEval, demon_scores
         from vlkit.models.io import load_vlm
 
-        vlm, processor = load_vlm(model)
+        vlm, processor = load_vlm(model, device=resolve_device(device, what="--device"),
+                                  dtype=resolve_dtype(dtype, "--dtype"))
         result = demon_scores(vlm, processor, DemonEval(root=str(root) if root else None, max_per_task=max_per_task),
                               keep_predictions=out is not None)
         if out is not None:
@@ -108,8 +115,8 @@ def evaluate(model: Path = typer.Argument(..., help="A model directory written b
         raise VlkitError(f"eval: unknown benchmark {benchmark!r}; choose world or demon")
     from vlkit.evaluate import evaluate_dir
 
-    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes,
-                                       max_per_task=max_per_task or 200), indent=2))
+    typer.echo(json.dumps(evaluate_dir(model, seed=seed, test_scenes=test_scenes, max_per_task=max_per_task or 200,
+                                       device=device, dtype=dtype), indent=2))
 
 
 EXPERT_HELP = ("Expert model whose text about each image is given to the model as context (LLaMA-Adapter V2 "
@@ -137,10 +144,13 @@ def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model direct
          top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
          seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
          expert: Optional[List[str]] = typer.Option(None, "--expert", help=EXPERT_HELP),
-         expert_template: str = typer.Option("world", help=TEMPLATE_HELP)):
+         expert_template: str = typer.Option("world", help=TEMPLATE_HELP),
+         device: str = typer.Option("auto", help=DEVICE_HELP),
+         dtype: str = typer.Option("auto", help=DTYPE_HELP)):
     """Talk to a model in the terminal, streaming. In a session: /image PATH attaches an image to the next
     message, /reset starts over, /quit (or Ctrl-D) leaves."""
     from vlkit.chat import ChatSession, RemoteChatSession
+    from vlkit.devices import resolve_device, resolve_dtype
     from vlkit.models.generate import GenerationConfig
 
     if (model is None) == (url is None):
@@ -152,8 +162,9 @@ def chat(model: Optional[Path] = typer.Argument(None, help="A vlkit model direct
         session = RemoteChatSession(url, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                                           top_p=top_p, seed=seed))
     else:
-        session = ChatSession.open(model, experts, template, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed)
+        session = ChatSession.open(model, experts, template, device=resolve_device(device, what="--device"),
+                                   dtype=resolve_dtype(dtype, "--dtype"), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed)
     for path in image or []:
         session.attach(path)
     if prompt is not None:
@@ -183,7 +194,9 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
           template: Optional[str] = typer.Option(None, help="inst, chat or native (default: the model's, "
                                                  "else inst)."),
           threshold: Optional[float] = typer.Option(None, help="P(unsafe) at or above this is unsafe."),
-          out: Optional[Path] = typer.Option(None, help="Write JSONL here instead of standard output.")):
+          out: Optional[Path] = typer.Option(None, help="Write JSONL here instead of standard output."),
+          device: str = typer.Option("auto", help=DEVICE_HELP),
+          dtype: str = typer.Option("auto", help=DTYPE_HELP)):
     """Classify a prompt, a response, or a JSONL of conversations; JSONL out: verdict, categories, score."""
     import json
 
@@ -196,7 +209,7 @@ def guard(model: Path = typer.Argument(..., help="Guard checkpoint directory (Ll
         raise VlkitError("guard: --response needs the --prompt it answers")
     kwargs = {k: v for k, v in {"taxonomy": taxonomy, "version": version, "template": template,
                                 "threshold": threshold}.items() if v is not None}
-    g = Guard.from_pretrained(model, **kwargs)
+    g = Guard.from_pretrained(model, device=device, dtype=dtype, **kwargs)
     if prompt is not None:
         conv = [{"role": "user", "content": prompt}]
         if response is not None:
@@ -247,21 +260,25 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
                                                 help="Require 'Authorization: Bearer <key>' on /v1/* and /metrics "
                                                 "(default: $VLKIT_API_KEY; none: open)."),
           expert: Optional[List[str]] = typer.Option(None, "--expert", help=EXPERT_HELP),
-          expert_template: str = typer.Option("world", help=TEMPLATE_HELP)):
+          expert_template: str = typer.Option("world", help=TEMPLATE_HELP),
+          device: str = typer.Option("auto", help=DEVICE_HELP),
+          dtype: str = typer.Option("auto", help=DTYPE_HELP + " The guard runs there too.")):
     """Serve a model with an OpenAI-compatible API (POST /v1/chat/completions), a chat page at /."""
     import uvicorn
 
+    from vlkit.devices import resolve_device, resolve_dtype
     from vlkit.serve import Engine, ServeLimits, create_app
 
     experts, template = experts_of(expert, expert_template)
-    engine = Engine.load(model, name=name, max_batch=max_batch, batch_window_ms=batch_window_ms,
+    dev, dt = resolve_device(device, what="--device"), resolve_dtype(dtype, "--dtype")
+    engine = Engine.load(model, name=name, device=dev, dtype=dt, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          batching=not no_batching, max_queue=max(max_in_flight, 1), experts=experts,
                          template=template)
     middleware = None
     if guard is not None:
         from vlkit.guard import Guard, GuardMiddleware
 
-        middleware = GuardMiddleware(Guard.from_pretrained(guard))
+        middleware = GuardMiddleware(Guard.from_pretrained(guard, device=dev, dtype=dt))
     limits = ServeLimits(max_body_bytes=max_body_bytes, max_images=max_images, max_pixels=max_pixels,
                          max_tokens=max_tokens, max_in_flight=max_in_flight, timeout_s=timeout,
                          allow_remote_images=allow_remote_images, allow_local_images=allow_local_images,
@@ -291,16 +308,20 @@ def ats(game: str = typer.Option(..., help="water, numpath, arithmetic, grass, g
         price_completion: float = typer.Option(0.0, help="Price per million completion tokens."),
         out: Optional[Path] = typer.Option(None, help="Per-instance JSONL (default "
                                            "runs/reason/GAME-METHOD-MODEL.jsonl); the summary goes beside it "
-                                           "(.summary.json).")):
+                                           "(.summary.json)."),
+        device: str = typer.Option("auto", help="local: " + DEVICE_HELP),
+        dtype: str = typer.Option("auto", help="local: " + DTYPE_HELP)):
     """Solve puzzle games with a prompting method; writes per-instance JSONL (answer, verdict, tokens, tree
     statistics) and prints a summary table."""
+    from vlkit.devices import resolve_device, resolve_dtype
     from vlkit.fileio import write_json, write_jsonl
     from vlkit.reason.backends import make_backend
     from vlkit.reason.games import GAMES, get_game
     from vlkit.reason.runner import run as run_method, summarise, table
 
     games = list(GAMES.values()) if game == "all" else [get_game(game)]
-    answerer = make_backend(backend, model, base_url=base_url, batch_size=batch_size)
+    answerer = make_backend(backend, model, base_url=base_url, batch_size=batch_size,
+                            device=resolve_device(device, what="--device"), dtype=resolve_dtype(dtype, "--dtype"))
     trained = getattr(answerer, "trained_method", None)
     if trained and method == "tot":
         typer.echo(f"note: {model} was fine-tuned on {trained} traces; ToT asks it with propose/value prompts "
@@ -378,6 +399,17 @@ def merge(a: Path = typer.Argument(..., help="Model A: a vlkit model or a Huggin
     from vlkit.models.merge import merge as merge_models
 
     typer.echo(merge_models(a, b, beta, out, part=part, overwrite=overwrite).summary())
+
+
+@app.command()
+def export(fmt: str = typer.Argument(..., metavar="FORMAT", help="llava or blip-2 (the stock transformers model)."),
+           model: Path = typer.Argument(..., help="A vlkit model directory."),
+           out: Path = typer.Argument(..., help="Directory to write (written whole, or not at all)."),
+           overwrite: bool = typer.Option(False, help="Replace OUT if it exists.")) -> None:
+    """Write a vlkit model as a stock transformers checkpoint: vlkit export llava MODEL OUT"""
+    from vlkit.models.io import export_model
+
+    typer.echo(export_model(fmt, model, out, overwrite=overwrite))
 
 
 @bench_app.command("build")

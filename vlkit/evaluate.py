@@ -14,17 +14,23 @@ from vlkit.fileio import read_json
 from vlkit.world.dataset import WorldData
 
 
-def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, max_per_task: int = 200) -> dict:
+def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, max_per_task: int = 200,
+                 device: str = "cpu", dtype: str | None = None) -> dict:
+    """Held-out world scores of a model directory, run on `device` in `dtype` (None / "auto": as stored)."""
+    from vlkit.devices import resolve_device, resolve_dtype
+
+    dev, dt = resolve_device(device, what="--device"), resolve_dtype(dtype, "--dtype")
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
     arch = (config.get("architectures") or [""])[0]
     data = RecordsConfig(world=WorldData(seed=seed, train_scenes=0, test_scenes=test_scenes))
     test = load_split(data, "test")
-    if config.get("model_type") == "vlkit_vlm":
-        from vlkit.eval.world import EvalConfig, evaluate_vlm
-        from vlkit.models.io import load_vlm
+    from vlkit.models.io import is_vlm_directory, load_vlm
 
-        model, processor = load_vlm(model_dir)
+    if is_vlm_directory(model_dir):
+        from vlkit.eval.world import EvalConfig, evaluate_vlm
+
+        model, processor = load_vlm(model_dir, device=dev, dtype=dt)
         result = evaluate_vlm(model, processor, test, EvalConfig(max_per_task=max_per_task))
         return {"model": str(model_dir), "image": result["image"], "blind": result["blind"],
                 "counts": result["counts"]}
@@ -36,7 +42,7 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
         from vlkit.recipes.clip import captions_of, encode_caption, make_collate, retrieval
         from vlkit.models.vision.clip import ViTConfig
 
-        model = CLIPModel.from_pretrained(str(model_dir)).eval()
+        model = CLIPModel.from_pretrained(str(model_dir), **({"dtype": dt} if dt else {})).to(dev).eval()
         pp = read_json(model_dir / "preprocessor_config.json")
         vit = ViTConfig(image_size=model.config.vision_config.image_size, image_mean=pp["image_mean"],
                         image_std=pp["image_std"])
@@ -54,7 +60,7 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
         from vlkit.models.llm import load_llm
         from vlkit.recipes.lm import LMData, context_vqa, pack, perplexity
 
-        model = load_llm(model_dir).eval()
+        model = load_llm(model_dir, dt).to(dev).eval()
         blocks = pack(tok, test, 128, LMData().describe_images)
         with torch.no_grad():
             cvqa = context_vqa(model, tok, test, limit=max_per_task)

@@ -105,9 +105,12 @@ class Guard:
                              "cannot be read from the first token; use a checkpoint whose tokenizer splits them apart")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "Guard":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                        **kwargs) -> "Guard":
         """A guard from a local directory: a real Llama Guard checkpoint or one trained with recipe `guard`
-        (its guard_config.json gives taxonomy, version and template defaults)."""
+        (its guard_config.json gives taxonomy, version and template defaults), on `device` in `dtype` (None /
+        "auto": as stored)."""
+        from vlkit.devices import resolve_device, resolve_dtype
         from vlkit.fileio import read_json
 
         path = Path(path)
@@ -129,7 +132,8 @@ class Guard:
         for k in ("version", "template", "threshold"):
             if k in settings and k not in kwargs:
                 kwargs[k] = settings[k]
-        return cls(load_llm(path), load_tokenizer(path), **kwargs)
+        model = load_llm(path, resolve_dtype(dtype, "--dtype")).to(resolve_device(device, what="--device"))
+        return cls(model, load_tokenizer(path), **kwargs)
 
     def prompt(self, conversation: list[dict], role: Role = "User") -> str:
         return build_prompt(conversation, self.taxonomy, role, self.version, self.template, self.tok)

@@ -39,14 +39,14 @@ class LocalBackend:
     """A model directory on this machine: a vlkit VLM (text-only use) or a plain HF causal LM. Conversations are
     answered in batches of `batch_size` (left padding, one generate call per batch)."""
 
-    def __init__(self, path: str | Path, batch_size: int = 16, device: str = "cpu"):
+    def __init__(self, path: str | Path, batch_size: int = 16, device: str = "cpu", dtype: str | None = None):
         from vlkit.serve.engine import load_model
 
         path = Path(path)
         if not path.is_dir():
             raise VlkitError(f"{path}: model directory not found; give a vlkit model or HF causal-LM directory")
-        model, self.processor, self.name = load_model(path)
-        self.model, self.batch_size = model.to(device), batch_size
+        self.model, self.processor, self.name = load_model(path, device, dtype)
+        self.batch_size = batch_size
         trained = read_json(path / TRAINED_AS) if (path / TRAINED_AS).is_file() else {}
         self.style = trained.get("style", "prompted")
         self.trained_method = trained.get("method")
@@ -114,11 +114,12 @@ class OpenAIBackend:
             return list(pool.map(lambda c: self._one(c, max_tokens, temperature), conversations))
 
 
-def make_backend(kind: str, model: str | None, base_url: str | None = None, batch_size: int = 16) -> Backend:
+def make_backend(kind: str, model: str | None, base_url: str | None = None, batch_size: int = 16,
+                 device: str = "cpu", dtype: str | None = None) -> Backend:
     if kind == "local":
         if not model:
             raise VlkitError("--backend local needs --model DIR (a vlkit model or HF causal-LM directory)")
-        return LocalBackend(model, batch_size=batch_size)
+        return LocalBackend(model, batch_size=batch_size, device=device, dtype=dtype)
     if kind == "openai":
         return OpenAIBackend(model, base_url=base_url)
     raise VlkitError(f"unknown backend {kind!r}; choose local or openai")

@@ -30,29 +30,30 @@ import torch
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.experts import WORLD_TEMPLATE, Expert, with_context
-from vlkit.fileio import read_json
 from vlkit.models.generate import GenerationConfig, generate, stream, trim
-from vlkit.models.io import load_vlm
+from vlkit.devices import resolve_device, resolve_dtype
+from vlkit.models.io import is_vlm_directory, load_vlm
 from vlkit.models.llm import load_llm, position_limit
 from vlkit.models.vlm import VisionLanguageModel
 
 
-def text_only(path: Path):
+def text_only(path: Path, device="cpu", dtype=None):
     """A plain HF causal LM, served as a model without eyes."""
     tok = load_tokenizer(path)
-    llm = load_llm(path)
+    llm = load_llm(path, resolve_dtype(dtype)).to(resolve_device(device))
     model = VisionLanguageModel.text_only(llm)
     return model, VLProcessor.for_model(tok, model, position_limit(llm) or 2048)
 
 
-def load_model(path: str | Path):
-    """(model, processor, name) of a vlkit model directory or a plain HF causal-LM directory (text only); the
-    name is the directory's, or its run's for a `<run>/model` directory."""
+def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
+    """(model, processor, name) of a vlkit model directory (or a stock llava / blip-2 one) or a plain HF
+    causal-LM directory (text only), on `device` in `dtype` (None / "auto": as stored); the name is the
+    directory's, or its run's for a `<run>/model` directory."""
     path = Path(path).resolve()
-    if (path / "config.json").is_file() and read_json(path / "config.json").get("model_type") == "vlkit_vlm":
-        model, processor = load_vlm(path)
+    if is_vlm_directory(path):
+        model, processor = load_vlm(path, device=device, dtype=dtype)
     else:
-        model, processor = text_only(path)
+        model, processor = text_only(path, device, dtype)
     return model.eval(), processor, (path.parent.name if path.name == "model" else path.name)
 
 
@@ -98,10 +99,11 @@ class Engine:
         self._thread.start()
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, **kwargs) -> "Engine":
-        """A vlkit model directory, or a plain HF causal-LM directory (text only). Served as `name`
-        (default: the directory's name, or its run's name for a `<run>/model` directory)."""
-        model, processor, default = load_model(path)
+    def load(cls, path: str | Path, name: str | None = None, device: str = "cpu", dtype: str | None = None,
+             **kwargs) -> "Engine":
+        """A vlkit model directory, or a plain HF causal-LM directory (text only), on `device` in `dtype`. Served as
+        `name` (default: the directory's name, or its run's name for a `<run>/model` directory)."""
+        model, processor, default = load_model(path, device, dtype)
         return cls(model, processor, name or default, **kwargs)
 
     @property
