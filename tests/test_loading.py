@@ -164,3 +164,26 @@ def test_import_vlkit_stays_cheap_and_registers_when_transformers_loads(tiny_tok
             f"from transformers import AutoConfig; print(AutoConfig.from_pretrained({str(d)!r}).model_type)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0 and res.stdout.strip() == MODEL_TYPE, res.stderr[-2000:]
+
+
+def test_the_attention_kernel_is_chosen_per_run_and_not_saved(tiny_tokenizer, tmp_path):
+    from vlkit.models.llm import attention_kwargs
+
+    model, proc = make(tiny_tokenizer)
+    cfg = model.config.model_copy(deep=True)
+    cfg.llm.attn_implementation = "eager"
+    eager = VisionLanguageModel.build(cfg, image_token_id=model.image_token_id)
+    assert eager.llm.config._attn_implementation == "eager" and model.llm.config._attn_implementation == "sdpa"
+    save_vlm(eager, tmp_path / "m", proc)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vlm"]["llm"]["attn_implementation"] is None
+    assert load_vlm(tmp_path / "m")[0].llm.config._attn_implementation == "sdpa"
+    import importlib.util
+
+    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    assert attention_kwargs(None) == {}
+    assert attention_kwargs("auto") == {"attn_implementation": "flash_attention_2" if flash else "sdpa"}
+    if not flash:
+        with pytest.raises(VlkitError, match="flash_attention_2 needs the flash-attn package"):
+            attention_kwargs("flash_attention_2")
+    with pytest.raises(VlkitError, match="'fast' is not one of auto, sdpa"):
+        attention_kwargs("fast")

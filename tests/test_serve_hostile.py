@@ -405,7 +405,7 @@ def test_the_cli_stops_within_seconds_on_sigterm(monkeypatch, tmp_path, tiny_tok
     serve_cmd(tmp_path / "m", guard=None, name=None, host="127.0.0.1", port=0, max_batch=4, batch_window_ms=1.0,
               no_batching=False, max_tokens=16, max_images=2, max_pixels=4096, max_body_bytes=10_000, max_in_flight=2,
               timeout=10.0, allow_remote_images=False, image_host=None, allow_local_images=False, api_key=None,
-              expert=None, expert_template="world")
+              expert=None, expert_template="world", device="cpu", dtype="auto")
     assert seen["timeout_graceful_shutdown"] == 5
 
 

@@ -64,6 +64,7 @@ def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLPr
                "llm": cfg.llm.path}
     cfg.tower = model.vision.saved_config()
     cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, arch_of(model.llm.config)
+    cfg.llm.attn_implementation = None  # a runtime choice (flash-attention on the GPU it trained on), not the model's
     write_json(directory / "config.json", {"model_type": MODEL_TYPE, "format": FORMAT,
                                            "vlkit_version": vlkit.__version__, "vlm": cfg.model_dump(mode="json"),
                                            "image_token_id": model.image_token_id,

@@ -77,7 +77,31 @@ def check_weights(path: Path) -> None:
                          "model.save_pretrained(dir, safe_serialization=True), in an environment you trust)")
 
 
-def load_llm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def attention_kwargs(name: str | None) -> dict:
+    """transformers' `attn_implementation` for a name (None: its default, sdpa; auto: flash-attention 2 where the
+    flash-attn package and a CUDA GPU are there, else sdpa)."""
+    if name is None:
+        return {}
+    if name == "auto":
+        import importlib.util
+
+        name = "flash_attention_2" if importlib.util.find_spec("flash_attn") and torch.cuda.is_available() else "sdpa"
+    if name not in ATTENTION:
+        raise VlkitError(f"model.llm.attn_implementation: {name!r} is not one of auto, {', '.join(ATTENTION)}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise VlkitError("model.llm.attn_implementation: flash_attention_2 needs the flash-attn package and a "
+                             "CUDA GPU; use auto or sdpa")
+    return {"attn_implementation": name}
+
+
+def load_llm(path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+             ) -> PreTrainedModel:
     """Load any HF causal LM from a local directory (never from a hub; safetensors only)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -85,6 +109,8 @@ def load_llm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedMo
     check_weights(path)
     try:
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise VlkitError(f"{path}: cannot load the model ({str(e).splitlines()[0]}); "

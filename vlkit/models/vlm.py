@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
-from vlkit.models.llm import base_model, decoder_layers, llm_groups, load_llm, position_limit
+from vlkit.models.llm import attention_kwargs, base_model, decoder_layers, llm_groups, load_llm, position_limit
 from vlkit.data.tiling import TileConfig
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
@@ -41,6 +41,10 @@ class LLMSource(Section):
     path: str | None = Field(None, description="Local HF causal-LM directory (LLaMA, Vicuna, OPT, Qwen2, ...).")
     arch: dict | None = Field(None, description="HF config (model_type + sizes) when not loading weights.")
     tokenizer: str | None = Field(None, description="Tokenizer directory; default: the LLM's directory.")
+    attn_implementation: str | None = Field(None, description="The LLM's attention kernel for this run: sdpa "
+                                            "(transformers' default), eager, flash_attention_2 (the flash-attn "
+                                            "package on a CUDA GPU) or auto (flash_attention_2 where installed, "
+                                            "else sdpa). Not saved with the model: a runtime choice.")
 
 
 class VLMConfig(Section):
@@ -93,13 +97,14 @@ class VisionLanguageModel(nn.Module):
     def build(cls, cfg: VLMConfig, image_token_id: int | None = None, vocab_size: int | None = None,
               device: str | None = None) -> "VisionLanguageModel":
         """Build from parts: load what has a path, create what has an arch (`device="meta"`: no weights)."""
+        attn = attention_kwargs(cfg.llm.attn_implementation)
         if cfg.llm.path and device != "meta":
-            llm = load_llm(cfg.llm.path)
+            llm = load_llm(cfg.llm.path, **attn)
         elif cfg.llm.arch:
             arch = dict(cfg.llm.arch)
             hf = AutoConfig.for_model(arch.pop("model_type"), **arch)
             with on_device(device):
-                llm = AutoModelForCausalLM.from_config(hf)
+                llm = AutoModelForCausalLM.from_config(hf, **attn)
         else:
             raise VlkitError("llm: set path (a local directory) or arch (an HF config)")
         if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:

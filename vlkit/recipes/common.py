@@ -61,6 +61,8 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("train", "prefetch_factor"): 2,
     ("train", "pin_memory"): None,
     ("data", "lazy"): False,
+    ("model", "llm", "attn_implementation"): None,
+    ("target", "attn_implementation"): None,
     ("lora", "save_adapter"): False,
     ("eval_data", "lazy"): False,
     ("streams", "*", "data", "lazy"): False,
