@@ -79,22 +79,26 @@ def test_record_file_reads_what_load_records_reads_and_names_bad_lines(tmp_path,
         RecordFile(gone, progress=False)
 
 
-def test_records_cut_before_their_answer_leave_the_batch(tiny_world, tiny_tokenizer):
+def test_a_batch_of_records_cut_before_their_answer_still_runs_the_model(tiny_world, tiny_tokenizer):
+    """Such a batch teaches nothing (loss 0), but the forward and backward run, so no data-parallel rank waits."""
     from test_vlm import make
     from vlkit.data.processor import VLProcessor
+    from vlkit.recipes.common import vl_loss
 
     _, root = tiny_world
     model, _ = make(tiny_tokenizer)
     proc = VLProcessor.for_model(tiny_tokenizer, model, max_length=model.image_slots + 2)
-    data = LazyVLDataset(RecordFile(root / "train.jsonl", tasks=["caption"], limit=3, progress=False), proc)
-    assert [data[i] for i in range(3)] == [None, None, None]
-    assert data.collate([data[0], data[1]]) == {}
-    from vlkit.recipes.common import vl_loss
-
-    loss, extra = vl_loss(model, {})
-    assert float(loss.detach()) == 0.0 and extra == {"tokens": 0} and loss.requires_grad
+    cut = LazyVLDataset(RecordFile(root / "train.jsonl", tasks=["caption"], limit=3, progress=False), proc)
+    batch = cut.collate([cut[0], cut[1]])
+    assert batch["input_ids"].shape[0] == 2 and bool((batch["labels"] == -100).all())
+    model.set_trainable(["llm"])
+    loss, extra = vl_loss(model, batch)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and extra == {"tokens": 0}
+    grads = [p.grad for p in model.llm.parameters()]
+    assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0.0 for g in grads)
     full = LazyVLDataset(RecordFile(root / "train.jsonl", tasks=["caption"], limit=3, progress=False),
                          VLProcessor.for_model(tiny_tokenizer, model))
-    batch = full.collate([full[0], None, full[2]])
+    batch = full.collate([full[0], full[2]])
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
     assert torch.equal(batch["images_per_row"], torch.tensor([1, 1]))

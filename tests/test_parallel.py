@@ -95,6 +95,13 @@ for name, parallel, accum, bs in (("fsdp", "fsdp", 1, 4), ("ddp", "ddp", 2, 2)):
         w = weights(resumed)
         if dist.get_rank() == 0:
             torch.save(w, root / "fsdp_resumed.pt")
+from test_trainer import two_stream_trainer  # each stream's steps leave the other's group without gradients
+t, a, b = two_stream_trainer(root / "streams", steps=4)
+t.fit()
+w = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+both = [torch.zeros_like(w) for _ in range(2)]
+dist.all_gather(both, w)
+assert torch.equal(both[0], both[1]), "two-stream DDP ranks diverged"
 sys.stdout.write(f"rank {{dist.get_rank()}} ok\\n"); sys.stdout.flush()
 dist.destroy_process_group()
 import os; os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort
@@ -155,7 +162,7 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
     assert losses(out) == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     # the same checkpoint with another global batch is refused, naming what to set
     shutil.copytree(two_ranks / "fsdp", tmp_path / "wrong")
-    with pytest.raises(VlkitError, match="examples per step"):
+    with pytest.raises(VlkitError, match="micro-batches of 8 examples .* train.batch_size=8 and train.grad_accum=1"):
         make(tmp_path / "wrong", batch_size=4).fit(resume=True)
 
 
@@ -187,3 +194,12 @@ def test_no_sync_skips_the_all_reduce_on_all_but_the_last_micro_batch():
         with no_sync(w, last=k == 2):
             pass
     assert calls == ["no_sync", "no_sync"]
+
+
+def test_a_checkpoint_of_one_process_is_refused_under_fsdp_in_one_line(tmp_path):
+    """Whole tensors and an optimiser state keyed by position do not load into shards: say what to do."""
+    t = make(tmp_path, batch_size=8, steps=2)
+    t.fit()
+    t.sharded = True  # what a 2-rank FSDP trainer is; the refusal comes before any collective
+    with pytest.raises(VlkitError, match="resume it with train.parallel=ddp"):
+        t.fit(resume=True)

@@ -6,6 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlkit.errors import VlkitError
 from vlkit.train import TrainConfig, Trainer
+from vlkit.train.checkpoint import load_safetensors
 from vlkit.train.schedule import lr_at
 
 
@@ -245,6 +246,10 @@ def test_bf16_training_keeps_fp32_master_weights_and_fp32_training_upcasts(tmp_p
     assert all(v.dtype == torch.float32 for g in t.optimizer.param_groups for v in g["params"])
     t.fit()
     assert all(torch.isfinite(p).all() for p in m.parameters())
+    # trained in fp32, handed back in the dtype it came in: evaluation and saving see one dtype
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert load_safetensors(tmp_path / "bf16" / "checkpoints" / "step-0000003" / "trainable.safetensors")[
+        "lm_head.weight"].dtype == torch.float32  # the checkpoint keeps the fp32 master weights
     m32 = tiny_model(0).to(torch.bfloat16)
     Trainer(m32, cfg.model_copy(update={"precision": "fp32"}), data(), collate, loss_fn, tmp_path / "fp32")
     assert all(t.dtype == torch.float32 for t in [*m32.parameters(), *m32.buffers()] if t.is_floating_point())
@@ -267,5 +272,5 @@ def test_fp16_scales_the_loss_skips_overflowed_steps_and_resumes_the_scale(tmp_p
     t.save()
     resumed = trainer(tmp_path, steps=4, precision="fp16", device="cpu")
     resumed.fit(resume=True)
-    assert resumed.scaler.get_scale() >= 32768.0 and resumed.step == 4
+    assert resumed.scaler.get_scale() == 32768.0 and resumed.step == 4  # restored (a fresh one: 65536)
     assert not all(torch.equal(a, b) for a, b in zip(before, resumed.model.parameters()))

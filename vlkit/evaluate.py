@@ -60,7 +60,7 @@ def evaluate_dir(model_dir: str | Path, seed: int = 0, test_scenes: int = 500, m
         from vlkit.models.llm import load_llm
         from vlkit.recipes.lm import LMData, context_vqa, pack, perplexity
 
-        model = load_llm(model_dir, dt).to(dev).eval()
+        model = load_llm(model_dir, dt, device=dev).eval()
         blocks = pack(tok, test, 128, LMData().describe_images)
         with torch.no_grad():
             cvqa = context_vqa(model, tok, test, limit=max_per_task)

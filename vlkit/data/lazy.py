@@ -7,8 +7,9 @@ images of one record when the trainer's DataLoader asks for it; with `train.num_
 processes, ahead of the step. Length grouping (`train.length_groups`) acts per batch, so it is kept.
 
 Compared with the eager path (`VLDataset` + `ImageBank`): no feature cache (the towers run on every step, or
-train them), and a record cut to max_length before its first answer is dropped from its batch when it is read
-rather than up front.
+train them), and a record cut to max_length before its first answer stays in its batch and teaches nothing
+(no supervised token) rather than being dropped up front: a batch of only such records still runs the model, so
+no rank of a data-parallel run waits for another in a collective.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from vlkit.console import bar as progress_bar
 from vlkit.data.features import as_batch, as_list
 from vlkit.data.records import validate_record
-from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
 
 
@@ -112,8 +112,7 @@ class RecordFile:
 
 
 class LazyVLDataset:
-    """Records of a `RecordFile` encoded and given their images when read: item i is (encoding, image inputs), or
-    None for a record with no supervised token within max_length (left out of its batch by `collate`)."""
+    """Records of a `RecordFile` encoded and given their images when read: item i is (encoding, image inputs)."""
 
     def __init__(self, records: RecordFile, processor):
         self.records, self.processor = records, processor
@@ -130,15 +129,10 @@ class LazyVLDataset:
         images = r["images"]
         enc = self.processor.encode(r["messages"], len(images), record_id=r.get("id", "?"),
                                     views=self.processor.view_counts(images) if images else None)
-        if not any(lab != IGNORE_INDEX for lab in enc["labels"][1:]):
-            return None
         kept = images[: enc["num_images"]]
         return enc, (self.processor.image_inputs(kept) if kept else None)
 
     def collate(self, items) -> dict:
-        items = [it for it in items if it is not None]
-        if not items:
-            return {}
         batch = self.processor.pad([e for e, _ in items])
         inputs = [x for _, x in items if x is not None]
         if inputs:

@@ -110,7 +110,6 @@ class Guard:
         """A guard from a local directory: a real Llama Guard checkpoint or one trained with recipe `guard`
         (its guard_config.json gives taxonomy, version and template defaults), on `device` in `dtype` (None /
         "auto": as stored)."""
-        from vlkit.devices import resolve_device, resolve_dtype
         from vlkit.fileio import read_json
 
         path = Path(path)
@@ -132,7 +131,7 @@ class Guard:
         for k in ("version", "template", "threshold"):
             if k in settings and k not in kwargs:
                 kwargs[k] = settings[k]
-        model = load_llm(path, resolve_dtype(dtype, "--dtype")).to(resolve_device(device, what="--device"))
+        model = load_llm(path, dtype, device=device)
         return cls(model, load_tokenizer(path), **kwargs)
 
     def prompt(self, conversation: list[dict], role: Role = "User") -> str:

@@ -100,15 +100,23 @@ def attention_kwargs(name: str | None) -> dict:
     return {"attn_implementation": name}
 
 
-def load_llm(path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None
-             ) -> PreTrainedModel:
-    """Load any HF causal LM from a local directory (never from a hub; safetensors only)."""
+def load_llm(path: str | Path, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+             device: str | torch.device | None = None) -> PreTrainedModel:
+    """Load any HF causal LM from a local directory (never from a hub; safetensors only), its weights read straight
+    onto `device` (default: the CPU) in `dtype` (None / auto: as stored)."""
+    from vlkit.devices import check_dtype_on, resolve_device, resolve_dtype
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise VlkitError(f"{path}: no config.json; point to a Hugging Face model directory")
     check_weights(path)
     try:
+        dtype = resolve_dtype(dtype, "--dtype")
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        if device is not None:
+            dev = resolve_device(device, what="--device")
+            check_dtype_on(dtype, dev, "--dtype")
+            kwargs["device_map"] = str(dev)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)

@@ -195,10 +195,11 @@ def vl_loss(model, batch, groups: int = 1):
     """Mean next-token loss over the batch's target tokens. With `groups` > 1 the rows run as that many
     groups of similar length, each cut to its own longest row: the same loss and gradient (up to float
     rounding) with less compute spent on padding. Needs right padding; one group under DDP."""
-    if not batch:  # a lazily read micro-batch whose every record lost its answers to max_length
-        return torch.zeros((), requires_grad=True), {"tokens": 0}
     labels = batch["labels"]
     tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if tokens == 0:  # every record cut before its answer (data.lazy reads them as they come): a loss of 0 that
+        # still runs the model, so that data-parallel ranks meet in their collectives
+        return model(**batch, num_items_in_batch=torch.tensor(1.0)).loss, {"tokens": 0}
     plain = groups <= 1 or len(labels) < 2 * groups or not isinstance(model, VisionLanguageModel) \
         or not set(batch) <= BATCH_KEYS or "images_per_row" not in batch
     if plain:

@@ -31,7 +31,6 @@ from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.experts import WORLD_TEMPLATE, Expert, with_context
 from vlkit.models.generate import GenerationConfig, generate, stream, trim
-from vlkit.devices import resolve_device, resolve_dtype
 from vlkit.models.io import is_vlm_directory, load_vlm
 from vlkit.models.llm import load_llm, position_limit
 from vlkit.models.vlm import VisionLanguageModel
@@ -40,7 +39,7 @@ from vlkit.models.vlm import VisionLanguageModel
 def text_only(path: Path, device="cpu", dtype=None):
     """A plain HF causal LM, served as a model without eyes."""
     tok = load_tokenizer(path)
-    llm = load_llm(path, resolve_dtype(dtype)).to(resolve_device(device))
+    llm = load_llm(path, dtype, device=device)
     model = VisionLanguageModel.text_only(llm)
     return model, VLProcessor.for_model(tok, model, position_limit(llm) or 2048)
 

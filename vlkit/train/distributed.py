@@ -50,10 +50,11 @@ def checkpoint_activations(model: nn.Module) -> None:
         llm.config.use_cache = False
 
 
-def wrap(model: nn.Module, rt: Runtime, parallel: str = "ddp", compute_dtype: torch.dtype | None = None
-         ) -> nn.Module:
-    """The module the training loop calls: the model itself on one process, DDP around it on several; under
-    FSDP the model itself, sharded in place."""
+def wrap(model: nn.Module, rt: Runtime, parallel: str = "ddp", compute_dtype: torch.dtype | None = None,
+         unused_parameters: bool = False) -> nn.Module:
+    """The module the training loop calls: the model itself on one process, DDP around it on several (told when
+    some trainable parameters get no gradient in a step: `unused_parameters`); under FSDP the model itself, sharded
+    in place."""
     if not rt.distributed:
         return model
     if parallel == "fsdp":
@@ -67,7 +68,7 @@ def wrap(model: nn.Module, rt: Runtime, parallel: str = "ddp", compute_dtype: to
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -110,7 +111,7 @@ def _agree(rt: Runtime, error: Exception | None, directory: Path) -> None:
     failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
     if failed:
         r, s = failed[0]
-        raise VlkitError(f"{directory}: rank {r} could not write its part ({s})")
+        raise VlkitError(f"{directory}: rank {r} could not write {'it' if r == 0 else 'its part'} ({s})")
 
 
 def save_once(rt: Runtime, directory: str | Path, write: Callable[[Path], None],
@@ -126,17 +127,9 @@ def save_once(rt: Runtime, directory: str | Path, write: Callable[[Path], None],
                 write(tmp)
             if then is not None:
                 then()
-        except Exception as e:  # told to every rank below, then raised here as it was
+        except Exception as e:  # told to every rank, then raised here as it was
             error = e
-    if rt.distributed:
-        import torch.distributed as dist
-
-        status = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(status, src=0)
-        if status[0] is not None and error is None:
-            raise VlkitError(f"{directory}: rank 0 could not write it ({status[0]})")
-    if error is not None:
-        raise error
+    _agree(rt, error, directory)
     return directory
 
 
@@ -147,18 +140,34 @@ def save_together(rt: Runtime, directory: str | Path, write: Callable[[Path], No
     renames it to `directory` and runs `then()`. A failure on any rank is an error on every rank and leaves
     `directory` as it was."""
     directory = Path(directory)
-    names = [str(temp_dir_beside(directory)) if rt.is_main else None]
+    made: list = [None]
+    if rt.is_main:
+        try:
+            made = [("ok", str(temp_dir_beside(directory)))]
+        except OSError as e:
+            made = [("error", f"{directory.parent}: cannot create a directory there ({e})")]
     if rt.distributed:
         import torch.distributed as dist
 
-        dist.broadcast_object_list(names, src=0)
-    tmp = Path(names[0])
+        dist.broadcast_object_list(made, src=0)
+    status, where = made[0]
+    if status == "error":  # rank 0 could not make it: every rank says so
+        raise VlkitError(where)
+    tmp = Path(where)
     error = None
     try:
         write(tmp)
+        (tmp / f".rank-{rt.rank}").touch()  # this rank's part is in
     except Exception as e:
         error = e
     try:
+        _agree(rt, error, directory)
+        if rt.is_main:  # every rank's part must be where rank 0 publishes it
+            absent = [r for r in range(rt.world_size) if not (tmp / f".rank-{r}").is_file()]
+            error = VlkitError(f"{directory}: the parts of rank(s) {absent} are not in {tmp}: the ranks must share "
+                               "one filesystem for output_dir") if absent else None
+            for r in range(rt.world_size):
+                (tmp / f".rank-{r}").unlink(missing_ok=True)
         _agree(rt, error, directory)
         error = None
         if rt.is_main:
@@ -168,9 +177,7 @@ def save_together(rt: Runtime, directory: str | Path, write: Callable[[Path], No
                     then()
             except Exception as e:
                 error = e
-        _agree(rt, error, directory) if rt.distributed else None
-        if error is not None:
-            raise error
+        _agree(rt, error, directory)
     finally:
         if rt.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -57,17 +57,22 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def master_weights(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
+def master_weights(model: nn.Module, compute_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype]]:
     """Trainable parameters in fp32, whatever the checkpoint stored (transformers keeps a bf16 checkpoint in
     bf16): AdamW's updates and state then have fp32 precision while autocast computes in `compute_dtype`. Without
-    autocast (fp32 training) every floating parameter and buffer is fp32, frozen ones too."""
+    autocast (fp32 training) every floating parameter and buffer is fp32, frozen ones too. Returns the trained
+    parameters that changed dtype, with the one they had (`Trainer.fit` gives it back at the end, so that the
+    model leaves training in one dtype, as it came)."""
     if compute_dtype is None:
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*model.parameters(), *model.buffers()]):
             model.float()
-        return
-    for p in model.parameters():
+        return []
+    moved = []
+    for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
+            moved.append((name, p.dtype))
             p.data = p.data.float()
+    return moved
 
 
 class _Sampler:
@@ -148,7 +153,10 @@ class Trainer:
             raise VlkitError(f"{out_dir}: train.precision=fp16 with train.parallel=fsdp is not supported (its loss "
                              "scaling needs a sharded GradScaler); use bf16, or parallel=ddp")
         self.model = model.to(self.rt.device)
-        master_weights(model, self.rt.autocast_dtype)
+        self._stored_dtypes = master_weights(model, self.rt.autocast_dtype)
+        if streams and len(streams) > 1 and self.rt.distributed and cfg.parallel == "fsdp":
+            raise VlkitError(f"{out_dir}: several data streams with train.parallel=fsdp are not supported (a stream "
+                             "updates its own parameters, which sharding replaces); use parallel=ddp")
         self._by_task = [self._group_by_task(st, out_dir) for st in self.streams] if cfg.batch_by_task else None
         self._epoch_steps: dict[int, tuple[int, list[list[int]]]] = {}  # stream -> (epoch, its steps' indices)
         if not any(p.requires_grad for p in model.parameters()):
@@ -161,7 +169,9 @@ class Trainer:
         self.on_start = on_start
         if cfg.activation_checkpointing:
             checkpoint_activations(model)
-        self.wrapped = wrap(model, self.rt, cfg.parallel, self.rt.autocast_dtype)
+        # a stream's step leaves the other streams' parameters without gradients: DDP must expect that
+        self.wrapped = wrap(model, self.rt, cfg.parallel, self.rt.autocast_dtype,
+                            unused_parameters=len(self.streams) > 1)
         self.sharded = is_sharded(model)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
@@ -269,11 +279,16 @@ class Trainer:
             if ckpt is None:
                 raise VlkitError(f"{self.ckpt_root}: no checkpoint to resume from; run without --resume")
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.rt.rank)
-            size = state.get("global_batch", self._step_size())
-            if size != self._step_size():
-                raise VlkitError(f"{ckpt}: written with {size} examples per step (batch_size x grad_accum x ranks), "
-                                 f"this run takes {self._step_size()}; on {self.rt.world_size} rank(s) set "
-                                 "train.batch_size and train.grad_accum so that the product matches")
+            micro = self.cfg.batch_size * self.rt.world_size
+            saved = (state.get("micro_batch", micro), state.get("grad_accum", self.cfg.grad_accum))
+            if saved != (micro, self.cfg.grad_accum):  # the data order is a function of both
+                raise VlkitError(f"{ckpt}: written with micro-batches of {saved[0]} examples over every rank "
+                                 f"(batch_size x ranks) and grad_accum {saved[1]}; this run has {micro} and "
+                                 f"{self.cfg.grad_accum}: on {self.rt.world_size} rank(s) set train.batch_size="
+                                 f"{saved[0] // self.rt.world_size} and train.grad_accum={saved[1]}")
+            if (ckpt / "trainable.safetensors").is_file() and self.sharded:
+                raise VlkitError(f"{ckpt}: written by one process or DDP (whole tensors, optimiser state by "
+                                 "position); resume it with train.parallel=ddp")
             if self.scaler is not None and "grad_scaler" in state:
                 self.scaler.load_state_dict(state["grad_scaler"])
             self.step = state["step"]
@@ -289,6 +304,7 @@ class Trainer:
         if self.on_start is not None and self.rt.is_main:
             self.on_start()  # every input is validated by now: the run may be recorded
         if self.step >= cfg.steps:  # resumed after the final checkpoint: the run had finished
+            self._restore_dtypes()
             return self._final_eval()
         self.model.train()
         bar = progress_bar(total=cfg.steps, initial=self.step, desc=self.desc,
@@ -314,7 +330,7 @@ class Trainer:
                         with self.rt.autocast():
                             out = self.loss_fn(self.wrapped, batch)
                         loss, extra = out if isinstance(out, tuple) else (out, {})
-                        if not torch.isfinite(loss) and self.scaler is None:
+                        if not self._finite_everywhere(loss):
                             raise VlkitError(f"{self.out_dir}: loss became {loss.item()} at step {self.step}; "
                                              "lower train.lr or check the data")
                         scaled = loss / cfg.grad_accum
@@ -365,7 +381,27 @@ class Trainer:
                     cb(self.step, metrics)
         finally:
             bar.close()
+        self._restore_dtypes()
         return last_eval
+
+    def _restore_dtypes(self) -> None:
+        """The trained parameters back in the dtype the model came in (see `master_weights`); a sharded model's
+        are cast when gathered (`model_state`)."""
+        if self.sharded:
+            return
+        params = dict(self.model.named_parameters())
+        for name, dtype in self._stored_dtypes:
+            params[name].data = params[name].data.to(dtype)
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks stop together, none waits in a collective)."""
+        ok = torch.isfinite(loss.detach()).all().to(torch.float32)
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            ok = ok.to(self.rt.device if self.rt.device.type == "cuda" else "cpu")
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
     def _mean_over_ranks(self, value: float) -> float:
         """The loss of the global batch (ranks' micro-batch losses averaged), as one process would log it."""
@@ -404,7 +440,8 @@ class Trainer:
         shards."""
         name = checkpoint_name(self.step)
         extra = {"config": self.run_config, "history": self.history, "train_seconds": self.train_seconds,
-                 "global_batch": self._step_size(), "world_size": self.rt.world_size}
+                 "micro_batch": self.cfg.batch_size * self.rt.world_size, "grad_accum": self.cfg.grad_accum,
+                 "world_size": self.rt.world_size}
         if self.scaler is not None:
             extra["grad_scaler"] = self.scaler.state_dict()
         then = lambda: publish(self.ckpt_root, name, self.cfg.keep_checkpoints)  # noqa: E731
@@ -418,7 +455,12 @@ class Trainer:
     def model_state(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP: every tensor of the model gathered on rank 0's CPU, for writing the model (collective:
         every rank calls it). Otherwise None: the model's own state_dict is whole."""
-        return full_state(self.model, self.rt)
+        state = full_state(self.model, self.rt)
+        if state is not None:
+            for name, dtype in self._stored_dtypes:
+                if name in state:
+                    state[name] = state[name].to(dtype)
+        return state
 
     def save_model(self, directory: str | Path, write: Callable[[Path], None]) -> Path:
         """The trained model as a directory: every rank calls this, `write(tmp)` runs once (rank 0)."""
