@@ -229,3 +229,28 @@ def test_edit_answers_score_rouge_l_and_exact_match():
     assert s["edit_acc"] == 0.5
     assert s["edit_rougeL"] == pytest.approx((1.0 + M.rouge_l(["the red circle disappeared."],
                                                              [["a green star appeared on the left."]])) / 2)
+
+
+def test_an_fp16_feature_cache_halves_the_bytes_and_keeps_the_loss(tiny_tokenizer, tiny_world, monkeypatch, tmp_path):
+    from vlkit.data.records import load_records
+    from vlkit.recipes.common import VLDataset
+
+    monkeypatch.setenv("VLKIT_CACHE", str(tmp_path))
+    model, proc = make(tiny_tokenizer, tower={"model_type": "clip_vision_model", "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 2,
+                                              "num_attention_heads": 2, "image_size": 64, "patch_size": 16})
+    _, root = tiny_world
+    recs = [r for r in load_records(root / "train.jsonl") if r["task"] == "caption"][:12]
+    full = VLDataset(recs, proc, ImageBank(recs, proc.transforms).use_features(model.vision))
+    half = VLDataset(recs, proc, ImageBank(recs, proc.transforms).use_features(model.vision, dtype="fp16"))
+    stored = sorted((tmp_path / "features").rglob("*.npy"))
+    assert sorted(np.load(p, mmap_mode="r").dtype.name for p in stored) == ["float16", "float32"]  # two caches
+    sizes = sorted(p.stat().st_size for p in stored)
+    assert sizes[0] < 0.51 * sizes[1]
+    a, b = full.collate(full.items), half.collate(half.items)
+    assert b["image_features"].dtype == torch.float32  # read back as float32
+    assert torch.allclose(a["image_features"], b["image_features"], atol=2e-3, rtol=1e-3)
+    with torch.no_grad():
+        assert abs(float(model(**a).loss) - float(model(**b).loss)) < 1e-3
+    with pytest.raises(VlkitError, match="'bf8' is not a storage dtype"):
+        ImageBank(recs, proc.transforms).use_features(model.vision, dtype="bf8")

@@ -60,6 +60,9 @@ def compute_features(encoder, pixels: np.ndarray, batch_size: int = 128, progres
     return np.concatenate(chunks) if chunks else np.zeros((0, encoder.num_tokens, encoder.width), np.float32)
 
 
+STORED = {"fp32": np.float32, "fp16": np.float16}  # how cached features may be stored
+
+
 class CachedFeatures:
     """Features of a list of images, read from one or more cached shards (memory-mapped) row by row."""
 
@@ -87,12 +90,17 @@ class CachedFeatures:
 
 
 def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: bool | None = None,
-                    tiler=None) -> CachedFeatures:
+                    tiler=None, dtype: str = "fp32") -> CachedFeatures:
     """Features of `paths` (rows of `pixels`, decoded with the encoder's transform, cut into views by `tiler`)
     under this encoder. The cache holds, per encoder (and view geometry), shards of features with the image paths
     they cover; only images no shard covers are computed (one new shard), so a recipe whose records select other
-    tasks, a subset or another order reuses what earlier runs computed."""
+    tasks, a subset or another order reuses what earlier runs computed. `dtype` fp16 stores them in half the
+    space (a cache of its own; read back as float32)."""
+    if dtype not in STORED:
+        raise VlkitError(f"cache_features: {dtype!r} is not a storage dtype; use true (fp32) or fp16")
     key = {"encoder": encoder.fingerprint()} if tiler is None else {"encoder": encoder.fingerprint(), **tiler.geometry}
+    if dtype != "fp32":  # fp32 caches keep the key they always had
+        key["dtype"] = dtype
     root = cache_root() / "features" / stable_hash(key, 20)
     shards: list[np.ndarray] = []
     where_of: dict[str, tuple[int, int]] = {}
@@ -107,7 +115,7 @@ def cached_features(encoder, paths: list[str], pixels: np.ndarray, progress: boo
     if missing:
         new = [paths[i] for i in missing]
         name = stable_hash(new, 20)
-        feats = compute_features(encoder, pixels[missing], progress=progress)
+        feats = compute_features(encoder, pixels[missing], progress=progress).astype(STORED[dtype], copy=False)
         with atomic_path(root / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, feats)
         write_json(root / f"{name}.json", new)
@@ -158,9 +166,9 @@ class ImageBank:
         """Views each of these images keeps (None: every image keeps every view)."""
         return None if self.view_mask is None else self.view_mask[rows].sum(1).tolist()
 
-    def use_features(self, stack, progress: bool | None = None) -> "ImageBank":
-        """Serve cached features of the stack's (frozen) encoders instead of pixels."""
-        self.features = [cached_features(e, self.paths, px, progress, self.tiler)
+    def use_features(self, stack, progress: bool | None = None, dtype: str = "fp32") -> "ImageBank":
+        """Serve cached features of the stack's (frozen) encoders instead of pixels (stored in `dtype`)."""
+        self.features = [cached_features(e, self.paths, px, progress, self.tiler, dtype)
                          for e, px in zip(stack.encoders, self.pixels)]
         return self
 

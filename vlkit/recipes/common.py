@@ -223,7 +223,7 @@ def vl_loss(model, batch, groups: int = 1):
 
 
 def image_banks(model: VisionLanguageModel, proc: VLProcessor, train_recs: list[dict], test_recs: list[dict],
-                cache: bool, out: Path, progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
+                cache: bool | str, out: Path, progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
     """Pixel banks for both splits (the processor's transforms); with `cache`, the frozen encoders' features
     instead (seconds spent)."""
     bank = ImageBank.of(train_recs, proc, progress)
@@ -233,8 +233,9 @@ def image_banks(model: VisionLanguageModel, proc: VLProcessor, train_recs: list[
         if not model.vision.encoders_frozen:
             raise VlkitError(f"{out}: cache_features needs frozen vision encoders; drop the encoders' groups from "
                              "trainable or set cache_features=false")
-        bank.use_features(model.vision, progress)
-        test_bank.use_features(model.vision, progress)
+        stored = "fp16" if cache == "fp16" else "fp32"
+        bank.use_features(model.vision, progress, stored)
+        test_bank.use_features(model.vision, progress, stored)
     return bank, test_bank, time.perf_counter() - t0
 
 
