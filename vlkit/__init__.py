@@ -4,7 +4,7 @@ import importlib
 import sys
 import warnings
 
-__version__ = "0.1.0"
+from vlkit.version import __version__  # noqa: F401
 
 # transformers' auto modules -> what registers vlkit model directories with them (vlkit.models.auto)
 _AUTO = {"transformers.models.auto.configuration_auto": "register_config",

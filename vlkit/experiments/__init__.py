@@ -28,7 +28,7 @@ def provenance() -> dict:
 
     import torch
 
-    import vlkit
+    from vlkit.version import __version__
 
     root = Path(__file__).resolve().parents[2]
     commit, dirty = None, None
@@ -39,7 +39,7 @@ def provenance() -> dict:
                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"commit": commit, "dirty": dirty, "vlkit": getattr(vlkit, "__version__", None),
+    return {"commit": commit, "dirty": dirty, "vlkit": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

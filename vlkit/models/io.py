@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-import vlkit
+from vlkit.version import __version__
 from vlkit.config import validate
 from vlkit.data.processor import VLProcessor
 from vlkit.devices import check_dtype_on, resolve_device, resolve_dtype
@@ -66,7 +66,7 @@ def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLPr
     cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, arch_of(model.llm.config)
     cfg.llm.attn_implementation = None  # a runtime choice (flash-attention on the GPU it trained on), not the model's
     write_json(directory / "config.json", {"model_type": MODEL_TYPE, "format": FORMAT,
-                                           "vlkit_version": vlkit.__version__, "vlm": cfg.model_dump(mode="json"),
+                                           "vlkit_version": __version__, "vlm": cfg.model_dump(mode="json"),
                                            "image_token_id": model.image_token_id,
                                            "trainable_groups": model.trainable_groups, "sources": sources})
     write_weights(model.state_dict() if state is None else state, directory, max_shard_size)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import vlkit
+from vlkit.version import __version__
 from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, read_json, write_json
 from vlkit.models.io import MODEL_TYPE
@@ -130,7 +130,7 @@ def merge(a: str | Path, b: str | Path, beta: float, out: str | Path, part: str 
             "mixed": "every tensor" if part == "all" else f"only the {prefix}* tensors",
             "from_a": "every non-weight file (config, tokenizer, processor)"
                       + ("" if part == "all" else ", every other tensor"),
-            "vlkit_version": vlkit.__version__, **asdict(report)})
+            "vlkit_version": __version__, **asdict(report)})
     return report
 
 
