@@ -56,7 +56,7 @@ from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import train_bpe
 from vlkit.devices import check_dtype_on, resolve_device
 from vlkit.models.generate import prepare
-from vlkit.models.io import export_llava
+from vlkit.models.export import export_llava
 from vlkit.models.llm import count_parameters
 from vlkit.models.vision import EncoderConfig
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig

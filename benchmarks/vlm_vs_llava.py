@@ -21,7 +21,7 @@ import torch
 
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import train_bpe
-from vlkit.models.io import export_llava
+from vlkit.models.export import export_llava
 from vlkit.models.vision import EncoderConfig
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
 from vlkit.models.vpg import VPGConfig

@@ -10,7 +10,8 @@ import torch
 from test_runs import one_line, vlkit
 from test_vlm import BLIP2_VISION, CLIP, CONV, LLMS, SIGLIP, batch, images, make
 from vlkit.errors import VlkitError
-from vlkit.models.io import export_blip2, export_llava, load_vlm, save_vlm
+from vlkit.models.export import export_blip2, export_llava
+from vlkit.models.io import load_vlm, save_vlm
 
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 

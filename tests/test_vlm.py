@@ -7,7 +7,8 @@ import torch
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
-from vlkit.models.io import export_blip2, export_llava, load_vlm, save_vlm
+from vlkit.models.export import export_blip2, export_llava
+from vlkit.models.io import load_vlm, save_vlm
 from vlkit.models.llm import decoder_layers
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
 from vlkit.models.vision import EncoderConfig

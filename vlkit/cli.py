@@ -407,7 +407,7 @@ def export(fmt: str = typer.Argument(..., metavar="FORMAT", help="llava or blip-
            out: Path = typer.Argument(..., help="Directory to write (written whole, or not at all)."),
            overwrite: bool = typer.Option(False, help="Replace OUT if it exists.")) -> None:
     """Write a vlkit model as a stock transformers checkpoint: vlkit export llava MODEL OUT"""
-    from vlkit.models.io import export_model
+    from vlkit.models.export import export_model
 
     typer.echo(export_model(fmt, model, out, overwrite=overwrite))
 

@@ -1,4 +1,4 @@
-"""Save and load VisionLanguageModels as Hugging Face-style directories; export to stock formats.
+"""Save and load VisionLanguageModels as Hugging Face-style directories (stock exports: vlkit.models.export).
 
 A vlkit model directory:
     config.json              {"model_type": "vlkit_vlm", "format": 2, "vlm": {tower, vpg, llm, max_length, fusions}
@@ -8,6 +8,19 @@ A vlkit model directory:
                              transformers' shards: model-0000k-of-0000n.safetensors + model.safetensors.index.json
     processor_config.json    each encoder's transform, image token slots, max_length (+ tokenizer files)
 
+Saved with a `base` (a directory `load_vlm` reads, the one the model was loaded from), the weights hold only what
+training can have changed, and config.json says where the rest is:
+    "base": {"path": <absolute path>, "files": {<weight file>: <sha256>}, "config": <sha256 of its config.json>}
+Stored: every tensor of the trainable groups, every buffer (small; training may update one without training it),
+and every tensor the base does not hold in the same shape and dtype (a fusion added since, resized embeddings; a
+tensor tied to others counts as held when the base holds it under any of its names). What the base holds is read
+from its safetensors headers (a vlkit base that keeps only its trained tensors: over its own base's), and for a
+stock llava / blip-2 base from its import on the CPU (transformers maps the files; no weight is converted). Before
+writing, the first row of every tensor left to the base is compared with the base's: a model that was not loaded
+from this base (or whose untrained tensors changed, as merged LoRA adapters change the LLM's) is refused. Loading
+checks the base's hashes (sha256 reads about 1 GB/s on one core: a 14 GB base adds some 15 s to a save and to each
+load), reads each tensor the model has from the base in the asked device and dtype, then the directory's own.
+
 Directories written before format 2 (one tower, VPG-C in a key of its own, feature_layer -1 meaning the
 tower's final output) load as they always did. `load_vlm` also reads stock `llava` and `blip-2` directories
 (vlkit.models.stock).
@@ -16,18 +29,17 @@ Loading builds the model on its device, in its dtype, with its weights left unin
 `no_init_weights`), then puts each stored tensor in place one at a time: no random-initialisation pass and no
 fp32 copy of a bf16 model. Buffers that modules compute rather than store (rotary `inv_freq`, position ids) are
 computed by the constructors as usual.
-
-`export_llava` writes a stock `LlavaForConditionalGeneration` directory with its `LlavaProcessor` (MLP VPG,
-CLIP or SigLIP encoder); `export_blip2` a stock `Blip2ForConditionalGeneration` (Q-Former VPG, BLIP-2
-encoder). Both refuse what the stock model cannot represent, rather than export something that computes
-other logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,7 +51,7 @@ from vlkit.config import validate
 from vlkit.data.processor import VLProcessor
 from vlkit.devices import check_dtype_on, resolve_device, resolve_dtype
 from vlkit.errors import VlkitError
-from vlkit.fileio import atomic_dir, read_json, write_json
+from vlkit.fileio import atomic_dir, file_hash, read_json, write_json
 from vlkit.models.llm import arch_of
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
 from vlkit.models.weights import INDEX, WEIGHTS
@@ -50,37 +62,194 @@ FORMAT = 2
 RENAMED = (("vision.model.", "vision.encoders.0.model."), ("vpgc.", "fusions.vpgc."))
 MAX_SHARD_SIZE = "5GB"
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = {**STORED_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+BASE = "base"  # config.json key of a directory that keeps only its trained tensors
 
 
 def write_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None,
-              max_shard_size: int | str = MAX_SHARD_SIZE, state: dict[str, torch.Tensor] | None = None) -> Path:
+              max_shard_size: int | str = MAX_SHARD_SIZE, state: dict[str, torch.Tensor] | None = None,
+              base: str | Path | None = None) -> Path:
     """Write a model directory's files into `directory` (which exists); `save_vlm` does it atomically. `state`: the
-    tensors to store when the model's own are not whole (FSDP's, gathered); default `model.state_dict()`."""
+    tensors to store when the model's own are not whole (FSDP's, gathered); default `model.state_dict()`. `base`:
+    the directory the model was loaded from; store only what training changed, referring to it (module docstring)."""
     directory = Path(directory)
     if not model.takes_images:
         raise VlkitError("save: a text-only LM is saved as the HF model it is (model.llm.save_pretrained)")
+    state = model.state_dict() if state is None else state
+    reference = None
+    if base is not None:  # everything about the base is checked before anything is written
+        reference, state = trained_only(model, state, Path(base).resolve())
     cfg = model.config.model_copy(deep=True)
     sources = {"tower": [c.path for c in (cfg.tower if isinstance(cfg.tower, list) else [cfg.tower])],
                "llm": cfg.llm.path}
     cfg.tower = model.vision.saved_config()
     cfg.llm.path, cfg.llm.tokenizer, cfg.llm.arch = None, None, arch_of(model.llm.config)
     cfg.llm.attn_implementation = None  # a runtime choice (flash-attention on the GPU it trained on), not the model's
-    write_json(directory / "config.json", {"model_type": MODEL_TYPE, "format": FORMAT,
-                                           "vlkit_version": __version__, "vlm": cfg.model_dump(mode="json"),
-                                           "image_token_id": model.image_token_id,
-                                           "trainable_groups": model.trainable_groups, "sources": sources})
-    write_weights(model.state_dict() if state is None else state, directory, max_shard_size)
+    meta = {"model_type": MODEL_TYPE, "format": FORMAT, "vlkit_version": __version__,
+            "vlm": cfg.model_dump(mode="json"), "image_token_id": model.image_token_id,
+            "trainable_groups": model.trainable_groups, "sources": sources}
+    write_json(directory / "config.json", meta if reference is None else {**meta, BASE: reference})
+    write_weights(state, directory, max_shard_size)
     if processor is not None:
         processor.save(directory)
     return directory
 
 
 def save_vlm(model: VisionLanguageModel, directory: str | Path, processor: VLProcessor | None = None,
-             max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
-    """Write the model directory whole or not at all (a crash leaves what was there)."""
+             max_shard_size: int | str = MAX_SHARD_SIZE, base: str | Path | None = None) -> Path:
+    """Write the model directory whole or not at all (a crash leaves what was there); `base`: see `write_vlm`."""
+    check_base_outside(base, directory)
     with atomic_dir(directory) as tmp:
-        write_vlm(model, tmp, processor, max_shard_size)
+        write_vlm(model, tmp, processor, max_shard_size, base=base)
     return Path(directory)
+
+
+# -- saving only the trained tensors -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of a model directory (or of its base) under vlkit's name, read when asked: `key` in `path`."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    read: Callable[[], torch.Tensor]
+    first_row: Callable[[], torch.Tensor]
+    mapped: bool  # read() may give a view of a mapped file: the model is given a copy of its own
+
+
+def _file_tensors(files: list[tuple[Path, object, bool]], rename=None) -> dict[str, Stored]:
+    """The tensors of opened safetensors files (`_open_weights`), by model name (`rename`: of a format-1 key)."""
+    out = {}
+    for path, handle, mapped in files:
+        for key in handle.keys():
+            piece = handle.get_slice(key)
+            shape = tuple(piece.get_shape())
+            read = partial(_read, handle, key, path)
+            out[rename(key) if rename else key] = Stored(path, key, shape, SAFETENSORS_DTYPES.get(piece.get_dtype()),
+                                                         read, (lambda p=piece: p[:1]) if shape else read, mapped)
+    return out
+
+
+def _read(handle, key: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise VlkitError(f"{path}: corrupt, truncated or mismatched weights ({str(e).splitlines()[0][:160]}); "
+                         "re-save the model") from None
+
+
+def stored_tensors(directory: Path) -> dict[str, Stored]:
+    """Every tensor a model directory provides, by vlkit name, none read yet: a vlkit directory's files (over its
+    base's, after checking the base against the hashes it recorded), a stock directory's import on the CPU as
+    stored (transformers maps its files)."""
+    meta = read_json(directory / "config.json")
+    if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE:
+        stock, _ = load_vlm(directory)  # refuses what is neither a vlkit nor a stock directory
+        return {n: Stored(directory, n, tuple(t.shape), t.dtype, lambda t=t: t, lambda t=t: t[:1] if t.dim() else t,
+                          True) for n, t in stock.state_dict().items()}
+    below = stored_tensors(check_base(directory, meta[BASE])) if BASE in meta else {}
+    return {**below, **_file_tensors(_open_weights(directory), _renamed if meta.get("format", 1) < FORMAT else None)}
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The files a directory's weights are read from, relative to it: model.safetensors, or the index and the shards
+    it lists (none opened: a changed file is reported as changed, not as corrupt)."""
+    index = directory / INDEX
+    if not index.is_file():
+        return [WEIGHTS]
+    meta = read_json(index)
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    return [INDEX, *sorted(set(map(str, weight_map.values())))] if isinstance(weight_map, dict) else [INDEX]
+
+
+def _sha256(path: Path) -> str:
+    return file_hash(path, length=64)
+
+
+def base_reference(directory: Path) -> dict:
+    """What a trained-only directory records of its base: absolute path, sha256 of each weight file and config.json."""
+    missing = [name for name in ["config.json", *weight_files(directory)] if not (directory / name).is_file()]
+    if missing:
+        raise VlkitError(f"save: base {directory} has no {missing[0]}; pass a model directory load_vlm reads")
+    return {"path": str(directory), "files": {name: _sha256(directory / name) for name in weight_files(directory)},
+            "config": _sha256(directory / "config.json")}
+
+
+def check_base(directory: Path, reference) -> Path:
+    """The base a trained-only `directory` refers to, after checking it is there with the hashes recorded."""
+    if not (isinstance(reference, dict) and isinstance(reference.get("path"), str)
+            and isinstance(reference.get("files"), dict) and isinstance(reference.get("config"), str)):
+        raise VlkitError(f"{directory / 'config.json'}: key {BASE!r} is not {{path, files, config}}; re-save the model")
+    base = Path(reference["path"])
+    fix = f"re-save the model without base, or restore {base}"
+    if not (base / "config.json").is_file():
+        raise VlkitError(f"{directory}: its base {base} is missing (no config.json there); {fix}")
+    changed = "config.json" if _sha256(base / "config.json") != reference["config"] else None
+    for name, digest in reference["files"].items():
+        if changed is None and not (base / name).is_file():
+            changed = f"{name} is missing"
+        elif changed is None and _sha256(base / name) != digest:
+            changed = name
+    now = weight_files(base) if changed is None else []
+    if changed is None and sorted(now) != sorted(reference["files"]):
+        changed = f"its weights are now in {', '.join(now)}"
+    if changed is not None:
+        raise VlkitError(f"{directory}: its base {base} changed since the model was saved ({changed}); {fix}")
+    return base
+
+
+def check_base_outside(base: str | Path | None, directory: str | Path) -> None:
+    """A trained-only model cannot replace its own base (the tensors it leaves out would go with it)."""
+    if base is not None and Path(base).resolve() == Path(directory).resolve():
+        raise VlkitError(f"save: {directory} is the base the model would refer to; write the model elsewhere or save "
+                         "it without base")
+
+
+def trained_only(model: VisionLanguageModel, state: dict[str, torch.Tensor], base: Path
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The base's reference and the part of `state` the base does not provide (module docstring)."""
+    groups = model.param_groups()
+    empty = [g for g in model.trainable_groups if not groups.get(g)]
+    if empty:
+        raise VlkitError(f"save with base: the trainable group {empty[0]!r} holds no tensors now (LoRA adapters "
+                         "merged into the LLM's weights?), so what training changed is not known; save the model "
+                         "without base")
+    trained_ids = {id(p) for g in model.trainable_groups for p in groups[g]}
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trained_ids}
+    trained |= {n for n, _ in model.named_buffers(remove_duplicate=False) if n in state}
+    lost = sorted(trained - state.keys())
+    if lost:
+        raise VlkitError(f"save with base: the state to write has no {lost[0]}, a trained tensor; save the model "
+                         "without base")
+    reference, held = base_reference(base), stored_tensors(base)
+    tensors: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        tensors.setdefault(_identity(t), []).append(name)
+    kept, left, retyped = set(), {}, []
+    for names in tensors.values():
+        t = state[names[0]]
+        same = [n for n in names if n in held and held[n].shape == tuple(t.shape) and held[n].dtype == t.dtype]
+        if trained & set(names) or not same:
+            kept.update(names)
+            retyped += [n for n in names if n in held and held[n].shape == tuple(t.shape) and n not in trained]
+        else:
+            left[same[0]] = t
+    for name, t in left.items():  # a spot check that the model came from this base: each tensor's first row
+        ours = t.detach()[:1] if t.dim() else t.detach()
+        if not torch.equal(ours.cpu(), held[name].first_row()):
+            raise VlkitError(f"save: {name} is not trained yet differs from base {base}'s; pass the directory the "
+                             "model was loaded from as base, or save the model without base")
+    if retyped:
+        warnings.warn(f"save with base: {len(retyped)} untrained tensors (e.g. {retyped[0]}) are stored because their "
+                      "dtype is not the base's (the model was cast after loading)", stacklevel=3)
+    return reference, {n: t for n, t in state.items() if n in kept}
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes two state entries one tensor (tied embeddings)."""
+    return t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride()
 
 
 def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
@@ -91,8 +260,7 @@ def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_siz
     limit = shard_bytes(max_shard_size)
     names: dict[tuple, list[str]] = {}
     for name, t in state.items():
-        names.setdefault((t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride()),
-                         []).append(name)
+        names.setdefault(_identity(t), []).append(name)
     kept = {min(group) for group in names.values()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -181,15 +349,17 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: s
     processor = VLProcessor.load(directory)
     if old:
         cfg = validate(VLMConfig, _upgrade(meta, processor), f"{where} (vlm)")
-    files = _open_weights(directory)  # a missing or corrupt file fails before the build
+    # a missing or corrupt file, or a base that changed, fails before the build
+    tensors = _file_tensors(_open_weights(directory), _renamed if old else None)
+    base = stored_tensors(check_base(directory, meta[BASE])) if BASE in meta else None
     try:
-        with empty_modules(device, dtype or _stored_dtype(files)):
+        with empty_modules(device, dtype or _stored_dtype({**(base or {}), **tensors})):
             model = VisionLanguageModel.build(cfg, image_token_id=meta["image_token_id"])
         tie_weights(model)
     except (ValueError, TypeError, KeyError) as e:
         raise VlkitError(f"{where}: cannot build the model it describes ({str(e).splitlines()[0][:160]}); "
                          "re-save the model") from None
-    _load_weights(model, files, dtype, _renamed if old else None)
+    _load_weights(model, directory, tensors, dtype, base)
     model.set_trainable(meta.get("trainable_groups", []))
     return model.to(device).eval(), processor
 
@@ -251,47 +421,45 @@ def _open_weights(directory: Path) -> list[tuple[Path, object, bool]]:
     return files
 
 
-def _stored_dtype(files: list[tuple[Path, object, bool]]) -> torch.dtype:
+def _stored_dtype(tensors: dict[str, Stored]) -> torch.dtype:
     """The dtype most of the stored floating tensors have (the model is built in it when no dtype is asked)."""
     counts: dict[torch.dtype, int] = {}
-    for _, handle, _ in files:
-        for k in handle.keys():
-            dt = STORED_DTYPES.get(handle.get_slice(k).get_dtype())
-            if dt is not None:
-                counts[dt] = counts.get(dt, 0) + 1
+    for s in tensors.values():
+        if s.dtype in STORED_DTYPES.values():
+            counts[s.dtype] = counts.get(s.dtype, 0) + 1
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _load_weights(model: torch.nn.Module, files: list[tuple[Path, object, bool]], dtype: torch.dtype | None,
-                  rename=None) -> None:
+def _load_weights(model: torch.nn.Module, directory: Path, tensors: dict[str, Stored], dtype: torch.dtype | None,
+                  base: dict[str, Stored] | None = None) -> None:
     """Every stored tensor into its place, one at a time (read on the CPU, moved to the model's device, where it
-    replaces the empty one): floating tensors in `dtype` (None: as stored), integer and bool ones as stored. A name
-    left out of the files is fine only where it shares its tensor with one in them (tied embeddings: safetensors
+    replaces the empty one): floating tensors in `dtype` (None: as stored), integer and bool ones as stored. First
+    the `base`'s tensors the model has in the same shape and the directory does not hold, then the directory's. A
+    name left out of both is fine only where it shares its tensor with one in them (tied embeddings: safetensors
     stores a shared tensor once)."""
     targets = model.state_dict(keep_vars=True)
     filled: set[int] = set()
+    below = {n: s for n, s in (base or {}).items() if n not in tensors and n in targets
+             and s.shape == tuple(targets[n].shape)}  # the rest of the base: tensors this model replaced or dropped
     with torch.no_grad():
-        for path, handle, mapped in files:
-            for key in handle.keys():
-                name = rename(key) if rename else key
-                target = targets.get(name)
-                if target is None:
-                    raise VlkitError(f"{path}: mismatched weights (unexpected {key}); re-save the model")
-                try:
-                    t = handle.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise VlkitError(f"{path}: corrupt, truncated or mismatched weights "
-                                     f"({str(e).splitlines()[0][:160]}); re-save the model") from None
-                if t.shape != target.shape:
-                    raise VlkitError(f"{path}: mismatched weights ({key} is {list(t.shape)}, the model's "
-                                     f"{list(target.shape)}); re-save the model")
-                moved = t.to(target.device, dtype if dtype is not None and t.is_floating_point() else None)
-                # a view of a mapped file would change with the file (truncated: crash): the model owns its memory
-                target.data = moved.clone() if moved is t and mapped else moved
-                filled.add(id(target))
+        for name, s in [*below.items(), *tensors.items()]:
+            target = targets.get(name)
+            if target is None:
+                raise VlkitError(f"{s.path}: mismatched weights (unexpected {s.key}); re-save the model")
+            t = s.read()
+            if t.shape != target.shape:
+                raise VlkitError(f"{s.path}: mismatched weights ({s.key} is {list(t.shape)}, the model's "
+                                 f"{list(target.shape)}); re-save the model")
+            moved = t.to(target.device, dtype if dtype is not None and t.is_floating_point() else None)
+            # a view of a mapped file would change with the file (truncated: crash): the model owns its memory
+            target.data = moved.clone() if moved is t and s.mapped else moved
+            filled.add(id(target))
     missing = [k for k, t in targets.items() if id(t) not in filled]
+    if missing and base is not None:
+        raise VlkitError(f"{directory}: weights {missing[:3]} are neither in its files nor in its base (config.json's "
+                         f"{BASE}); re-save the model without base")
     if missing:
-        raise VlkitError(f"{files[0][0].parent}: missing weights {missing[:3]}; the model directory is incomplete")
+        raise VlkitError(f"{directory}: missing weights {missing[:3]}; the model directory is incomplete")
 
 
 def _renamed(key: str) -> str:
@@ -299,138 +467,3 @@ def _renamed(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     return key
-
-
-# -- stock exports ----------------------------------------------------------------------------------------
-def _check_fusions(model: VisionLanguageModel, fmt: str) -> None:
-    for kind, fusion in model.fusions.items():
-        if fmt not in fusion.exports:
-            raise VlkitError(f"export {fmt}: the {kind} fusion has no counterpart in a stock {fmt} checkpoint; "
-                             "export a model without it")
-
-
-def _single_encoder(model: VisionLanguageModel, fmt: str):
-    if model.vision.mixer is not None or model.tiled:
-        raise VlkitError(f"export {fmt}: a stock {fmt} checkpoint has no encoder mixing or sub-images; export a model "
-                         "without model.mix and model.tiles")
-    if len(model.vision.encoders) != 1 or not hasattr(model.vision.encoders[0], "hf_config"):
-        raise VlkitError(f"export {fmt}: needs one transformers vision encoder; this model's stack has "
-                         f"{[e.kind for e in model.vision.encoders]}")
-    return model.vision.encoders[0]
-
-
-def _base(causal_lm):
-    return getattr(causal_lm, causal_lm.base_model_prefix)
-
-
-def export_llava(model: VisionLanguageModel, processor: VLProcessor, directory: str | Path) -> Path:
-    """Write a stock `llava` checkpoint (transformers' LlavaForConditionalGeneration) and its LlavaProcessor."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from vlkit.models.vpg.mlp import MLPVPG
-
-    if not isinstance(model.vpg, MLPVPG):
-        raise VlkitError("export llava: needs an mlp VPG (LLaVA's projector); this model's VPG is "
-                         f"{type(model.vpg).__name__}")
-    _check_fusions(model, "llava")
-    enc = _single_encoder(model, "llava")
-    tower_type = enc.hf_config.model_type
-    if tower_type not in ("clip_vision_model", "siglip_vision_model"):
-        raise VlkitError(f"export llava: needs a CLIP or SigLIP encoder, not {tower_type}")
-    layer = enc.cfg.feature_layer
-    if layer == "output":  # llava reads hidden_states[i]; CLIP's final output is hidden_states[-1]
-        if tower_type != "clip_vision_model":
-            raise VlkitError("export llava: llava reads hidden_states[i], not SigLIP's post-layernorm output; set "
-                             "tower.feature_layer to an index (-1 for the last layer) and retrain")
-        layer = -1
-    # llava's "default" strategy drops exactly one leading token (CLIP's class token); "full" keeps all
-    strategy = "default" if enc.num_special == 1 and enc.cfg.select == "patch" else "full"
-    if enc.cfg.select == "patch" and enc.num_special not in (0, 1):
-        raise VlkitError(f"export llava: the encoder has {enc.num_special} special tokens, llava drops one")
-    text = model.llm.config
-    cap = getattr(text, "final_logit_softcapping", None)
-    if cap is not None:
-        raise VlkitError(f"export llava: the LLM ({text.model_type}) caps its logits (final_logit_softcapping={cap}), "
-                         "which LlavaForConditionalGeneration's head does not do; the export would change every logit")
-    # Untied in the export: llava's weight-tying map assumes LLaMA-style module names (not OPT's); the
-    # head gets a copy of the embedding matrix, which computes the same logits.
-    text_config = {**text.to_dict(), "tie_word_embeddings": False}
-    cfg = LlavaConfig(vision_config=enc.hf_config.to_dict(), text_config=text_config,
-                      image_token_index=model.image_token_id, projector_hidden_act=model.vpg.act_name,
-                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                      image_seq_length=model.image_slots, multimodal_projector_bias=True, tie_word_embeddings=False)
-    llava = LlavaForConditionalGeneration(cfg).eval()
-    inner = llava.model if hasattr(llava, "model") and hasattr(llava.model, "vision_tower") else llava
-    inner.vision_tower.load_state_dict(enc.model.state_dict())
-    inner.multi_modal_projector.linear_1.load_state_dict(model.vpg.linear_1.state_dict())
-    inner.multi_modal_projector.linear_2.load_state_dict(model.vpg.linear_2.state_dict())
-    lm = inner.language_model
-    if hasattr(lm, "lm_head"):  # older transformers: the full causal LM
-        lm.load_state_dict(model.llm.state_dict())
-    else:
-        lm.load_state_dict(_base(model.llm).state_dict())
-        llava.lm_head.load_state_dict(model.llm.get_output_embeddings().state_dict())
-    stock = LlavaProcessor(image_processor=enc.transform.hf_image_processor(), tokenizer=processor.tokenizer,
-                           patch_size=enc.hf_config.patch_size, vision_feature_select_strategy=strategy,
-                           num_additional_image_tokens=enc.num_special, image_token="<image>",
-                           chat_template=processor.tokenizer.chat_template)
-    return _write_export(llava, stock, directory)
-
-
-def export_blip2(model: VisionLanguageModel, processor: VLProcessor, directory: str | Path) -> Path:
-    """Write a stock `blip-2` checkpoint (transformers' Blip2ForConditionalGeneration)."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    from vlkit.models.vpg.qformer import QFormerVPG
-
-    if not isinstance(model.vpg, QFormerVPG):
-        raise VlkitError(f"export blip-2: needs a qformer VPG, not {type(model.vpg).__name__}")
-    _check_fusions(model, "blip-2")
-    enc = _single_encoder(model, "blip-2")
-    if enc.hf_config.model_type != "blip_2_vision_model":
-        raise VlkitError("export blip-2: needs a BLIP-2 vision tower (blip_2_vision_model), not "
-                         f"{enc.hf_config.model_type}")
-    if enc.cfg.feature_layer != "output" or enc.cfg.select != "full":
-        raise VlkitError("export blip-2: BLIP-2 reads the tower's final output with every token; "
-                         "set tower.feature_layer=output and tower.select=full")
-    cfg = Blip2Config(vision_config=enc.hf_config.to_dict(), qformer_config=model.vpg.config.to_dict(),
-                      text_config=model.llm.config.to_dict(), num_query_tokens=model.image_slots,
-                      image_token_index=model.image_token_id)
-    blip = Blip2ForConditionalGeneration(cfg).eval()
-    blip.vision_model.load_state_dict(enc.model.state_dict())
-    with torch.no_grad():
-        blip.query_tokens.copy_(model.vpg.query_tokens)
-    blip.qformer.load_state_dict(model.vpg.qformer.state_dict())
-    blip.language_projection.load_state_dict(model.vpg.projector.state_dict())
-    blip.language_model.load_state_dict(model.llm.state_dict())
-    return _write_export(blip, None, directory, processor, enc.transform)
-
-
-def _write_export(hf_model, stock_processor, directory: str | Path, processor: VLProcessor | None = None,
-                  transform=None) -> Path:
-    """A stock transformers directory: weights plus the processor (or tokenizer and image processor), atomically."""
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        if stock_processor is not None:
-            stock_processor.save_pretrained(tmp)
-        else:
-            processor.tokenizer.save_pretrained(tmp)
-            transform.hf_image_processor().save_pretrained(tmp)
-    return directory
-
-
-EXPORTS = {"llava": export_llava, "blip-2": export_blip2}
-
-
-def export_model(fmt: str, model_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """`vlkit export FORMAT MODEL OUT`: the vlkit model in `model_dir` as a stock `fmt` directory, atomically."""
-    if fmt not in EXPORTS:
-        raise VlkitError(f"export: unknown format {fmt!r}; choose {' or '.join(EXPORTS)}")
-    out = Path(out)
-    if out.resolve() == Path(model_dir).resolve():
-        raise VlkitError(f"export: {out} is the model itself; write the export elsewhere")
-    if out.exists() and not overwrite:
-        raise VlkitError(f"export: {out} exists; pass --overwrite to replace it")
-    model, processor = load_vlm(model_dir)
-    return EXPORTS[fmt](model, processor, out)

@@ -9,6 +9,7 @@ the safetensors files, tensor by tensor, so memory holds one output file plus on
 
 Before anything is written it checks, naming the directory and the first thing that differs:
 - both directories hold models of the same kind (vlkit or Hugging Face);
+- neither is a vlkit model that keeps only its trained tensors (config.json's `base`: the rest is elsewhere);
 - the same architecture: config.json equal, keys that do not change the computation (`IGNORED`) aside;
 - the same tensors: names, shapes and dtypes;
 - the same tokenizer (its files' contents) and, for vlkit models, the same processor_config.json;
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from vlkit.version import __version__
 from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, read_json, write_json
-from vlkit.models.io import MODEL_TYPE
+from vlkit.models.io import BASE, MODEL_TYPE
 from vlkit.models.weights import INDEX, Weights
 
 PROVENANCE = "merge.json"
@@ -152,6 +153,10 @@ def _config(directory: Path) -> dict:
     config = read_json(directory / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise VlkitError(f"merge: {directory / 'config.json'} has no model_type; give a model directory")
+    if config["model_type"] == MODEL_TYPE and BASE in config:  # its files hold the trained tensors only
+        base = config[BASE].get("path") if isinstance(config[BASE], dict) else config[BASE]
+        raise VlkitError(f"merge: {directory} keeps only its trained tensors and refers to base {base} for the rest; "
+                         "load it and save it without base, then merge that")
     return config
 
 

@@ -58,6 +58,9 @@ class AdapterRecipe(Section):
                              "(its only fusion must be tokens: the adapter replaces it).")
     model: VLMConfig | None = Field(None, description="Or build from parts (a tower, a VPG, a local LLM directory "
                                     "with its tokenizer), as recipe vpg does; its fusions are the adapter.")
+    save_trained_only: bool = Field(False, description="The model directory keeps only the trained tensors and "
+                                    "refers to `init` by path and hash (loading it needs `init`, unchanged; set init, "
+                                    "not model); default: every tensor.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     streams: list[StreamConfig] = Field(default_factory=paper_streams, min_length=1,
                                         description="Data streams, each with its own groups (the paper's two).")
@@ -73,6 +76,8 @@ class AdapterRecipe(Section):
     def _one_start(self):
         if (self.init is None) == (self.model is None):
             raise ValueError("set init (a vlkit model directory) or model (parts), exactly one")
+        if self.save_trained_only and self.init is None:
+            raise ValueError("save_trained_only: refers to init for the untrained tensors; set init, or drop it")
         return self
 
 
@@ -133,7 +138,8 @@ def run(cfg: AdapterRecipe, resume: bool = False, overwrite: bool = False, progr
     model.train()
     every = [r for st in streams for r in st.records]
     result = train_and_evaluate(model, proc, cfg, every, test_recs, out, resume, overwrite, progress,
-                                on_start=record, streams=streams, order=cfg.order)
+                                on_start=record, streams=streams, order=cfg.order,
+                                base=cfg.init if cfg.save_trained_only else None)
     save_adapter(model.fusion("adapter"), Path(result["model_dir"]) / "adapter.safetensors")
     return finish(out, {"recipe": "adapter", "init": cfg.init, "order": cfg.order,
                         "streams": {st.name: st.trainable for st in cfg.streams}, **result})

@@ -24,7 +24,7 @@ from vlkit.data.tokenizer import IGNORE_INDEX
 from vlkit.errors import VlkitError
 from vlkit.eval.world import EvalConfig, evaluate_vlm
 from vlkit.fileio import read_json, stable_hash, write_json, write_text
-from vlkit.models.io import load_vlm, write_vlm
+from vlkit.models.io import check_base_outside, load_vlm, write_vlm
 from vlkit.models.llm import count_parameters
 from vlkit.data.features import ImageBank, count, select
 from vlkit.data.lazy import LazyVLDataset, RecordFile
@@ -66,6 +66,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("lora", "save_adapter"): False,
     ("eval_data", "lazy"): False,
     ("streams", "*", "data", "lazy"): False,
+    ("save_trained_only",): False,
 }
 # the world's own later settings (vlkit.world.dataset), wherever a recipe holds a world section
 for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
@@ -244,13 +245,16 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
                        progress: bool | None = None, save: bool = True,
                        banks: tuple[ImageBank, ImageBank] | None = None, before_eval=None,
                        model_dir: Path | None = None, on_start: Callable[[], None] | None = None,
-                       streams: list[RecordStream] | None = None, order: str = "joint") -> dict:
+                       streams: list[RecordStream] | None = None, order: str = "joint",
+                       base: str | Path | None = None) -> dict:
     """Train `model`'s trainable groups on `train_recs` with cfg.train, evaluate beside the blind baseline
     (cfg.eval), save the model to `model_dir` (default <out>/model). `cfg` has train, eval, cache_features and
     model_dump(); `banks` (train, held-out) are reused when given; `on_start` runs before the first step (the run's
     record: see prepare_output). With `streams`, each stream's records train its own groups (joint training of
-    disjoint groups, in `order`); `train_recs` is then every stream's records, for the image bank."""
+    disjoint groups, in `order`); `train_recs` is then every stream's records, for the image bank. With `base` (the
+    directory the model was loaded from), the saved directory keeps only the trained tensors (`write_vlm`)."""
     model_dir = model_dir or out / "model"
+    check_base_outside(base, model_dir)  # before training, not after it
     if isinstance(train_recs, RecordFile):  # data.lazy: records and images read by the trainer's DataLoader
         if streams or cfg.cache_features:
             raise VlkitError(f"{out}: data.lazy reads images as it trains: set cache_features=false"
@@ -287,7 +291,7 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
     if trainer.sharded:  # the shards gathered into one directory, evaluated as `vlkit eval` would load it
         total_params = count_parameters(model)
         state = trainer.model_state()
-        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc, state=state))
+        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc, state=state, base=base))
         model, _ = load_vlm(model_dir, device=trainer.rt.device)
         save = False
     if before_eval is not None:  # e.g. merging LoRA adapters into the LLM (given the trainer's collective save)
@@ -302,7 +306,7 @@ def train_and_evaluate(model: VisionLanguageModel, proc: VLProcessor, cfg, train
         result = evaluate_vlm(model, proc, test_recs, cfg.eval, test_bank, progress=progress,
                               with_images=last["result"] if reuse else None)
     if save:
-        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc))
+        trainer.save_model(model_dir, lambda tmp: write_vlm(model, tmp, proc, base=base))
     return {"trainable_params": trainable_params, "total_params": total_params if trainer.sharded else
             count_parameters(model),
             "num_image_tokens": model.image_slots, "steps": cfg.train.steps,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vlkit.config import Section
 from vlkit.data.processor import VLProcessor
@@ -51,11 +51,22 @@ class InstructRecipe(Section):
                                      "SPHINX) from here on: the loaded model's VPG runs per view.")
     max_length: int | None = Field(None, gt=0, description="Longest token sequence from here on (default: the "
                                    "loaded model's); views take room.")
+    save_trained_only: bool = Field(False, description="The model directory keeps only the trained tensors and "
+                                    "refers to `init` by path and hash (loading it needs `init`, unchanged); "
+                                    "default: every tensor.")
     data: RecordsConfig = Field(default_factory=RecordsConfig)
     eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: data's world, every task).")
     cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _trained_only_without_lora(self):
+        if self.save_trained_only and self.lora is not None:
+            raise ValueError("save_trained_only: the LoRA adapters are merged into the LLM's weights, which a "
+                             "trained-only directory would leave to init; drop one of the two (lora.save_adapter "
+                             "saves the adapters alone)")
+        return self
 
 
 def merge_lora(model, lora: LoraSettings, out: Path, save) -> None:
@@ -88,5 +99,5 @@ def run(cfg: InstructRecipe, resume: bool = False, overwrite: bool = False, prog
     model.train()
     result = train_and_evaluate(model, proc, cfg, train_recs, test_recs, out, resume, overwrite, progress,
                                 before_eval=(lambda save: merge_lora(model, cfg.lora, out, save)) if cfg.lora else None,
-                                on_start=record)
+                                on_start=record, base=cfg.init if cfg.save_trained_only else None)
     return finish(out, {"recipe": "instruct", "init": cfg.init, "trainable": cfg.trainable, **result})

@@ -61,6 +61,9 @@ class VPGCRecipe(Section):
                       "Q-Former VPG).")
     vpgc: VPGCConfig = Field(default_factory=VPGCConfig)
     trainable: list[str] = Field(["vpgc"], description="Parameter groups to train (the paper: VPG-C only).")
+    save_trained_only: bool = Field(False, description="The model directory keeps only the trained tensors and "
+                                    "refers to `init` by path and hash (loading it needs `init`, unchanged); "
+                                    "default: every tensor.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     data: RecordsConfig = Field(default_factory=lambda: RecordsConfig(tasks=["caption"]),
                                 description="Where the training scenes (and the captions mixed in) come from.")
@@ -162,7 +165,7 @@ def run(cfg: VPGCRecipe, resume: bool = False, overwrite: bool = False, progress
                       seed=cfg.synthetic.seed) if cfg.synthetic.captions > 0 else synthetic
     model.train()
     result = train_and_evaluate(model, proc, cfg, mixed, test_recs, out, resume, overwrite, progress,
-                                on_start=record)
+                                on_start=record, base=cfg.init if cfg.save_trained_only else None)
     result["synthetic"] = stats
     result["vpgc_layer"] = model.fusion("vpgc").layer
     if cfg.demon is not None:
