@@ -254,3 +254,13 @@ def test_an_fp16_feature_cache_halves_the_bytes_and_keeps_the_loss(tiny_tokenize
         assert abs(float(model(**a).loss) - float(model(**b).loss)) < 1e-3
     with pytest.raises(VlkitError, match="'bf8' is not a storage dtype"):
         ImageBank(recs, proc.transforms).use_features(model.vision, dtype="bf8")
+
+
+def test_recipes_take_cache_features_fp16_and_refuse_other_words():
+    from vlkit.config import load
+    from vlkit.recipes.vpg import VPGRecipe
+
+    assert load(VPGRecipe, None, ["cache_features=fp16"]).cache_features == "fp16"
+    assert load(VPGRecipe, None, ["cache_features=true"]).cache_features is True
+    with pytest.raises(VlkitError, match="cache_features"):
+        load(VPGRecipe, None, ["cache_features=fp8"])

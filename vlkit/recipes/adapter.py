@@ -28,7 +28,7 @@ from vlkit.eval.world import EvalConfig
 from vlkit.models.fusion.adapter import AdapterConfig, save_adapter
 from vlkit.models.io import load_vlm
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
-from vlkit.recipes.common import RecordStream, finish, prepare_output, splits, train_and_evaluate
+from vlkit.recipes.common import CACHE_HELP, RecordStream, finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 from vlkit.world.sources import RecordsConfig, load_split
@@ -68,7 +68,7 @@ class AdapterRecipe(Section):
                                                   "sequential: one after the other (the released code).")
     eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: the first stream's "
                                             "world, every task).")
-    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    cache_features: bool | Literal["fp16"] = Field(True, description=CACHE_HELP)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -223,6 +223,10 @@ def vl_loss(model, batch, groups: int = 1):
     return loss, {"tokens": tokens}
 
 
+CACHE_HELP = ("Precompute the frozen encoders' features once, on disk (true: fp32; fp16: half the bytes, read back "
+              "as fp32); false: run the encoders on pixels every step (data.lazy needs false).")
+
+
 def image_banks(model: VisionLanguageModel, proc: VLProcessor, train_recs: list[dict], test_recs: list[dict],
                 cache: bool | str, out: Path, progress: bool | None = None) -> tuple[ImageBank, ImageBank, float]:
     """Pixel banks for both splits (the processor's transforms); with `cache`, the frozen encoders' features

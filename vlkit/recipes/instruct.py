@@ -22,7 +22,7 @@ from vlkit.models.llm import position_limit
 from vlkit.world.sources import RecordsConfig
 from vlkit.eval.world import EvalConfig
 from vlkit.models.io import load_vlm
-from vlkit.recipes.common import finish, prepare_output, splits, train_and_evaluate
+from vlkit.recipes.common import CACHE_HELP, finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 
@@ -56,7 +56,7 @@ class InstructRecipe(Section):
                                     "default: every tensor.")
     data: RecordsConfig = Field(default_factory=RecordsConfig)
     eval_data: RecordsConfig | None = Field(None, description="Held-out records (default: data's world, every task).")
-    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    cache_features: bool | Literal["fp16"] = Field(True, description=CACHE_HELP)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

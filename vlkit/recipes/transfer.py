@@ -34,7 +34,7 @@ from vlkit.models.llm import load_llm
 from vlkit.models.vlm import LLMSource, VisionLanguageModel
 from vlkit.models.vpg import build_vpg
 from vlkit.models.vpg.converter import compose_projector, token_pairs, train_converter
-from vlkit.recipes.common import finish, image_banks, prepare_output, quick, splits, train_and_evaluate
+from vlkit.recipes.common import CACHE_HELP, finish, image_banks, prepare_output, quick, splits, train_and_evaluate
 from vlkit.recipes.vpg import VPGData
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
@@ -73,7 +73,7 @@ class TransferRecipe(Section):
     max_length: int | None = Field(None, gt=0, description="Token budget (default: the source's).")
     data: VPGData = Field(default_factory=VPGData)
     eval_data: VPGData | None = Field(None, description="Held-out records (default: data's world, every task).")
-    cache_features: bool = Field(True)
+    cache_features: bool | Literal["fp16"] = Field(True, description=CACHE_HELP)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 2 (fine-tuning) at the base lr.")
 
@@ -153,7 +153,7 @@ class _Stage(Section):
     recipe: str
     train: TrainConfig
     eval: EvalConfig
-    cache_features: bool
+    cache_features: bool | str
 
 
 def run(cfg: TransferRecipe, resume: bool = False, overwrite: bool = False, progress: bool | None = None) -> dict:

@@ -20,7 +20,7 @@ from vlkit.data.tokenizer import load_tokenizer
 from vlkit.errors import VlkitError
 from vlkit.eval.world import EvalConfig
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
-from vlkit.recipes.common import finish, prepare_output, splits, train_and_evaluate
+from vlkit.recipes.common import CACHE_HELP, finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 from vlkit.world.sources import RecordsConfig
@@ -38,7 +38,7 @@ class VPGRecipe(Section):
     data: VPGData = Field(default_factory=VPGData)
     eval_data: RecordsConfig | None = Field(None, description="Held-out records for evaluation (default: data's "
                                             "world with every task).")
-    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    cache_features: bool | Literal["fp16"] = Field(True, description=CACHE_HELP)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -33,7 +33,7 @@ from vlkit.eval.demon import DemonEval, demon_scores
 from vlkit.eval.world import EvalConfig
 from vlkit.models.fusion.vpgc import VPGCConfig
 from vlkit.models.io import load_vlm
-from vlkit.recipes.common import finish, prepare_output, splits, train_and_evaluate
+from vlkit.recipes.common import CACHE_HELP, finish, prepare_output, splits, train_and_evaluate
 from vlkit.train import TrainConfig
 from vlkit.train.runtime import seed_everything
 from vlkit.world.dataset import DIFF_PROMPTS
@@ -68,7 +68,7 @@ class VPGCRecipe(Section):
     data: RecordsConfig = Field(default_factory=lambda: RecordsConfig(tasks=["caption"]),
                                 description="Where the training scenes (and the captions mixed in) come from.")
     eval_data: RecordsConfig | None = Field(None, description="Held-out world records (default: data's world).")
-    cache_features: bool = Field(True, description="Precompute the frozen tower's features once, on disk.")
+    cache_features: bool | Literal["fp16"] = Field(True, description=CACHE_HELP)
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(tasks=["caption", "vqa"], blind=False))
     demon: DemonEval | None = Field(default_factory=DemonEval, description="Zero-shot DEMON-format evaluation "
                                     "after training (null: skip).")
