@@ -54,7 +54,14 @@ def scaled(cmd: str) -> list[str]:
 
 
 def run(args, env):
-    res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    """torchrun in processes of its own; a `vlkit` command in this process (the same argument parsing, without an
+    interpreter's start-up)."""
+    if args[:3] == [sys.executable, "-m", "vlkit"]:
+        from test_runs import vlkit
+
+        res = vlkit(*args[3:])
+    else:
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, f"{shlex.join(args)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
 
