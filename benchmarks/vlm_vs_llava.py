@@ -1,11 +1,16 @@
 """vlkit's VisionLanguageModel against transformers' LlavaForConditionalGeneration of identical shape.
 
 Same weights (vlkit's model exported to llava), same batch, same machine, one run:
-  1. training step (forward + backward + AdamW) with the projector trainable (LLaVA stage 1);
+  1. training step (forward + backward + AdamW) with the projector trainable (LLaVA stage 1), vlkit as its
+     trainer runs it (`loss_only`: the LM head and loss at supervised positions alone; the tower stops at the
+     layer it reads), and vlkit with the full loss (what `loss_only` contributes);
   2. the same step for vlkit with cached vision features (the frozen tower skipped);
   3. greedy generation tokens/s (batch of prompts, each with an image).
 
-    python benchmarks/vlm_vs_llava.py [--steps 20] [--json out.json]
+    python benchmarks/vlm_vs_llava.py [--steps 20] [--vocab 32000] [--json out.json]
+
+`--vocab` widens the LLM's vocabulary (the tokenizer's 400 ids stay; the head is that wide), as a real LLM's is:
+the LM head's share of the step, which `loss_only` mostly removes, grows with it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ LLM = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "nu
        "num_attention_heads": 8, "num_key_value_heads": 8}
 
 
-def build(batch: int):
+def build(batch: int, vocab: int | None = None):
     torch.manual_seed(0)
     tok = train_bpe(["describe the image. a large red circle at the top left and a small blue star."] * 50, 400)
     arch = {**LLM, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
@@ -40,6 +45,9 @@ def build(batch: int):
     cfg = VLMConfig(tower=EncoderConfig(arch=TOWER), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch),
                     max_length=512)
     model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    if vocab is not None:
+        torch.manual_seed(1)
+        model.llm.resize_token_embeddings(vocab, mean_resizing=False)
     proc = VLProcessor.for_model(tok, model)
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]},
             {"role": "assistant", "content": "a large red circle at the top left and a small blue star."}]
@@ -71,12 +79,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary width (default: the tokenizer's).")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     from transformers import LlavaForConditionalGeneration
 
-    model, proc, batch, conv = build(args.batch)
+    model, proc, batch, conv = build(args.batch, args.vocab)
     with tempfile.TemporaryDirectory() as d:
         export_llava(model, proc, d)
         llava = LlavaForConditionalGeneration.from_pretrained(d)
@@ -92,16 +101,21 @@ def main() -> None:
     stock = {k: v for k, v in batch.items() if k != "images_per_row"}  # llava places images by their tokens
     ours_params = [p for p in model.parameters() if p.requires_grad]
     t = time_interleaved({
-        "vlkit": (lambda b: model(**b).loss, ours_params, batch),
+        "vlkit": (lambda b: model(**b, loss_only=True).loss, ours_params, batch),
+        "full_loss": (lambda b: model(**b).loss, ours_params, batch),
         "llava": (lambda b: llava(**b).loss, [p for p in llava.parameters() if p.requires_grad], stock),
-        "cached": (lambda b: model(**b).loss, ours_params, cached)}, args.steps)
+        "cached": (lambda b: model(**b, loss_only=True).loss, ours_params, cached)}, args.steps)
     ours, theirs, ours_cached = t["vlkit"], t["llava"], t["cached"]
-    tower_times = []
+    tower_times, llava_tower_times = [], []
+    tower = llava.model.vision_tower if hasattr(llava, "model") else llava.vision_tower
     with torch.no_grad():
         for _ in range(args.steps):
             t0 = time.perf_counter()
             model.vision(batch["pixel_values"])
             tower_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tower(batch["pixel_values"], output_hidden_states=True)
+            llava_tower_times.append(time.perf_counter() - t0)
 
     # generation: greedy, fixed length (no eos: min_new_tokens = max_new_tokens)
     model.eval(), llava.eval()
@@ -153,11 +167,15 @@ def main() -> None:
     med = statistics.median
     result = {
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": int(batch["input_ids"].shape[1]),
+        "threads": torch.get_num_threads(), "batch": args.batch,
+        "vocab": model.llm.get_output_embeddings().out_features, "seq_len": int(batch["input_ids"].shape[1]),
         "image_tokens": model.num_image_tokens,
-        "train_step_s": {"vlkit": med(ours), "llava": med(theirs), "vlkit_cached_features": med(ours_cached)},
+        "train_step_s": {"vlkit": med(ours), "llava": med(theirs), "vlkit_cached_features": med(ours_cached),
+                         "vlkit_full_loss": med(t["full_loss"])},
         "train_step_ratio_vlkit_over_llava": med(ours) / med(theirs),
+        "train_step_ratio_vlkit_full_loss_over_llava": med(t["full_loss"]) / med(theirs),
         "tower_forward_s": med(tower_times),
+        "llava_tower_forward_s": med(llava_tower_times),
         "tower_share_of_step": med(tower_times) / med(ours),
         "cached_speedup": med(ours) / med(ours_cached),
         "generate_tokens_per_s": {"vlkit": gen_ours, "llava": gen_llava},

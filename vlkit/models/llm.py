@@ -181,6 +181,47 @@ def llm_groups(llm: nn.Module) -> dict[str, list[nn.Parameter]]:
             "lora": lora}
 
 
+# Families whose causal-LM logits are exactly `lm_head(decoder(x).last_hidden_state)` (Gemma-2 then caps them):
+# for these the loss can be computed at the supervised positions alone (`supervised_loss`)
+SPARSE_LOSS_FAMILIES = {"llama", "mistral", "qwen2", "opt", "gemma2"}
+LOSS_CHUNK = 1024  # supervised positions whose logits are computed at once (and recomputed in the backward pass)
+
+
+def supervised_loss(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                    labels: torch.Tensor, num_items_in_batch=None, chunk: int | None = LOSS_CHUNK,
+                    **kwargs) -> torch.Tensor | None:
+    """The causal LM's next-token loss with the head applied only where a label is supervised: the decoder runs
+    over every position, but of the (B, T, vocab) logits only the (n, vocab) rows of the n supervised positions
+    are computed, `chunk` rows at a time under activation checkpointing, so a 32k-150k vocabulary never
+    materialises for the whole batch. Equal to transformers' loss (mean over supervised tokens, or their sum over
+    `num_items_in_batch`) up to float summation order. None for a family not in SPARSE_LOSS_FAMILIES."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    base = base_model(llm)
+    if base.config.model_type not in SPARSE_LOSS_FAMILIES:
+        return None
+    hidden = base.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                                **kwargs).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    h, y = hidden[:, :-1][keep], target[keep]
+    head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+    def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.float(), y, reduction="sum")
+
+    if chunk and len(y) > chunk:
+        total = sum(checkpoint(part, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                    for i in range(0, len(y), chunk))
+    else:
+        total = part(h, y)
+    return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+
+
 def position_limit(llm: nn.Module) -> int | None:
     """The longest sequence the LLM's position embeddings cover (None: no stated limit)."""
     return getattr(base_model(llm).config.get_text_config(), "max_position_embeddings", None)

@@ -22,11 +22,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlkit.config import Section
 from vlkit.errors import VlkitError
 from vlkit.models.fusion import Fusion, FusionInputs, fusion_config
-from vlkit.models.llm import attention_kwargs, base_model, decoder_layers, llm_groups, load_llm, position_limit
+from vlkit.models.llm import LOSS_CHUNK, attention_kwargs, base_model, decoder_layers, llm_groups, load_llm, \
+    position_limit, supervised_loss
 from vlkit.data.tiling import TileConfig
 from vlkit.models.vision import EncoderConfig, VisionStack
 from vlkit.models.vision.encoder import on_device
@@ -344,9 +346,17 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values=None, image_features=None,
-                images_per_row: torch.Tensor | None = None, view_mask: torch.Tensor | None = None, **kwargs):
+                images_per_row: torch.Tensor | None = None, view_mask: torch.Tensor | None = None,
+                loss_only: bool = False, loss_chunk: int | None = LOSS_CHUNK, **kwargs):
+        """The LLM's output over the fused inputs. `loss_only` (training, with labels): only the loss, its head
+        computed at the supervised positions alone, `loss_chunk` of them at a time (`llm.supervised_loss`; the
+        usual full computation for a family it does not cover); `logits` is then None."""
         x = self.fusion_inputs(input_ids, attention_mask, labels, pixel_values, image_features, images_per_row,
                                view_mask)
         embeds = self.embed_inputs(x)
         with self.fused(x):
+            if loss_only and labels is not None:
+                loss = supervised_loss(self.llm, embeds, attention_mask, labels, chunk=loss_chunk, **kwargs)
+                if loss is not None:
+                    return CausalLMOutputWithPast(loss=loss)
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)

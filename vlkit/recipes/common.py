@@ -198,13 +198,14 @@ def vl_loss(model, batch, groups: int = 1):
     rounding) with less compute spent on padding. Needs right padding; one group under DDP."""
     labels = batch["labels"]
     tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    sparse = {"loss_only": True} if isinstance(getattr(model, "module", model), VisionLanguageModel) else {}
     if tokens == 0:  # every record cut before its answer (data.lazy reads them as they come): a loss of 0 that
         # still runs the model, so that data-parallel ranks meet in their collectives
-        return model(**batch, num_items_in_batch=torch.tensor(1.0)).loss, {"tokens": 0}
+        return model(**batch, num_items_in_batch=torch.tensor(1.0), **sparse).loss, {"tokens": 0}
     plain = groups <= 1 or len(labels) < 2 * groups or not isinstance(model, VisionLanguageModel) \
         or not set(batch) <= BATCH_KEYS or "images_per_row" not in batch
-    if plain:
-        return model(**batch).loss, {"tokens": tokens}
+    if plain:  # the head and the loss only at supervised positions (VisionLanguageModel.forward's loss_only)
+        return model(**batch, **sparse).loss, {"tokens": tokens}
     lengths = batch["attention_mask"].sum(1)
     if bool((batch["attention_mask"].gather(1, (lengths - 1).clamp(min=0)[:, None]) == 0).any()):
         raise ValueError("vl_loss: length groups need right-padded batches")
@@ -219,7 +220,7 @@ def vl_loss(model, batch, groups: int = 1):
         keep = torch.cat([torch.arange(int(first[r]), int(first[r] + images[r])) for r in rows])
         sub.update({k: select(batch[k], keep) for k in ("image_features", "pixel_values", "view_mask")
                     if count(batch.get(k))})
-        loss = loss + model(**sub, num_items_in_batch=total).loss
+        loss = loss + model(**sub, num_items_in_batch=total, **sparse).loss
     return loss, {"tokens": tokens}
 
 

@@ -10,6 +10,7 @@ tokens, the input side) is one `Layout` per model type in LAYOUTS.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
@@ -53,16 +54,20 @@ class Layout:
     to_tokens: Callable[[torch.Tensor], torch.Tensor] = same    # a layer's output -> (B, N, C)
     input_of: Callable[[dict, PretrainedConfig], tuple[int, Resize | None]] = config_input  # side, resize policy
     arch_defaults: Callable[[dict], dict] = same                # what an arch may leave out
+    # where its layer list may be (the ModuleList its encoder loops over; transformers 4 put CLIP's and SigLIP's
+    # under vision_model.), so that only the layers up to the one read run
+    layers: tuple[str, ...] = ()
 
     def num_special(self, config: PretrainedConfig) -> int:
         return self.count + getattr(config, "num_register_tokens", 0) if self.special != "none" else 0
 
 
 LAYOUTS: dict[str, Layout] = {
-    "clip_vision_model": Layout("first", 1),
-    "blip_2_vision_model": Layout("first", 1, model_class="Blip2VisionModel"),  # not in AutoModel's mapping
-    "dinov2": Layout("first", 1),
-    "siglip_vision_model": Layout("none", 0),
+    "clip_vision_model": Layout("first", 1, layers=("encoder.layers", "vision_model.encoder.layers")),
+    "blip_2_vision_model": Layout("first", 1, model_class="Blip2VisionModel",  # not in AutoModel's mapping
+                                  layers=("encoder.layers",)),
+    "dinov2": Layout("first", 1, layers=("encoder.layer",)),
+    "siglip_vision_model": Layout("none", 0, layers=("encoder.layers", "vision_model.encoder.layers")),
     "convnext": Layout("first", 1, geometry=convnext.geometry, to_tokens=convnext.map_tokens,
                        input_of=convnext.input_of, arch_defaults=convnext.arch_defaults),
 }
@@ -148,8 +153,40 @@ class HFEncoder(VisionEncoder):
 
     def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         layer = self.cfg.feature_layer
-        out = self.model(pixel_values=pixel_values, output_hidden_states=layer != "output")
-        return self.layout.to_tokens(out.last_hidden_state if layer == "output" else out.hidden_states[layer])
+        with self._only_layers_read() as read:
+            out = self.model(pixel_values=pixel_values, output_hidden_states=layer != "output")
+        if layer == "output":
+            return self.layout.to_tokens(out.last_hidden_state)
+        return self.layout.to_tokens(out.hidden_states[-1] if read else out.hidden_states[layer])
+
+    def layers(self) -> nn.ModuleList | None:
+        """The model's layer list (None for a model type whose layout names none)."""
+        path = self._layers_path()
+        return None if path is None else self.model.get_submodule(path)
+
+    def _layers_path(self) -> str | None:
+        names = dict(self.model.named_modules())
+        return next((p for p in self.layout.layers if isinstance(names.get(p), nn.ModuleList)), None)
+
+    @contextlib.contextmanager
+    def _only_layers_read(self):
+        """While in here the model runs only the layers up to the one read (llava's -2 of 24: the last layer is
+        never computed); yields whether it was cut. hidden_states[k] of the full run is the cut run's last."""
+        layer, full = self.cfg.feature_layer, self.layers()
+        if layer == "output" or full is None:
+            yield False
+            return
+        owner_path, name = self._layers_path().rsplit(".", 1)
+        owner = self.model.get_submodule(owner_path)
+        keep = layer % (len(full) + 1)  # hidden_states[0] is the embeddings, [i] the output of layer i
+        if keep == 0 or keep == len(full):
+            yield False
+            return
+        setattr(owner, name, nn.ModuleList(list(full)[:keep]))
+        try:
+            yield True
+        finally:
+            setattr(owner, name, full)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Into an existing directory: the model as transformers saves it and the image processor that
