@@ -267,3 +267,38 @@ def test_system_messages_open_the_next_user_turn():
     with pytest.raises(APIError, match="last message must come from the user"):
         parse_messages({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
                        ServeLimits())
+
+
+def test_a_conversations_images_are_encoded_once_and_answers_do_not_change(tiny_tokenizer):
+    """Turn 2 re-sends turn 1's image (the API is stateless): the cache encodes it once; the answers, streamed or
+    batched, equal those of an engine without the cache."""
+    from vlkit.models.generate import GenerationConfig
+    from vlkit.serve.engine import Request
+
+    model, proc = make(tiny_tokenizer)
+    a, b = (Image.fromarray(np.random.default_rng(s).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for s in (1, 2))
+    q = [{"type": "image"}, {"type": "text", "text": "what is it?"}]
+    turn1 = [{"role": "user", "content": q}]
+    turn2 = turn1 + [{"role": "assistant", "content": "a shape"}, {"role": "user", "content": q}]
+    encoded = []
+    hook = model.vision.encoders[0].register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    answers = {}
+    try:
+        for cache in (64, 0):
+            engine = Engine(model, proc, "tiny", visual_cache=cache)
+            try:
+                got = []
+                for conv, imgs, streaming in ((turn1, [a], False), (turn2, [a, b], False), (turn2, [a, b], True)):
+                    r = engine.submit(Request(conv, imgs, GenerationConfig(max_new_tokens=4), streaming=streaming))
+                    if streaming:
+                        got.append("".join(iter(lambda: r.pieces.get(timeout=60), None)))
+                    else:
+                        got.append(r.future.result(timeout=60)["text"])
+                answers[cache] = got
+                if cache:
+                    assert encoded == [1, 1] and engine.visual.hits == 3 and engine.visual.misses == 2
+            finally:
+                engine.close()
+    finally:
+        hook.remove()
+    assert answers[64][:2] == answers[0][:2] and answers[64][2].strip() == answers[0][2].strip()

@@ -178,7 +178,7 @@ def test_streams_count_against_the_limit_and_a_disconnect_cancels_the_generation
 
     seen: list = []
 
-    def slow(model, proc, conv, images, gen, cancelled=None):
+    def slow(model, proc, conv, images, gen, cancelled=None, image_inputs=None):
         for i in range(400):
             if cancelled.is_set():
                 seen.append(i)
@@ -405,7 +405,7 @@ def test_the_cli_stops_within_seconds_on_sigterm(monkeypatch, tmp_path, tiny_tok
     serve_cmd(tmp_path / "m", guard=None, name=None, host="127.0.0.1", port=0, max_batch=4, batch_window_ms=1.0,
               no_batching=False, max_tokens=16, max_images=2, max_pixels=4096, max_body_bytes=10_000, max_in_flight=2,
               timeout=10.0, allow_remote_images=False, image_host=None, allow_local_images=False, api_key=None,
-              expert=None, expert_template="world", device="cpu", dtype="auto")
+              expert=None, expert_template="world", device="cpu", dtype="auto", visual_cache=64)
     assert seen["timeout_graceful_shutdown"] == 5
 
 
@@ -454,7 +454,7 @@ def test_waiting_streams_hold_no_worker_thread(tiny_tokenizer, monkeypatch):
 
     release = threading.Event()
 
-    def stuck(model, proc, conv, images, gen, cancelled=None):
+    def stuck(model, proc, conv, images, gen, cancelled=None, image_inputs=None):
         release.wait(30)
         yield "x"
 
@@ -484,7 +484,7 @@ def test_a_client_that_disconnects_cancels_its_generation(tiny_tokenizer, monkey
 
     seen = []
 
-    def waits_for_cancel(model, proc, convs, imgs, gen, return_ids=False, cancelled=None):
+    def waits_for_cancel(model, proc, convs, imgs, gen, return_ids=False, cancelled=None, image_inputs=None):
         for _ in range(300):
             if all(e.is_set() for e in cancelled):
                 seen.append("cancelled")

@@ -245,6 +245,8 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
           max_batch: int = typer.Option(16, help="Most requests in one batched generate call."),
           batch_window_ms: float = typer.Option(10.0, help="How long the batcher waits for more requests."),
           no_batching: bool = typer.Option(False, help="Answer requests one at a time."),
+          visual_cache: int = typer.Option(64, min=0, help="Images whose encoder features are kept (by content "
+                                           "hash), so a conversation's images are encoded once; 0: off."),
           max_tokens: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
           max_images: int = typer.Option(4, help="Images per request."),
           max_pixels: int = typer.Option(4096 * 4096, help="Pixels per image."),
@@ -271,9 +273,9 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
 
     experts, template = experts_of(expert, expert_template)
     dev, dt = resolve_device(device, what="--device"), resolve_dtype(dtype, "--dtype")
-    engine = Engine.load(model, name=name, device=dev, dtype=dt, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                         batching=not no_batching, max_queue=max(max_in_flight, 1), experts=experts,
-                         template=template)
+    engine = Engine.load(model, name=name, device=dev, dtype=dt, visual_cache=visual_cache, max_batch=max_batch,
+                         batch_window_ms=batch_window_ms, batching=not no_batching, max_queue=max(max_in_flight, 1),
+                         experts=experts, template=template)
     middleware = None
     if guard is not None:
         from vlkit.guard import Guard, GuardMiddleware

@@ -137,12 +137,14 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
 
 
 def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequence,
-           gen: GenerationConfig | None = None, cancelled: threading.Event | None = None) -> Iterator[str]:
-    """Yield the answer's text as it is generated (one conversation); setting `cancelled` ends it."""
+           gen: GenerationConfig | None = None, cancelled: threading.Event | None = None,
+           image_inputs: dict | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is generated (one conversation); setting `cancelled` ends it. `image_inputs`:
+    the images as model inputs already (as `prepare` takes them)."""
     gen = gen or GenerationConfig()
     halt = threading.Event()  # set when this generator ends early: the generation thread stops at its next step
     kw = _cancellable(_generate_kwargs(processor, gen), [_Either(halt, cancelled)])
-    inputs = prepare(model, processor, [conversation], [images])
+    inputs = prepare(model, processor, [conversation], [images], image_inputs)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     error: list[BaseException] = []
 

@@ -1,5 +1,8 @@
 """The serving engine: a vlkit model, one worker thread, and dynamic batching.
 
+Images are encoded once per conversation rather than once per turn: the vision stack's features of recent
+images are kept by content hash (`VisualCache`, `visual_cache` images).
+
 Requests wait in a bounded queue (a full one refuses them: `EngineBusy`); the worker takes what has arrived
 within `batch_window_ms` (up to `max_batch`), groups requests that sample alike (temperature, top_p, seed),
 and answers each group in ONE batched generate call (left padding). Per-request limits are applied to each
@@ -34,6 +37,7 @@ from vlkit.models.generate import GenerationConfig, generate, stream, trim
 from vlkit.models.io import is_vlm_directory, load_vlm
 from vlkit.models.llm import load_llm, position_limit
 from vlkit.models.vlm import VisionLanguageModel
+from vlkit.serve.visual_cache import VisualCache
 
 
 def text_only(path: Path, device="cpu", dtype=None):
@@ -84,8 +88,9 @@ class EngineBusy(Exception):
 class Engine:
     def __init__(self, model, processor, name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
                  batching: bool = True, max_queue: int = 256, experts: Sequence[Expert] = (),
-                 template: str = WORLD_TEMPLATE):
+                 template: str = WORLD_TEMPLATE, visual_cache: int = 64):
         self.model, self.processor, self.name = model.eval(), processor, name
+        self.visual = VisualCache(self.model, processor, visual_cache)  # a conversation's images encoded once
         self.experts, self.template = list(experts), template
         self.max_batch = max_batch if batching else 1
         self.window = batch_window_ms / 1000 if batching else 0.0
@@ -198,7 +203,8 @@ class Engine:
             with torch.no_grad():
                 outs = generate(self.model, self.processor, [r.conversation for r in group],
                                 [r.images for r in group], shared, return_ids=True,
-                                cancelled=[r.cancelled for r in group])
+                                cancelled=[r.cancelled for r in group],
+                                image_inputs=self.visual.inputs([im for r in group for im in r.images]))
         except BaseException as e:  # every waiting request learns of it
             self.failures += 1
             for r in group:
@@ -223,7 +229,8 @@ class Engine:
             return
         self.batches.append(1)
         try:
-            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen, cancelled=r.cancelled):
+            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen, cancelled=r.cancelled,
+                                image_inputs=self.visual.inputs(list(r.images))):
                 r.pieces.put(piece)
             r.pieces.put(None)
         except BaseException as e:  # noqa: BLE001 (reported in the stream)
