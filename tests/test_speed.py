@@ -65,3 +65,24 @@ def test_families_the_sparse_loss_does_not_know_take_the_full_path(tiny_tokenize
     finally:
         model.llm.config.model_type = "llama"
     assert out.logits is not None  # computed the usual way
+
+
+def test_a_batch_without_images_keeps_the_visual_path_in_the_graph_under_data_parallelism(tiny_tokenizer,
+                                                                                             monkeypatch):
+    """DDP waits for the gradient of every trainable parameter: a text-only batch gives the VPG zero gradients
+    (not none) and the same loss, bit for bit; one process leaves them out (no gradient: AdamW does not move them)."""
+    import vlkit.models.vlm as V
+
+    model, proc = make(tiny_tokenizer)
+    model.set_trainable(["vpg"])
+    conv = [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "red"}]
+    b = proc.pad([proc.encode(conv, 0)])
+    alone = model(**b).loss
+    monkeypatch.setattr(V, "_data_parallel", lambda: True)
+    loss = model(**b).loss
+    loss.backward()
+    assert torch.equal(loss, alone)
+    grads = [p.grad for p in model.vpg.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    monkeypatch.setattr(V, "_data_parallel", lambda: False)
+    assert not model(**b).loss.requires_grad  # one process: the frozen LLM alone, nothing trainable in the graph

@@ -37,6 +37,13 @@ from vlkit.data.features import as_list, count
 from vlkit.models.vpg import VPGConfig, build_vpg
 
 
+def _data_parallel() -> bool:
+    """Whether this process is one of several (torchrun): then every trainable parameter must take part."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class LLMSource(Section):
     """The language model: a local HF directory, or an architecture (random weights / meta device)."""
 
@@ -329,6 +336,18 @@ class VisionLanguageModel(nn.Module):
                              "encode batches with the model's processor")
         return torch.zeros(n, dtype=torch.long, device=input_ids.device)
 
+    def _visual_path_zero(self) -> torch.Tensor | float:
+        """0 x every trainable parameter of the visual path (VPG, mixer, view embeddings, fusions): a batch without
+        images leaves them out of the graph, and DDP's reducer waits for every trainable parameter's gradient (LLaVA
+        feeds a zero-size image for the same reason). The encoders are left out: under FSDP they are units of
+        their own, sharded outside their forward."""
+        parts = [self.vpg, *self.fusions.values()]
+        params = [p for m in parts if m is not None for p in m.parameters() if p.requires_grad]
+        if self.vision is not None:
+            params += [p for n, p in self.vision.named_parameters()
+                       if p.requires_grad and not n.startswith("encoders.")]
+        return sum((p.sum() * 0 for p in params), 0.0)
+
     def embed_inputs(self, x: FusionInputs) -> torch.Tensor:
         """Fused input embeddings (B, L, D)."""
         embeds = self.llm.get_input_embeddings()(x.input_ids)
@@ -354,6 +373,8 @@ class VisionLanguageModel(nn.Module):
         x = self.fusion_inputs(input_ids, attention_mask, labels, pixel_values, image_features, images_per_row,
                                view_mask)
         embeds = self.embed_inputs(x)
+        if x.visual is None and torch.is_grad_enabled() and _data_parallel():
+            embeds = embeds + self._visual_path_zero()
         with self.fused(x):
             if loss_only and labels is not None:
                 loss = supervised_loss(self.llm, embeds, attention_mask, labels, chunk=loss_chunk, **kwargs)
