@@ -35,15 +35,20 @@ TOWER = {"model_type": "clip_vision_model", "hidden_size": 384, "intermediate_si
          "num_attention_heads": 6, "image_size": 224, "patch_size": 16}
 LLM = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
        "num_attention_heads": 8, "num_key_value_heads": 8}
+# --tiny: the same code at a size the tests run in seconds (a smoke run, not a measurement)
+TINY_TOWER = {**TOWER, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_LLM = {**LLM, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2}
 
 
-def build(batch: int, vocab: int | None = None):
+def build(batch: int, vocab: int | None = None, tiny: bool = False):
     torch.manual_seed(0)
     tok = train_bpe(["describe the image. a large red circle at the top left and a small blue star."] * 50, 400)
     arch = {**LLM, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id}
-    cfg = VLMConfig(tower=EncoderConfig(arch=TOWER), vpg=VPGConfig(kind="mlp"), llm=LLMSource(arch=arch),
-                    max_length=512)
+    arch = {**arch, **{k: v for k, v in TINY_LLM.items() if k in LLM}} if tiny else arch
+    cfg = VLMConfig(tower=EncoderConfig(arch=TINY_TOWER if tiny else TOWER), vpg=VPGConfig(kind="mlp"),
+                    llm=LLMSource(arch=arch), max_length=512)
     model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>"))
     if vocab is not None:
         torch.manual_seed(1)
@@ -74,18 +79,19 @@ def time_interleaved(variants: dict, steps: int) -> dict[str, list[float]]:
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary width (default: the tokenizer's).")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="A tiny shape: a smoke run of the code, not a measurement.")
+    args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     from transformers import LlavaForConditionalGeneration
 
-    model, proc, batch, conv = build(args.batch, args.vocab)
+    model, proc, batch, conv = build(args.batch, args.vocab, args.tiny)
     with tempfile.TemporaryDirectory() as d:
         export_llava(model, proc, d)
         llava = LlavaForConditionalGeneration.from_pretrained(d)
@@ -186,6 +192,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

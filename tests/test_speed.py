@@ -86,3 +86,19 @@ def test_a_batch_without_images_keeps_the_visual_path_in_the_graph_under_data_pa
     assert all(g is not None and not g.any() for g in grads)
     monkeypatch.setattr(V, "_data_parallel", lambda: False)
     assert not model(**b).loss.requires_grad  # one process: the frozen LLM alone, nothing trainable in the graph
+
+
+def test_the_llava_benchmark_runs_at_a_tiny_size():
+    """A smoke run of benchmarks/vlm_vs_llava.py (its figures mean nothing at this size): both models step,
+    generate the same greedy tokens, and the report has every figure."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "vlm_vs_llava.py"
+    spec = importlib.util.spec_from_file_location("vlm_vs_llava", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--tiny", "--steps", "1", "--batch", "2", "--new-tokens", "2", "--vocab", "512"])
+    assert out["same_greedy_tokens"] and out["vocab"] == 512
+    assert set(out["train_step_s"]) == {"vlkit", "llava", "vlkit_cached_features", "vlkit_full_loss"}
+    assert all(v > 0 for v in out["train_step_s"].values()) and out["generate_ratio_vlkit_over_llava"] > 0
