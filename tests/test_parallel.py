@@ -4,15 +4,12 @@ the same global batch, sharded checkpoints resume exactly, and a 2-rank checkpoi
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlkit.errors import VlkitError
+from test_trainer import two_ranks as two_ranks_run
 from vlkit.train import TrainConfig, Trainer
 
 HERE = os.path.dirname(__file__)
@@ -113,21 +110,7 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     script = root / "run.py"
     script.write_text(SCRIPT.format(here=HERE))
-    for attempt in range(2):  # gloo on this CPU box aborts a rank now and then (SIGABRT): one retry
-        out = root / f"try{attempt}"
-        out.mkdir()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(port), str(script), str(out)], capture_output=True,
-                             text=True, timeout=600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
-        if res.returncode == 0 or "exitcode: -6" not in res.stderr:
-            break
-    assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-2000:]
-    assert res.stdout.count(" ok") == 2
-    return out
+    return two_ranks_run(script, root)[1]
 
 
 def close(a: dict, b: dict, tol=1e-5):
@@ -140,12 +123,13 @@ def test_fsdp_two_ranks_follow_one_process_and_resume_exactly(two_ranks, tmp_pat
     one = make(tmp_path / "one", batch_size=8)
     one.fit()
     assert losses(two_ranks / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    close(torch.load(two_ranks / "fsdp.pt"), weights(one))
+    close(torch.load(two_ranks / "fsdp.pt", weights_only=True), weights(one))
     # the sharded checkpoint: torch.distributed.checkpoint files, each rank's RNG
     ckpt = two_ranks / "fsdp" / "checkpoints" / "step-0000004"
     assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "rng-1.safetensors").is_file()
     # killed at step 3, resumed from step 2's checkpoint into a model initialised differently: identical
-    full, resumed = torch.load(two_ranks / "fsdp.pt"), torch.load(two_ranks / "fsdp_resumed.pt")
+    full = torch.load(two_ranks / "fsdp.pt", weights_only=True)
+    resumed = torch.load(two_ranks / "fsdp_resumed.pt", weights_only=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert losses(two_ranks / "fsdp_resumed") == losses(two_ranks / "fsdp")
 
@@ -170,7 +154,7 @@ def test_ddp_with_accumulation_follows_one_process_and_resumes_on_one_rank(two_r
     one = make(tmp_path / "one", batch_size=4, grad_accum=2)  # 2 ranks x 2 rows x 2 micro-batches = 8 per step
     one.fit()
     assert losses(two_ranks / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    close(torch.load(two_ranks / "ddp.pt"), weights(one))
+    close(torch.load(two_ranks / "ddp.pt", weights_only=True), weights(one))
     out = tmp_path / "ddp"
     shutil.copytree(two_ranks / "ddp", out)
     (out / "checkpoints" / "latest").write_text("step-0000002\n")

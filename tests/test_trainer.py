@@ -127,8 +127,6 @@ def test_two_ranks_under_torchrun(tmp_path):
     """DDP on CPU (gloo): both ranks train, only rank 0 writes (checkpoints and the model, which every rank asks
     for), and a failed write is an error on every rank."""
     import os
-    import subprocess
-    import sys
 
     script = tmp_path / "ddp.py"
     script.write_text(f"""
@@ -158,25 +156,40 @@ sys.stdout.write(f"rank {{dist.get_rank()}} ok {{failed}}\\n"); sys.stdout.flush
 dist.destroy_process_group()
 import os; os._exit(0)  # skip interpreter teardown, where gloo's threads sometimes abort ("terminate called ...")
 """)
-    import socket
-
-    for attempt in range(2):  # gloo on this CPU box aborts a rank now and then (SIGABRT, ~1 run in 10): one retry
-        out = tmp_path / f"out{attempt}"
-        with socket.socket() as s:  # a free port, on loopback only
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                              "127.0.0.1", "--master_port", str(port), str(script), str(out)], capture_output=True,
-                             text=True, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
-        if res.returncode == 0 or "exitcode: -6" not in res.stderr:
-            break
-    assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-1500:]
-    assert res.stdout.count(" ok") == 2
+    res, out = two_ranks(script, tmp_path, timeout=300)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000004"
     assert (out / "writers.txt").read_text() == "0\n" and (out / "model" / "weights.txt").read_text() == "saved"
     assert "rank 0 ok ZeroDivisionError" in res.stdout and "rank 1 ok VlkitError" in res.stdout
     assert not (out / "broken").exists()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(script, root, timeout: int = 600):
+    """`script OUT` under torchrun on 2 CPU ranks (gloo); (the finished process, OUT). gloo on this CPU box aborts a
+    rank now and then (SIGABRT, ~1 run in 10): one retry, in a fresh OUT. Both ranks must print " ok"."""
+    import os
+    import subprocess
+    import sys
+
+    for attempt in range(2):
+        out = root / f"out{attempt}"
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                              "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)],
+                             capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+        if res.returncode == 0 or "exitcode: -6" not in res.stderr:
+            break
+    assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-2000:]
+    assert res.stdout.count(" ok") == 2
+    return res, out
 
 
 def two_stream_trainer(out, steps=6, order="joint", weights=(1.0, 2.0)):
