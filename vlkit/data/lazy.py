@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vlkit.console import bar as progress_bar
 from vlkit.data.features import as_batch, as_list
-from vlkit.data.records import validate_record
+from vlkit.data.records import checked
 from vlkit.errors import VlkitError
 
 
@@ -78,10 +78,7 @@ class RecordFile:
                 from None
         if not isinstance(record, dict):
             raise VlkitError(f"{self.path}:{lineno}: expected a JSON object per line")
-        validate_record(record, f"{self.path}:{lineno}")
-        record["images"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(self.base, p))
-                            for p in record.get("images", [])]
-        return record
+        return checked(record, f"{self.path}:{lineno}", self.base)
 
     def __len__(self) -> int:
         return len(self.offsets)

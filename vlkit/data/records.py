@@ -73,10 +73,17 @@ def load_records(path: str | Path) -> list[dict]:
     records = read_jsonl(path)
     base = str(path.parent.resolve())  # once per file: resolving every image path costs seconds on 25k records
     for lineno, r in enumerate(records, 1):
-        validate_record(r, f"{path}:{lineno}")
-        r["images"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-                       for p in r.get("images", [])]
+        checked(r, f"{path}:{lineno}", base)
     return records
+
+
+def checked(record: dict, where: str, base: str) -> dict:
+    """`record` validated (errors name `where`), its image paths made absolute against `base` (the JSONL file's
+    resolved directory), in place."""
+    validate_record(record, where)
+    record["images"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+                        for p in record.get("images", [])]
+    return record
 
 
 def save_records(path: str | Path, records: Iterable[dict]) -> None:

@@ -211,12 +211,16 @@ class Trainer:
                           f"one step ({self._step_size()}) and are left out", stacklevel=3)
         return by_task
 
+    def _generator(self, epoch: int, stream: int) -> torch.Generator:
+        """The generator of (epoch, stream)'s data order: a pure function of the seed, so resumes see the same."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+
     def _task_steps(self, epoch: int, stream: int) -> list[list[int]]:
         """The steps of `epoch` (every rank's indices of each), each from one task, in their shuffled order."""
         cached = self._epoch_steps.get(stream)
         if cached is not None and cached[0] == epoch:
             return cached[1]
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+        g = self._generator(epoch, stream)
         n, steps = self._step_size(), []
         for idx in self._by_task[stream].values():
             perm = torch.randperm(len(idx), generator=g).tolist()
@@ -234,7 +238,7 @@ class Trainer:
             return self._task_steps(epoch, stream)[step][k * n:(k + 1) * n][self.rt.rank::self.rt.world_size]
         cached = self._perms.get(stream)
         if cached is None or cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + stream * 7_919)
+            g = self._generator(epoch, stream)
             cached = (epoch, torch.randperm(len(self.streams[stream].dataset), generator=g)[
                 self.rt.rank::self.rt.world_size])
             self._perms[stream] = cached
@@ -260,7 +264,7 @@ class Trainer:
                 if cfg.num_workers else {}
             # its own generator: making the iterator draws a worker seed, which must not move the global RNG that
             # dropout draws from (a resumed run would diverge from an uninterrupted one)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + k * 7_919)
+            g = self._generator(self.step, k)
             out.append(iter(DataLoader(st.dataset, batch_sampler=_Sampler(self, k), collate_fn=st.collate,
                                        pin_memory=pin, generator=g, **workers)))
         return out
