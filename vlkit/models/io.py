@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
@@ -54,7 +54,7 @@ from vlkit.errors import VlkitError
 from vlkit.fileio import atomic_dir, file_hash, read_json, write_json
 from vlkit.models.llm import arch_of
 from vlkit.models.vlm import VisionLanguageModel, VLMConfig
-from vlkit.models.weights import INDEX, WEIGHTS
+from vlkit.models.weights import INDEX, WEIGHTS, open_files
 
 MODEL_TYPE = "vlkit_vlm"
 FORMAT = 2
@@ -120,7 +120,7 @@ class Stored:
 
 
 def _file_tensors(files: list[tuple[Path, object, bool]], rename=None) -> dict[str, Stored]:
-    """The tensors of opened safetensors files (`_open_weights`), by model name (`rename`: of a format-1 key)."""
+    """The tensors of opened safetensors files (`weights.open_files`), by model name (`rename`: of a format-1 key)."""
     out = {}
     for path, handle, mapped in files:
         for key in handle.keys():
@@ -150,7 +150,7 @@ def stored_tensors(directory: Path) -> dict[str, Stored]:
         return {n: Stored(directory, n, tuple(t.shape), t.dtype, lambda t=t: t, lambda t=t: t[:1] if t.dim() else t,
                           True) for n, t in stock.state_dict().items()}
     below = stored_tensors(check_base(directory, meta[BASE])) if BASE in meta else {}
-    return {**below, **_file_tensors(_open_weights(directory), _renamed if meta.get("format", 1) < FORMAT else None)}
+    return {**below, **_file_tensors(open_files(directory), _renamed if meta.get("format", 1) < FORMAT else None)}
 
 
 def weight_files(directory: Path) -> list[str]:
@@ -350,7 +350,7 @@ def load_vlm(directory: str | Path, device: str | torch.device = "cpu", dtype: s
     if old:
         cfg = validate(VLMConfig, _upgrade(meta, processor), f"{where} (vlm)")
     # a missing or corrupt file, or a base that changed, fails before the build
-    tensors = _file_tensors(_open_weights(directory), _renamed if old else None)
+    tensors = _file_tensors(open_files(directory), _renamed if old else None)
     base = stored_tensors(check_base(directory, meta[BASE])) if BASE in meta else None
     try:
         with empty_modules(device, dtype or _stored_dtype({**(base or {}), **tensors})):
@@ -388,37 +388,6 @@ def tie_weights(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
             m.tie_weights()
-
-
-def _open_weights(directory: Path) -> list[tuple[Path, object, bool]]:
-    """The directory's safetensors files, opened (headers read, no tensor yet): model.safetensors, or the shards its
-    model.safetensors.index.json lists; each with whether its tensors are views of the mapped file (safetensors
-    before 0.8, which cannot read them into memory of their own with pread)."""
-    index = directory / INDEX
-    weight_map = None
-    if index.is_file():
-        meta = read_json(index)
-        weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise VlkitError(f"{index}: no weight_map; re-save the model")
-    files = []
-    for name in sorted(set(weight_map.values())) if weight_map else [WEIGHTS]:
-        path = directory / str(name)
-        if not path.is_file():
-            raise VlkitError(f"{path}: weights file not found; the model directory is incomplete")
-        try:
-            try:
-                handle, mapped = safe_open(str(path), "pt", backend="pread"), False
-            except TypeError:
-                handle, mapped = safe_open(str(path), "pt"), True
-        except (SafetensorError, OSError) as e:
-            raise VlkitError(f"{path}: corrupt, truncated or mismatched weights ({str(e).splitlines()[0][:160]}); "
-                             "re-save the model") from None
-        stray = [k for k in handle.keys() if weight_map is not None and weight_map.get(k) != name]
-        if stray:
-            raise VlkitError(f"{index}: does not place {stray[0]} in {name}, which holds it; re-save the model")
-        files.append((path, handle, mapped))
-    return files
 
 
 def _stored_dtype(tensors: dict[str, Stored]) -> torch.dtype:
