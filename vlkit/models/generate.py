@@ -2,7 +2,8 @@
 
 The fused prompt (text + visual tokens) is prefilled once as ``inputs_embeds``, inside the context in
 which the model's fusions act (`VisionLanguageModel.fused`); every further token reuses the KV cache of
-that prefix (Hugging Face's ``generate`` loop on the LLM), so image features are computed once per request.
+that prefix (vlkit's decoding loop, `vlkit.models.decode`: a preallocated cache, stop strings checked on the
+new text alone), so image features are computed once per request.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
+from vlkit.models.decode import Answer, Batch
+from vlkit.models.fusion.base import Fusion
 
 
 @dataclass
@@ -25,6 +27,7 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks; vLLM's option)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,44 +69,25 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     return {"inputs_embeds": embeds, "attention_mask": mask, "fused": model.fused(x)}
 
 
-def _generate_kwargs(processor: VLProcessor, gen: GenerationConfig) -> dict:
+def answer(processor: VLProcessor, gen: GenerationConfig, row: int = 0, cancelled: threading.Event | None = None,
+           text: bool = False, tag=None) -> Answer:
+    """The `Answer` `gen` asks for, as row `row` of a batch (a seed seeds row 0; row i samples from seed + i)."""
     gen.check()
-    tok = processor.tokenizer
-    kw = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    if gen.temperature > 0:
-        kw.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if gen.stop:
-        kw.update(stop_strings=list(gen.stop), tokenizer=tok)
-    return kw
+    return Answer(processor.tokenizer, gen.max_new_tokens, gen.stop, gen.temperature, gen.top_p,
+                  None if gen.seed is None else gen.seed + row, cancelled, text, gen.ignore_eos, tag)
 
 
-class Cancelled(StoppingCriteria):
-    """Ends the rows whose event is set (a client that went away): they stop at the next step, the others go on."""
-
-    def __init__(self, events: Sequence[threading.Event]):
-        self.events = list(events)
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
+def prefill(model, processor: VLProcessor, inputs: dict, rows: list[Answer], fused=None) -> tuple[Batch, list[str]]:
+    """`prepare`d prompts run once (inside `fused`, when given) and each row's first token taken: (batch, the
+    text each row released)."""
+    return Batch.prefill(model.llm, rows, inputs["inputs_embeds"], inputs["attention_mask"], fused,
+                         processor.tokenizer.pad_token_id)
 
 
-class _Either:
-    def __init__(self, *events: threading.Event | None):
-        self.events = [e for e in events if e is not None]
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
-
-
-def _cancellable(kw: dict, events: Sequence[threading.Event] | None) -> dict:
-    return {**kw, "stopping_criteria": StoppingCriteriaList([Cancelled(events)])} if events else kw
-
-
-def trim(text: str, stop: Sequence[str]) -> str:
-    cut = min([text.find(s) for s in stop if s and s in text], default=-1)
-    return text if cut < 0 else text[:cut]
+def decodes_alone(model) -> bool:
+    """Whether a decoding step needs none of the model's fusions (they act on the prompt's pass alone), so that
+    rows can join and leave a running batch."""
+    return all(type(f).active is Fusion.active or f.prefill_only for f in model.fusions.values())
 
 
 @torch.no_grad()
@@ -112,27 +96,21 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
              return_ids: bool = False, cancelled: Sequence[threading.Event] | None = None) -> list[dict]:
     """Answer a batch of conversations. Returns [{"text", "tokens", "finish_reason"}] per conversation
     (+ "ids", the generated token ids before the end-of-sequence token, with `return_ids`). A row whose
-    `cancelled` event is set stops generating at the next step."""
+    `cancelled` event is set stops generating at the next step. Rows stay in the batch until all are done (as
+    transformers' generate keeps them), so every row's numbers are those of one fixed batch."""
     gen = gen or GenerationConfig()
-    kw = _cancellable(_generate_kwargs(processor, gen), cancelled)
+    rows = [answer(processor, gen, i, None if cancelled is None else cancelled[i]) for i in range(len(conversations))]
     inputs = prepare(model, processor, conversations, images, image_inputs)
-    if gen.seed is not None:
-        torch.manual_seed(gen.seed)
-    with inputs.pop("fused"):
-        out = model.llm.generate(**inputs, **kw)
-    tok = processor.tokenizer
+    with inputs.pop("fused"):  # the fusions act on every pass (an adapter's gated attention, at every step)
+        batch, _ = prefill(model, processor, inputs, rows)
+        while not batch.done:
+            batch.step()
     results = []
-    for row in out:
-        ids = row.tolist()
-        n = len(ids)
-        if tok.eos_token_id in ids:
-            n = ids.index(tok.eos_token_id)
-        text = tok.decode(ids[:n], skip_special_tokens=True)
-        stopped = bool(gen.stop) and any(s in text for s in gen.stop)
-        finish = "stop" if (n < len(ids) or stopped) else ("length" if len(ids) >= gen.max_new_tokens else "stop")
-        results.append({"text": trim(text, gen.stop).strip(), "tokens": n, "finish_reason": finish})
+    for a in rows:
+        results.append({"text": a.final_text().strip(), "tokens": len(a.ids),
+                        "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
         if return_ids:
-            results[-1]["ids"] = ids[:n]
+            results[-1]["ids"] = list(a.ids)
     return results
 
 
@@ -140,40 +118,15 @@ def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequ
            gen: GenerationConfig | None = None, cancelled: threading.Event | None = None,
            image_inputs: dict | None = None) -> Iterator[str]:
     """Yield the answer's text as it is generated (one conversation); setting `cancelled` ends it. `image_inputs`:
-    the images as model inputs already (as `prepare` takes them)."""
+    the images as model inputs already (as `prepare` takes them). The pieces joined are the whole answer's text."""
     gen = gen or GenerationConfig()
-    halt = threading.Event()  # set when this generator ends early: the generation thread stops at its next step
-    kw = _cancellable(_generate_kwargs(processor, gen), [_Either(halt, cancelled)])
+    rows = [answer(processor, gen, cancelled=cancelled, text=True)]
     inputs = prepare(model, processor, [conversation], [images], image_inputs)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    error: list[BaseException] = []
-
-    fused = inputs.pop("fused")
-
-    def work():
-        try:
-            with torch.no_grad(), fused:
-                model.llm.generate(**inputs, **kw, streamer=streamer)
-        except BaseException as e:  # surfaced in the caller's thread
-            error.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    emitted = ""
-    try:
-        for piece in streamer:
-            candidate = emitted + piece
-            if gen.stop and any(s in candidate for s in gen.stop):
-                rest = trim(candidate, gen.stop)[len(emitted):]
-                if rest:
-                    yield rest
-                break
-            emitted = candidate
+    with inputs.pop("fused"):
+        batch, (piece,) = prefill(model, processor, inputs, rows)
+        while True:
             if piece:
                 yield piece
-    finally:  # a stop string, an error or a consumer that went away: no step more than needed
-        halt.set()
-        thread.join()
-    if error:
-        raise error[0]
+            if batch.done:
+                break
+            (piece,) = batch.step()

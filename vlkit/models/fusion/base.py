@@ -55,6 +55,7 @@ class Fusion(nn.Module):
     Config: ClassVar[type[Section]] = Section
     exports: ClassVar[frozenset[str]] = frozenset()  # stock formats (llava, blip-2) that can represent it
     takes_views: ClassVar[bool] = False  # works on a tiled model, whose visual rows are views, not images
+    prefill_only: ClassVar[bool] = False  # its `active` acts on the prompt's pass alone, never on a decoding step
 
     def __init__(self, config: Section):
         super().__init__()

@@ -69,6 +69,7 @@ class VPGC(Fusion):
     """Completes the image tokens that another fusion (`tokens`) placed in the text; takes no slots itself."""
 
     Config = VPGCConfig
+    prefill_only = True  # completes the image tokens in the prompt's pass; decoding steps pass untouched
 
     def __init__(self, config: VPGCConfig, llm_width: int, qformer_width: int, num_queries: int):
         super().__init__(config)
