@@ -283,7 +283,7 @@ def test_serve_engine_writes_expert_text_into_each_request(tiny_tokenizer, monke
     finally:
         plain.close()
 
-    seen = spy_on(monkeypatch, engine_mod, "generate", 2)
+    seen = spy_on(monkeypatch, engine_mod, "prepare", 2)
     srv = Live(create_app(engine, limits))
     try:
         out = srv.client.chat.completions.create(model="tiny", max_tokens=3, messages=body["messages"])

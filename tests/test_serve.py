@@ -116,11 +116,11 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(live):
     srv, engine = live
     prompts = [f"describe picture {i}." for i in range(6)]
     alone = [ask(srv.client, p).choices[0].message.content for p in prompts]
-    before = len(engine.batches)
+    engine.largest_batch = 0
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda p: ask(srv.client, p).choices[0].message.content, prompts))
     assert together == alone
-    assert max(engine.batches[before:]) > 1  # shared forward passes, not one at a time
+    assert engine.largest_batch > 1  # shared forward passes, not one at a time
 
 
 @pytest.mark.parametrize("bad,status,needle", [
@@ -302,3 +302,52 @@ def test_a_conversations_images_are_encoded_once_and_answers_do_not_change(tiny_
     finally:
         hook.remove()
     assert answers[64][:2] == answers[0][:2] and answers[64][2].strip() == answers[0][2].strip()
+
+
+def test_requests_join_a_running_batch_and_get_the_answers_they_get_served_one_at_a_time(tiny_tokenizer):
+    """Continuous batching: requests that arrive while a long answer decodes join its batch between steps and
+    leave it when they are done (their own max_tokens, stop strings, sampling seed; streams too); every answer
+    equals the one the same request gets from an engine serving one request at a time."""
+    from vlkit.models.generate import GenerationConfig
+    from vlkit.serve.engine import Request
+
+    model, proc = make(tiny_tokenizer)
+    pics = [Image.fromarray(np.random.default_rng(s).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            for s in range(4)]
+    gens = [GenerationConfig(max_new_tokens=40, ignore_eos=True),  # the long one, running when the others arrive
+            GenerationConfig(max_new_tokens=3), GenerationConfig(max_new_tokens=12, stop=[" "]),
+            GenerationConfig(max_new_tokens=9, temperature=1.2, top_p=0.9, seed=5, ignore_eos=True),
+            GenerationConfig(max_new_tokens=6, ignore_eos=True), GenerationConfig(max_new_tokens=20)]
+
+    def requests():
+        return [Request([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"what is {i}?"}]}],
+                        [pics[i % 4]], g, streaming=i in (2, 4)) for i, g in enumerate(gens)]
+
+    answers, order = {}, {}
+    for batching in (True, False):
+        engine = Engine(model, proc, "tiny", batching=batching, batch_window_ms=0)
+        try:
+            first, *rest = requests()
+            ended: list[int] = []
+            first.future.add_done_callback(lambda f: ended.append(0))
+            engine.submit(first)
+            deadline = time.monotonic() + 30
+            while engine.steps < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            for i, r in enumerate(rest, 1):
+                r.future.add_done_callback(lambda f, i=i: ended.append(i))
+                engine.submit(r)
+            got = []
+            for r in [first, *rest]:
+                streamed = "".join(iter(lambda: r.pieces.get(timeout=60), None)) if r.streaming else None
+                out = r.future.result(timeout=60)
+                assert streamed is None or streamed.strip() == out["text"]
+                got.append(out)
+            answers[batching], order[batching] = got, ended
+            if batching:
+                assert engine.prefills == 2 and engine.largest_batch > 1  # (an answer may end at its prefill)
+        finally:
+            engine.close()
+    assert answers[True] == answers[False]
+    assert [a["tokens"] for a in answers[True]][0] == 40 and answers[True][1]["tokens"] <= 3
+    assert order[True][-1] == 0 and order[False][0] == 0  # batched, the long answer ended last; alone, first

@@ -99,14 +99,14 @@ def test_no_request_stops_the_engine_and_a_500_keeps_the_connection(live, monkey
     import vlkit.serve.engine as E
 
     srv, engine = live
-    real = E.generate
+    real = E.prepare
 
     def flaky(model, proc, convs, *a, **k):
         if any("boom" in json.dumps(c) for c in convs):
             raise RuntimeError("boom")
         return real(model, proc, convs, *a, **k)
 
-    monkeypatch.setattr(E, "generate", flaky)
+    monkeypatch.setattr(E, "prepare", flaky)
     before = engine.failures
     c = conn(srv)
     status, err = ask(c, {"messages": [{"role": "user", "content": "boom"}]})
@@ -138,7 +138,8 @@ def test_health_reports_a_dead_or_stuck_engine_and_shutdown_does_not_wait_for_it
     model, proc = make(tiny_tokenizer)
     engine = Engine(model, proc, "tiny")
     release = threading.Event()
-    monkeypatch.setattr(E, "generate", lambda *a, **k: release.wait(60) and [])
+    real = E.prepare
+    monkeypatch.setattr(E, "prepare", lambda *a, **k: release.wait(60) and real(*a, **k))
     app = create_app(engine, ServeLimits(stuck_after_s=0.3, timeout_s=30))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,27 +178,33 @@ def test_streams_count_against_the_limit_and_a_disconnect_cancels_the_generation
     import vlkit.serve.engine as E
 
     seen: list = []
+    steps = [0]
 
-    def slow(model, proc, conv, images, gen, cancelled=None, image_inputs=None):
-        for i in range(400):
-            if cancelled.is_set():
-                seen.append(i)
-                return
-            time.sleep(0.02)
-            yield "w "
-        seen.append(None)
+    def slow(batch):  # a step of 20 ms that never ends a stream by itself
+        time.sleep(0.02)
+        steps[0] += 1
+        for a in batch.answers:
+            if a.cancelled.is_set() and not a.done:
+                a.finish = "cancelled"
+                seen.append(steps[0])
+            elif not a.tag.streaming:  # (the request after the test's streams)
+                a.finish = "length"
+        return ["" if a.done else "w " for a in batch.answers]
 
-    monkeypatch.setattr(E, "stream", slow)
+    monkeypatch.setattr(E.Batch, "step", slow)
     srv, engine = serve(tiny_tokenizer, ServeLimits(max_in_flight=2, max_images=2, max_pixels=64 * 64))
     try:
         held = []
         for _ in range(2):
             c = conn(srv)
-            c.request("POST", "/v1/chat/completions", json.dumps({**HI, "stream": True}).encode(),
+            c.request("POST", "/v1/chat/completions", json.dumps({**HI, "stream": True, "ignore_eos": True}).encode(),
                       {"content-type": "application/json"})
             r = c.getresponse()
             assert r.status == 200 and r.readline().startswith(b"data: ")
             held.append((c, r))
+        for c, r in held:  # both decoding: their steps' text arrives
+            while b'"w "' not in r.readline():
+                pass
         status, err = post(srv.url + "/v1/chat/completions", json.dumps(HI).encode())
         assert status == 429 and post(srv.url + "/health")[1]["in_flight"] == 2
         for c, r in held:  # the clients go away mid-stream
@@ -208,8 +215,8 @@ def test_streams_count_against_the_limit_and_a_disconnect_cancels_the_generation
         while (not seen or post(srv.url + "/health")[1]["in_flight"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
-        # the running stream stopped early; the queued one, cancelled before it started, never ran
-        assert len(seen) == 1 and seen[0] is not None and seen[0] < 200, seen
+        # both streams (decoding in one batch) stopped early, within steps of their clients going away
+        assert len(seen) == 2 and max(seen) < 200, seen
         assert post(srv.url + "/health")[1]["in_flight"] == 0
         assert post(srv.url + "/v1/chat/completions", json.dumps(HI).encode())[0] == 200
     finally:
@@ -222,7 +229,8 @@ def test_the_engine_queue_is_bounded(tiny_tokenizer, monkeypatch):
     from vlkit.models.generate import GenerationConfig
 
     release = threading.Event()
-    monkeypatch.setattr(E, "generate", lambda *a, **k: release.wait(30) and [])
+    real = E.prepare
+    monkeypatch.setattr(E, "prepare", lambda *a, **k: release.wait(30) and real(*a, **k))
     model, proc = make(tiny_tokenizer)
     engine = Engine(model, proc, "tiny", max_queue=2, batching=False)
     try:
@@ -453,12 +461,8 @@ def test_waiting_streams_hold_no_worker_thread(tiny_tokenizer, monkeypatch):
     import vlkit.serve.engine as E
 
     release = threading.Event()
-
-    def stuck(model, proc, conv, images, gen, cancelled=None, image_inputs=None):
-        release.wait(30)
-        yield "x"
-
-    monkeypatch.setattr(E, "stream", stuck)
+    real = E.prepare
+    monkeypatch.setattr(E, "prepare", lambda *a, **k: release.wait(30) and real(*a, **k))
     srv, engine = serve(tiny_tokenizer, ServeLimits(max_in_flight=40, max_images=2, max_pixels=64 * 64))
     try:
         held = []
@@ -484,19 +488,20 @@ def test_a_client_that_disconnects_cancels_its_generation(tiny_tokenizer, monkey
 
     seen = []
 
-    def waits_for_cancel(model, proc, convs, imgs, gen, return_ids=False, cancelled=None, image_inputs=None):
-        for _ in range(300):
-            if all(e.is_set() for e in cancelled):
-                seen.append("cancelled")
-                break
-            time.sleep(0.02)
-        return [{"text": "", "tokens": 0, "finish_reason": "stop", "ids": []} for _ in convs]
+    def waits_for_cancel(batch):  # steps of 20 ms that end no answer until its client is gone
+        time.sleep(0.02)
+        if all(a.cancelled.is_set() for a in batch.answers):
+            seen.append("cancelled")
+            for a in batch.answers:
+                a.finish = "cancelled"
+        return ["" for _ in batch.answers]
 
-    monkeypatch.setattr(E, "generate", waits_for_cancel)
+    monkeypatch.setattr(E.Batch, "step", waits_for_cancel)
     srv, engine = serve(tiny_tokenizer)
     try:
         c = conn(srv)
-        c.request("POST", "/v1/chat/completions", json.dumps(HI).encode(), {"content-type": "application/json"})
+        c.request("POST", "/v1/chat/completions", json.dumps({**HI, "ignore_eos": True}).encode(),
+                  {"content-type": "application/json"})
         time.sleep(0.3)
         c.sock.shutdown(socket.SHUT_RDWR)
         c.close()

@@ -242,8 +242,10 @@ def serve(model: Path = typer.Argument(..., help="A vlkit model directory."),
           name: Optional[str] = typer.Option(None, help="Model id in the API (default: from the directory)."),
           host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           port: int = typer.Option(8000, help="Port."),
-          max_batch: int = typer.Option(16, help="Most requests in one batched generate call."),
-          batch_window_ms: float = typer.Option(10.0, help="How long the batcher waits for more requests."),
+          max_batch: int = typer.Option(16, help="Most requests decoding together (continuous batching: they "
+                                        "join and leave between steps)."),
+          batch_window_ms: float = typer.Option(10.0, help="How long an idle server waits for more requests "
+                                                "before it starts decoding."),
           no_batching: bool = typer.Option(False, help="Answer requests one at a time."),
           visual_cache: int = typer.Option(64, min=0, help="Images whose encoder features are kept (by content "
                                            "hash), so a conversation's images are encoded once; 0: off."),

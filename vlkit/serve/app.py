@@ -26,6 +26,7 @@ before its first chunk is sent: the client still receives chunks, but only once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -147,8 +148,17 @@ def prepare(raw: bytes, engine: Engine, limits: ServeLimits) -> Prepared:
                        f"context of {ctx} tokens", param="messages", code="context_length_exceeded")
     gen = GenerationConfig(max_new_tokens=asked or min(limits.max_tokens, room),  # default: what fits
                            temperature=0.0 if req.greedy else float(req.temperature),
-                           top_p=1.0 if req.top_p is None else float(req.top_p), stop=list(req.stop), seed=req.seed)
+                           top_p=1.0 if req.top_p is None else float(req.top_p), stop=list(req.stop), seed=req.seed,
+                           ignore_eos=req.ignore_eos)
     return Prepared(req, conv, images, gen, prompt_tokens)
+
+
+def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event):
+    """A function another thread calls to set `event` on `loop` (a no-op once the loop has closed)."""
+    def wake():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(event.set)
+    return wake
 
 
 class Slots:
@@ -322,8 +332,10 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
         rid, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
         streaming = p.req.stream and guard is None
+        ready = asyncio.Event()  # set by the engine's thread when a stream's next piece is queued
         try:
-            req = engine.submit(Request(conv, p.images, p.gen, streaming=streaming))
+            req = engine.submit(Request(conv, p.images, p.gen, streaming=streaming,
+                                        waker=_waker(loop, ready) if streaming else None))
         except EngineBusy as e:
             raise APIError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
                            code="rate_limit_exceeded") from None
@@ -337,7 +349,7 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
                     slots.give()
                     metrics.observe(state["code"], time.perf_counter() - t0,
                                     engine.count_tokens(state["text"]) if state["text"] else 0)
-            return Stream(_sse(req, rid, stamp, p.prompt_tokens, include_usage, state, close), close,
+            return Stream(_sse(req, ready, rid, stamp, p.prompt_tokens, include_usage, state, close), close,
                           media_type="text/event-stream"), 0, True
         out = await _wait(req, http)
         text, finish = out["text"], out["finish_reason"]
@@ -384,37 +396,46 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
             raise APIError(500, f"generation failed ({type(e).__name__}); the request was not answered",
                            "server_error") from None
 
-    async def _sse(req, rid, stamp, prompt_tokens, include_usage, state, close):
+    async def _sse(req, ready, rid, stamp, prompt_tokens, include_usage, state, close):
         """A stream holds its slot until it ends; a client that goes away cancels its generation. The engine's
-        pieces are polled here, on the event loop, so waiting streams hold no worker thread."""
+        pieces are read here, on the event loop, woken by `ready`, so waiting streams hold no worker thread."""
         deadline = time.monotonic() + limits.timeout_s
         try:
             yield _chunk(rid, stamp, {"role": "assistant", "content": ""})
+            sent: list[str] = []  # the chunks of the pieces queued so far, sent together (one write under load)
             while True:
                 try:
                     item = req.pieces.get_nowait()
                 except queue.Empty:
+                    if sent:
+                        yield "".join(sent)
+                        sent.clear()
+                        continue
                     if time.monotonic() > deadline:
                         state["code"] = 504
                         err = APIError(504, f"generation took longer than {limits.timeout_s}s", "timeout",
                                        code="timeout")
                         yield f"data: {json.dumps(err.body())}\n\n"
                         break
-                    await asyncio.sleep(0.005)
+                    ready.clear()
+                    if req.pieces.empty():  # (a piece queued before the clear is read at once)
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(ready.wait(), timeout=0.25)
                     continue
                 if isinstance(item, BaseException):
                     state["code"] = 500
                     err = APIError(500, f"generation failed ({type(item).__name__})", "server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
+                    yield "".join(sent) + f"data: {json.dumps(err.body())}\n\n"
                     break
-                if item is None:
-                    n = engine.count_tokens(state["text"])
-                    finish = "length" if n >= req.gen.max_new_tokens else "stop"
+                if item is None:  # the engine's answer says how it ended (a cancelled one: counted here)
+                    done = req.future.result() if req.future.done() else None
+                    n = done["tokens"] if done else engine.count_tokens(state["text"])
+                    finish = done["finish_reason"] if done else "length" if n >= req.gen.max_new_tokens else "stop"
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                    yield _chunk(rid, stamp, {}, finish, usage if include_usage else None)
+                    yield "".join(sent) + _chunk(rid, stamp, {}, finish, usage if include_usage else None)
                     break
                 state["text"] += item
-                yield _chunk(rid, stamp, {"content": item})
+                sent.append(_chunk(rid, stamp, {"content": item}))
             yield "data: [DONE]\n\n"
         finally:  # the end of the stream, however it ends (a disconnect closes this generator)
             close()

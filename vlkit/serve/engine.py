@@ -1,17 +1,18 @@
-"""The serving engine: a vlkit model, one worker thread, and dynamic batching.
+"""The serving engine: a vlkit model, one worker thread, and iteration-level (continuous) batching.
 
 Images are encoded once per conversation rather than once per turn: the vision stack's features of recent
 images are kept by content hash (`VisualCache`, `visual_cache` images).
 
-Requests wait in a bounded queue (a full one refuses them: `EngineBusy`); the worker takes what has arrived
-within `batch_window_ms` (up to `max_batch`), groups requests that sample alike (temperature, top_p, seed),
-and answers each group in ONE batched generate call (left padding). Per-request limits are applied to each
-answer afterwards: its own max_tokens and stop strings cut its text, so requests with different settings
-still share the forward passes. Streaming requests run alone, token by token.
+Requests wait in a bounded queue (a full one refuses them: `EngineBusy`). The worker decodes one running batch
+(`vlkit.models.decode.Batch`), one token per row per step; between steps, requests that have arrived are
+prefilled together and join it (up to `max_batch` rows; an idle worker first waits `batch_window_ms` for company),
+and rows that are done leave it: each request ends at its own max_tokens, stop string or end-of-sequence token,
+with its own sampling settings and seed, streams included. A model whose fusions act on decoding steps too (an
+adapter's gated attention) cannot take rows into a running batch: new requests then wait for it to end.
 
-No request can stop the worker: whatever one raises fails that request (and the batch it shared), and the
-next is served. A cancelled request (its client went away, or it timed out) stops generating at the next
-step. `health()` says whether the worker is alive and how long it has been busy with one batch.
+No request can stop the worker: whatever a step raises fails the requests of that batch (a prefill, those it
+was prefilling), and the next are served. A cancelled request (its client went away, or it timed out) leaves
+at the next step. `health()` says whether the worker is alive and how long its current step has taken.
 
 With `experts` (vlkit.experts, LLaMA-Adapter V2 sec 3.4), `with_experts` writes their text about a request's
 images into its conversation; the app calls it while preparing the request, so that the prompt it counts
@@ -20,20 +21,22 @@ against the context is the one generated from.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.experts import WORLD_TEMPLATE, Expert, with_context
-from vlkit.models.generate import GenerationConfig, generate, stream, trim
+from vlkit.models.decode import Batch
+from vlkit.models.generate import GenerationConfig, answer, decodes_alone, prefill, prepare
 from vlkit.models.io import is_vlm_directory, load_vlm
 from vlkit.models.llm import load_llm, position_limit
 from vlkit.models.vlm import VisionLanguageModel
@@ -69,6 +72,13 @@ class Request:
     future: Future = field(default_factory=Future)
     pieces: "queue.Queue[str | None | BaseException]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    waker: Callable[[], None] | None = None  # called from the engine's thread after a stream's piece is queued
+
+    def put(self, item: "str | None | BaseException") -> None:
+        """A stream's next piece (None: its end; an exception: its failure), and its reader woken."""
+        self.pieces.put(item)
+        if self.waker is not None:
+            self.waker()
 
     def cancel(self) -> None:
         """The client is gone: stop generating for it at the next step."""
@@ -76,7 +86,7 @@ class Request:
 
     def fail(self, error: BaseException) -> None:
         if self.streaming:
-            self.pieces.put(error)
+            self.put(error)
         elif not self.future.done():
             self.future.set_exception(error)
 
@@ -95,8 +105,11 @@ class Engine:
         self.max_batch = max_batch if batching else 1
         self.window = batch_window_ms / 1000 if batching else 0.0
         self.inbox: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
-        self.batches: list[int] = []  # sizes of the batches run (for tests and benchmarks)
-        self.failures = 0  # batches that raised (each failed its requests; the worker went on)
+        self.steps = self.rows_stepped = self.prefills = self.largest_batch = 0  # (for tests and benchmarks)
+        self.step_seconds = 0.0  # spent in decoding steps
+        self.failures = 0  # steps or prefills that raised (each failed its requests; the worker went on)
+        self._alone = decodes_alone(self.model)  # rows may join and leave a running batch
+        self._context: contextlib.ExitStack | None = None
         self._busy_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
@@ -136,7 +149,7 @@ class Engine:
         return req
 
     def health(self) -> dict:
-        """{"alive": the worker runs, "busy_s": seconds spent on the current batch (0 when idle), "queued": n}."""
+        """{"alive": the worker runs, "busy_s": seconds spent on the current step (0 between), "queued": n}."""
         since = self._busy_since
         return {"alive": self._thread.is_alive(), "busy_s": 0.0 if since is None else time.monotonic() - since,
                 "queued": self.inbox.qsize()}
@@ -146,93 +159,115 @@ class Engine:
         self._thread.join(timeout=timeout)
 
     # -- worker ------------------------------------------------------------------------------------
+    @property
+    def mean_batch(self) -> float:
+        """Rows per decoding step, on average so far."""
+        return self.rows_stepped / self.steps if self.steps else 0.0
+
     def _loop(self) -> None:
+        running: Batch | None = None
         while not self._stop.is_set():
             try:
-                first = self.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            try:
+                running = self._admit(running)
+                if running is None:
+                    continue
                 self._busy_since = time.monotonic()
-                if first.cancelled.is_set() or first.future.cancelled():
-                    first.pieces.put(None)  # a stream's reader, if still there, ends at once
-                    continue
-                if first.streaming:
-                    self._stream(first)
-                    continue
-                more, streams = self._gather()
-                batch += more + streams
-                groups: dict[tuple, list[Request]] = {}
-                for r in [first, *more]:
-                    groups.setdefault((r.gen.temperature, r.gen.top_p, r.gen.seed), []).append(r)
-                for group in groups.values():
-                    self._run(group)
-                for r in streams:  # arrived while the batch was gathered: served right after it
-                    self._stream(r)
+                self.steps += 1
+                self.rows_stepped += len(running.answers)
+                self.largest_batch = max(self.largest_batch, len(running.answers))
+                pieces = running.step()
+                self.step_seconds += time.monotonic() - self._busy_since
+                running = self._deliver(running, pieces)
             except BaseException as e:  # noqa: BLE001 (nothing a request does may end the worker)
                 self.failures += 1
-                for r in batch:
-                    r.fail(e)
+                for a in running.answers if running is not None else []:
+                    a.tag.fail(e)
+                running = self._end(None)
             finally:
                 self._busy_since = None
+        self._end(None)
 
-    def _gather(self) -> tuple[list[Request], list[Request]]:
-        """What else arrives within the batch window: (requests to batch, streaming requests for after)."""
-        more, streams, deadline = [], [], time.monotonic() + self.window
-        while len(more) + 1 < self.max_batch:
-            left = deadline - time.monotonic()
+    def _admit(self, running: Batch | None) -> Batch | None:
+        """Requests that have arrived, prefilled together, joined to the running batch (or starting one)."""
+        room = self.max_batch - (len(running.answers) if running is not None else 0)
+        if room <= 0 or (running is not None and not (running.joinable and self._alone)):
+            return running
+        new = self._arrived(room, wait=running is None)
+        if not new:
+            return running
+        self._busy_since = time.monotonic()
+        try:
+            batch, pieces = self._prefill(new)
+        except BaseException as e:  # noqa: BLE001 (fails the requests it was prefilling, not the running ones)
+            self.failures += 1
+            for r in new:
+                r.fail(e)
+            return running if running is not None else self._end(None)
+        self.prefills += 1
+        batch = self._deliver(batch, pieces)
+        if running is None or batch is None:
+            return running if batch is None else batch
+        running.join(batch)
+        return running
+
+    def _arrived(self, room: int, wait: bool) -> list[Request]:
+        """Up to `room` queued requests not cancelled; an idle worker waits for the first, then `batch_window_ms`."""
+        out: list[Request] = []
+        deadline = None
+        while len(out) < room:
             try:
-                nxt = self.inbox.get(timeout=max(left, 0)) if left > 0 else self.inbox.get_nowait()
+                if wait and not out:
+                    r = self.inbox.get(timeout=0.1)
+                    deadline = time.monotonic() + self.window
+                elif deadline is not None and deadline > time.monotonic():
+                    r = self.inbox.get(timeout=deadline - time.monotonic())
+                else:
+                    r = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            if nxt.cancelled.is_set():
+            if r.cancelled.is_set() or r.future.cancelled():
+                r.put(None)  # a stream's reader, if still there, ends at once
                 continue
-            (streams if nxt.streaming else more).append(nxt)
-        return more, streams
+            out.append(r)
+        return out
 
-    def _run(self, group: list[Request]) -> None:
-        group = [r for r in group if not r.cancelled.is_set()]
-        if not group:
-            return
-        self.batches.append(len(group))
-        longest = max(r.gen.max_new_tokens for r in group)
-        shared = GenerationConfig(max_new_tokens=longest, temperature=group[0].gen.temperature,
-                                  top_p=group[0].gen.top_p, seed=group[0].gen.seed)
-        try:
-            with torch.no_grad():
-                outs = generate(self.model, self.processor, [r.conversation for r in group],
-                                [r.images for r in group], shared, return_ids=True,
-                                cancelled=[r.cancelled for r in group],
-                                image_inputs=self.visual.inputs([im for r in group for im in r.images]))
-        except BaseException as e:  # every waiting request learns of it
-            self.failures += 1
-            for r in group:
-                r.fail(e)
-            return
-        tok = self.processor.tokenizer
-        for r, out in zip(group, outs):
-            ids = out["ids"]
-            if len(ids) > r.gen.max_new_tokens:  # this request's own budget
-                ids, finish = ids[: r.gen.max_new_tokens], "length"
-            else:  # without stop strings, the shared call says "stop" only at the end-of-sequence token
-                finish = out["finish_reason"]
-            text = tok.decode(ids, skip_special_tokens=True)
-            if any(s and s in text for s in r.gen.stop):
-                text, finish = trim(text, r.gen.stop), "stop"
+    def _prefill(self, new: list[Request]) -> tuple[Batch, list[str]]:
+        rows = [answer(self.processor, r.gen, cancelled=r.cancelled, text=r.streaming, tag=r) for r in new]
+        inputs = prepare(self.model, self.processor, [r.conversation for r in new], [r.images for r in new],
+                         self.visual.inputs([im for r in new for im in r.images]))
+        fused = inputs.pop("fused")
+        if not self._alone:  # the fusions act on every step of this batch: their context stays open until it ends
+            self._context = contextlib.ExitStack()
+            self._context.enter_context(fused)
+            fused = None
+        with torch.no_grad():
+            return prefill(self.model, self.processor, inputs, rows, fused)
+
+    def _deliver(self, batch: Batch, pieces: list[str]) -> Batch | None:
+        """Send each row's new text; answer the rows that are done and let them leave. None: the batch ended."""
+        keep = []
+        for i, (a, piece) in enumerate(zip(batch.answers, pieces)):
+            r: Request = a.tag
+            if r.streaming and piece:
+                r.put(piece)
+            if not a.done:
+                keep.append(i)
+                continue
+            result = {"text": a.final_text().strip(), "tokens": len(a.ids),
+                      "finish_reason": "stop" if a.finish == "cancelled" else a.finish}
             if not r.future.done():
-                r.future.set_result({"text": text.strip(), "tokens": len(ids), "finish_reason": finish})
+                r.future.set_result(result)
+            if r.streaming:
+                r.put(None)
+        if not keep:
+            return self._end(None)
+        if len(keep) < len(batch.answers):
+            batch.keep(keep)
+        return batch
 
-    def _stream(self, r: Request) -> None:
-        if r.cancelled.is_set():
-            r.pieces.put(None)
-            return
-        self.batches.append(1)
-        try:
-            for piece in stream(self.model, self.processor, r.conversation, r.images, r.gen, cancelled=r.cancelled,
-                                image_inputs=self.visual.inputs(list(r.images))):
-                r.pieces.put(piece)
-            r.pieces.put(None)
-        except BaseException as e:  # noqa: BLE001 (reported in the stream)
-            self.failures += 1
-            r.pieces.put(e)
+    def _end(self, batch: None) -> None:
+        """The running batch is over: close the fusions' context it held open, if any."""
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.close()
+        return batch

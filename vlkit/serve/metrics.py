@@ -21,8 +21,15 @@ class ServeMetrics:
         Gauge("vlkit_in_flight", "Requests being answered (streams included).", registry=r).set_function(in_flight)
         Gauge("vlkit_engine_alive", "1 while the engine's worker runs.", registry=r).set_function(
             lambda: float(engine.health()["alive"]))
-        Gauge("vlkit_engine_failed_batches", "Batches that raised (their requests failed; the engine went on).",
-              registry=r).set_function(lambda: engine.failures)
+        Gauge("vlkit_engine_failed_batches", "Decoding steps or prefills that raised (their requests failed; the "
+              "engine went on).", registry=r).set_function(lambda: engine.failures)
+        for name, what, read in (("steps", "Decoding steps run.", lambda: engine.steps),
+                                 ("rows", "Rows decoded, summed over steps (/ steps: the mean batch).",
+                                  lambda: engine.rows_stepped),
+                                 ("step_seconds", "Seconds spent in decoding steps.", lambda: engine.step_seconds),
+                                 ("prefills", "Prefills run (each admits the requests that had arrived).",
+                                  lambda: engine.prefills)):
+            Gauge(f"vlkit_decode_{name}", what, registry=r).set_function(read)
 
     def observe(self, code: int, seconds: float, tokens: int = 0) -> None:
         self.requests.labels(code=str(code)).inc()

@@ -79,6 +79,7 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1)
     user: StrictStr | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens (load tests)
 
     @field_validator("stop")
     @classmethod
