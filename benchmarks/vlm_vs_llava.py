@@ -5,9 +5,10 @@ Same weights (vlkit's model exported to llava), same batch, same machine, one ru
      trainer runs it (`loss_only`: the LM head and loss at supervised positions alone; the tower stops at the
      layer it reads), and vlkit with the full loss (what `loss_only` contributes);
   2. the same step for vlkit with cached vision features (the frozen tower skipped);
-  3. greedy generation tokens/s (batch of prompts, each with an image).
+  3. greedy generation tokens/s at batch 1 and 8 (prompts each with an image; vlkit's own decoding loop against
+     transformers' generate), end to end and in the decoding phase alone, same tokens asserted.
 
-    python benchmarks/vlm_vs_llava.py [--steps 20] [--vocab 32000] [--json out.json]
+    python benchmarks/vlm_vs_llava.py [--steps 20] [--vocab 32000] [--gen-batches 1,8] [--json out.json]
 
 `--vocab` widens the LLM's vocabulary (the tokenizer's 400 ids stay; the head is that wide), as a real LLM's is:
 the LM head's share of the step, which `loss_only` mostly removes, grows with it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 
@@ -27,6 +29,7 @@ import torch
 from vlkit.data.processor import VLProcessor
 from vlkit.data.tokenizer import train_bpe
 from vlkit.models.export import export_llava
+from vlkit.models.generate import GenerationConfig, generate
 from vlkit.models.vision import EncoderConfig
 from vlkit.models.vlm import LLMSource, VisionLanguageModel, VLMConfig
 from vlkit.models.vpg import VPGConfig
@@ -79,11 +82,60 @@ def time_interleaved(variants: dict, steps: int) -> dict[str, list[float]]:
     return times
 
 
+def generation(model, llava, proc, prompt, batch: int, new_tokens: int, reps: int = 5) -> dict:
+    """Greedy answers of `new_tokens` each for `batch` prompts with an image, both models from the same inputs:
+    tokens/s end to end (vision + prefill + decode) and in the decoding phase alone (the time of `new_tokens`
+    tokens minus that of 1, over new_tokens - 1). The end-of-sequence token ends no answer (vlkit's ignore_eos,
+    llava's generation config without one). vlkit runs its public `generate` from the conversations."""
+    imgs = [[np.zeros((224, 224, 3), np.uint8)]] * batch
+    pb = proc.pad([proc.encode(prompt, 1, add_generation_prompt=True)] * batch, side="left")
+    px = proc.pixel_values([im[0] for im in imgs])
+    llava.generation_config.eos_token_id = None
+
+    def ours(n):
+        out = generate(model, proc, [prompt] * batch, imgs, GenerationConfig(max_new_tokens=n, ignore_eos=True),
+                       image_inputs={"pixel_values": px}, return_ids=True)
+        return torch.tensor([o["ids"] for o in out])
+
+    def theirs(n):
+        return llava.generate(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], pixel_values=px,
+                              max_new_tokens=n, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id)[:, -n:]
+
+    def seconds(fn, n):
+        fn(n)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(n)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t = {k: {1: [], new_tokens: []} for k in ("vlkit", "llava")}
+    for _ in range(2):  # interleaved, so that drift in the machine's speed hits both alike
+        for k, fn in (("vlkit", ours), ("llava", theirs)):
+            for n in (1, new_tokens):
+                t[k][n].append(seconds(fn, n))
+    best = {k: {n: min(v) for n, v in d.items()} for k, d in t.items()}
+    e2e = {k: batch * new_tokens / best[k][new_tokens] for k in best}
+    dec = {k: batch * (new_tokens - 1) / max(best[k][new_tokens] - best[k][1], 1e-9) for k in best}
+    with torch.no_grad():
+        a, b = ours(new_tokens), theirs(new_tokens)
+    same = torch.equal(a, b)
+    if not same:
+        print("first differing position:", int((a != b).any(0).nonzero()[0]), a[0].tolist(), b[0].tolist())
+    return {"tokens_per_s": e2e, "ratio": e2e["vlkit"] / e2e["llava"], "decode_tokens_per_s": dec,
+            "decode_ratio": dec["vlkit"] / dec["llava"],
+            "first_token_s": {k: best[k][1] for k in best}, "same_greedy_tokens": same}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--gen-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
+                    help="Batch sizes of the generation comparison (comma-separated).")
     ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary width (default: the tokenizer's).")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true", help="A tiny shape: a smoke run of the code, not a measurement.")
@@ -123,52 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
             tower(batch["pixel_values"], output_hidden_states=True)
             llava_tower_times.append(time.perf_counter() - t0)
 
-    # generation: greedy, fixed length (no eos: min_new_tokens = max_new_tokens)
     model.eval(), llava.eval()
-    prompt = conv[:1]
-    imgs = [[np.zeros((224, 224, 3), np.uint8)]] * args.batch
-    pb = proc.pad([proc.encode(prompt, 1, add_generation_prompt=True)] * args.batch, side="left")
-    px = proc.pixel_values([im[0] for im in imgs])
-
-    # Both timed from the same tokenized, padded batch and pixels: vision + fusion + prefill + decode.
-    kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
-          "pad_token_id": proc.tokenizer.pad_token_id, "eos_token_id": proc.tokenizer.eos_token_id}
-
-    def run_ours():
-        x = model.fusion_inputs(pb["input_ids"], pb["attention_mask"], pixel_values=px,
-                                images_per_row=pb["images_per_row"])
-        with model.fused(x):
-            return model.llm.generate(inputs_embeds=model.embed_inputs(x), attention_mask=pb["attention_mask"], **kw)
-
-    def run_llava():
-        return llava.generate(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], pixel_values=px, **kw)
-
-    def tokps(fn, reps=5):
-        fn()  # warm-up
-        best = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            best.append(args.batch * args.new_tokens / (time.perf_counter() - t0))
-        return statistics.median(best)
-
-    # interleaved repetitions, so that machine noise hits both alike
-    gen_ours, gen_llava = [], []
-    for _ in range(2):
-        gen_ours.append(tokps(run_ours))
-        gen_llava.append(tokps(run_llava))
-    gen_ours, gen_llava = max(gen_ours), max(gen_llava)
     # same greedy tokens from both, on identical weights: the timed training steps above moved each
     # model's projector on its own (float rounding differs), so export the trained model again
     with tempfile.TemporaryDirectory() as d:
         export_llava(model, proc, d)
         llava = LlavaForConditionalGeneration.from_pretrained(d).eval()
-    with torch.no_grad():
-        a, b = run_ours()[:, -args.new_tokens:], run_llava()[:, -args.new_tokens:]
-    same = torch.equal(a, b)
-    if not same:
-        print("first differing position:", int((a != b).any(0).nonzero()[0]), a[0].tolist(), b[0].tolist())
+    gen = {str(b): generation(model, llava, proc, conv[:1], b, args.new_tokens) for b in args.gen_batches}
 
     med = statistics.median
     result = {
@@ -184,9 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
         "llava_tower_forward_s": med(llava_tower_times),
         "tower_share_of_step": med(tower_times) / med(ours),
         "cached_speedup": med(ours) / med(ours_cached),
-        "generate_tokens_per_s": {"vlkit": gen_ours, "llava": gen_llava},
-        "generate_ratio_vlkit_over_llava": gen_ours / gen_llava,
-        "same_greedy_tokens": same,
+        "generate": gen,  # per batch size
+        "generate_ratio_vlkit_over_llava": {b: g["ratio"] for b, g in gen.items()},
+        "decode_ratio_vlkit_over_llava": {b: g["decode_ratio"] for b, g in gen.items()},
+        "same_greedy_tokens": all(g["same_greedy_tokens"] for g in gen.values()),
+        "command": "python benchmarks/vlm_vs_llava.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(result, indent=2))
     if args.json:

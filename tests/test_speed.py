@@ -98,7 +98,9 @@ def test_the_llava_benchmark_runs_at_a_tiny_size():
     spec = importlib.util.spec_from_file_location("vlm_vs_llava", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--tiny", "--steps", "1", "--batch", "2", "--new-tokens", "2", "--vocab", "512"])
+    out = bench.main(["--tiny", "--steps", "1", "--batch", "2", "--new-tokens", "2", "--vocab", "512",
+                       "--gen-batches", "1,2"])
     assert out["same_greedy_tokens"] and out["vocab"] == 512
     assert set(out["train_step_s"]) == {"vlkit", "llava", "vlkit_cached_features", "vlkit_full_loss"}
-    assert all(v > 0 for v in out["train_step_s"].values()) and out["generate_ratio_vlkit_over_llava"] > 0
+    assert all(v > 0 for v in out["train_step_s"].values())
+    assert set(out["generate"]) == {"1", "2"} and all(r > 0 for r in out["decode_ratio_vlkit_over_llava"].values())
