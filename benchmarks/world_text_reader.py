@@ -35,12 +35,12 @@ def kind(record: dict) -> str:
     return f"{'number' if text['value'].isdigit() else 'word'}, {where}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text-scenes", type=int, default=1000)
     ap.add_argument("--blank-scenes", type=int, default=500)
     ap.add_argument("--seed", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     reader = WorldTextReader()
     for label, records in (("text_prob 1", held_out(args.seed, args.text_scenes, 1.0)),
                            ("text_prob 0", held_out(args.seed + 1, args.blank_scenes, 0.0))):

@@ -1,0 +1,50 @@
+"""Smoke runs of the benchmarks at tiny sizes (their figures mean nothing here; what is checked is that each runs
+end to end and reports every figure). vlm_vs_llava's and gpu_step's are in test_speed / test_gpu_step, import_rss's
+in test_importers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from test_vlm import make
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_load_streams_against_a_served_model_with_and_without_batching(tiny_tokenizer, tmp_path):
+    from vlkit.models.io import save_vlm
+
+    model, proc = make(tiny_tokenizer)
+    save_vlm(model, tmp_path / "model", proc)
+    out = script("serve_load").main(["--model", str(tmp_path / "model"), "--clients", "3", "--duration", "1.5",
+                                     "--max-tokens", "4", "--stream", "--world", "30,12",
+                                     "--json", str(tmp_path / "load.json")])
+    for mode in ("batching", "one_at_a_time"):
+        r = out[mode]
+        assert r["requests"] > 0 and r["errors"] == 0 and r["engine_failures"] == 0
+        assert r["mean_completion_tokens"] == 4 and r["p99_latency_s"] >= r["p50_latency_s"] > 0  # ignore_eos
+        assert r["p50_first_token_s"] > 0 and r["mean_batch"] >= 1 and r["mean_step_s"] > 0
+    assert out["one_at_a_time"]["mean_batch"] == 1 and out["tokens_per_s_ratio"] > 0
+    assert out["command"].startswith("python benchmarks/serve_load.py --model")
+    assert (tmp_path / "load.json").exists()
+
+
+def test_data_pipeline_reports_memory_and_throughput(tmp_path):
+    rows = script("data_pipeline").main(["--sizes", "40", "--images", "4", "--batches", "2", "--batch-size", "4",
+                                         "--workers", "1", "--no-eager", "--root", str(tmp_path)])
+    assert [(r["mode"], r["workers"]) for r in rows] == [("lazy", 0), ("lazy", 1)]
+    assert all(r["records"] == 40 and r["peak_rss_mib"] > 0 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_world_text_reader_benchmark_reads_a_few_scenes(capsys):
+    script("world_text_reader").main(["--text-scenes", "6", "--blank-scenes", "3"])
+    out = capsys.readouterr().out
+    assert "text_prob 1: exact match" in out and "text_prob 0: exact match" in out
