@@ -1,4 +1,4 @@
-"""Serving: an OpenAI-compatible chat-completions API with dynamic batching and an optional guard."""
+"""Serving: an OpenAI-compatible chat-completions API with continuous batching and an optional guard."""
 
 from vlkit.serve.app import APIError, ServeLimits, create_app
 from vlkit.serve.engine import Engine, Request

@@ -25,7 +25,7 @@ import contextlib
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -84,11 +84,16 @@ class Request:
         """The client is gone: stop generating for it at the next step."""
         self.cancelled.set()
 
+    def answer(self, result: dict) -> None:
+        with contextlib.suppress(InvalidStateError):  # the app gave up on it meanwhile
+            self.future.set_result(result)
+
     def fail(self, error: BaseException) -> None:
         if self.streaming:
             self.put(error)
-        elif not self.future.done():
-            self.future.set_exception(error)
+        else:
+            with contextlib.suppress(InvalidStateError):
+                self.future.set_exception(error)
 
 
 class EngineBusy(Exception):
@@ -159,11 +164,6 @@ class Engine:
         self._thread.join(timeout=timeout)
 
     # -- worker ------------------------------------------------------------------------------------
-    @property
-    def mean_batch(self) -> float:
-        """Rows per decoding step, on average so far."""
-        return self.rows_stepped / self.steps if self.steps else 0.0
-
     def _loop(self) -> None:
         running: Batch | None = None
         while not self._stop.is_set():
@@ -253,10 +253,8 @@ class Engine:
             if not a.done:
                 keep.append(i)
                 continue
-            result = {"text": a.final_text().strip(), "tokens": len(a.ids),
-                      "finish_reason": "stop" if a.finish == "cancelled" else a.finish}
-            if not r.future.done():
-                r.future.set_result(result)
+            r.answer({"text": a.final_text().strip(), "tokens": len(a.ids),
+                      "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
             if r.streaming:
                 r.put(None)
         if not keep:
