@@ -202,3 +202,15 @@ def test_an_answer_that_ends_inside_a_character_streams_what_the_whole_decode_gi
         pieces = feed(a, ids + ([tok.eos_token_id] if end == "eos" else []))
         assert "".join(pieces) == a.final_text() == tok.decode(ids, skip_special_tokens=True)
         assert a.final_text().endswith("\ufffd") and a.finish == ("length" if end == "length" else "stop")
+
+
+def test_the_llm_generation_configs_end_tokens_end_an_answer(tiny_tokenizer):
+    """Llama 3 style: the generation config names more end tokens than the tokenizer's eos."""
+    model, proc = make(tiny_tokenizer)
+    conversations, imgs = convs(1), [images(1)]
+    free = generate(model, proc, conversations, imgs, GenerationConfig(max_new_tokens=8, ignore_eos=True),
+                    return_ids=True)[0]["ids"]
+    model.llm.generation_config.eos_token_id = [proc.tokenizer.eos_token_id, free[3]]
+    ended = generate(model, proc, conversations, imgs, GenerationConfig(max_new_tokens=8), return_ids=True)[0]
+    first = min(i for i, t in enumerate(free) if t in (free[3], proc.tokenizer.eos_token_id))
+    assert ended["ids"] == free[:first] and ended["finish_reason"] == "stop"

@@ -351,3 +351,34 @@ def test_requests_join_a_running_batch_and_get_the_answers_they_get_served_one_a
     assert answers[True] == answers[False]
     assert [a["tokens"] for a in answers[True]][0] == 40 and answers[True][1]["tokens"] <= 3
     assert order[True][-1] == 0 and order[False][0] == 0  # batched, the long answer ended last; alone, first
+
+
+def test_an_adapter_model_serves_requests_of_different_lengths_together(tiny_tokenizer):
+    """An adapter's fusion acts at every decoding step on per-row state: its batch takes no rows in and lets none
+    leave (finished rows are fed padding until all are done); every answer equals the one served alone."""
+    from test_adapter import make as make_adapter, perturb
+    from vlkit.models.fusion.adapter import AdapterConfig
+    from vlkit.models.generate import GenerationConfig
+    from vlkit.serve.engine import Request
+
+    model, proc = make_adapter(tiny_tokenizer, num_hidden_layers=3)
+    model.add_fusion("adapter", AdapterConfig(prompt_length=4, bias_scale="none"))
+    perturb(model.fusion("adapter"))
+    pics = [Image.fromarray(np.random.default_rng(s).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for s in (1, 2)]
+    q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    got = {}
+    for batching in (True, False):
+        engine = Engine(model, proc, "tiny", batching=batching, batch_window_ms=200)
+        try:
+            reqs = [Request(q, [pics[i]], GenerationConfig(max_new_tokens=n, ignore_eos=True), streaming=i == 0)
+                    for i, n in enumerate((3, 9))]
+            for r in reqs:
+                engine.submit(r)
+            streamed = "".join(iter(lambda: reqs[0].pieces.get(timeout=60), None))
+            got[batching] = [r.future.result(timeout=60) for r in reqs]
+            assert streamed.strip() == got[batching][0]["text"] and engine.failures == 0
+            if batching:
+                assert engine.largest_batch == 2 and engine.prefills == 1
+        finally:
+            engine.close()
+    assert got[True] == got[False] and [g["tokens"] for g in got[True]] == [3, 9]

@@ -555,3 +555,27 @@ def test_internal_errors_are_counted_as_500s(tiny_tokenizer, monkeypatch):
     finally:
         srv.close()
         engine.close()
+
+
+def test_a_failure_while_requests_join_fails_them_at_once_and_the_engine_goes_on(tiny_tokenizer, monkeypatch):
+    import vlkit.serve.engine as E
+    from vlkit.models.generate import GenerationConfig
+
+    model, proc = make(tiny_tokenizer)
+    engine = Engine(model, proc, "tiny", batch_window_ms=0)
+    conv = [{"role": "user", "content": "hi"}]
+    try:
+        monkeypatch.setattr(E.Batch, "join", lambda self, other: 1 // 0)
+        running = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=100, ignore_eos=True)))
+        deadline = time.monotonic() + 30
+        while engine.steps < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        late = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=5, ignore_eos=True)))
+        for r in (late, running):  # both answered at once (with the error), neither left to time out
+            with pytest.raises(ZeroDivisionError):
+                r.future.result(timeout=10)
+        monkeypatch.undo()
+        assert engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3))).future.result(timeout=30)
+        assert engine.failures == 1
+    finally:
+        engine.close()

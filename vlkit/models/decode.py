@@ -122,13 +122,14 @@ def _accepts(llm, name: str) -> bool:
 
 
 class Answer:
-    """One row's answer: tokens in, text out (incrementally), ended by eos (unless `ignore_eos`, as vLLM's), a stop
+    """One row's answer: tokens in, text out (incrementally), ended by an `eos` token (default: the tokenizer's;
+    none with `ignore_eos`, as vLLM's), a stop
     string, its length or `cancelled`. `finish` is None while it runs, then "stop" or "length" ("cancelled" for a
     cancelled one). `text`: decode as it goes (streams; stop strings always do), else once at the end."""
 
     def __init__(self, tokenizer, max_new_tokens: int, stop: Sequence[str] = (), temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, cancelled: threading.Event | None = None,
-                 text: bool = True, ignore_eos: bool = False, tag=None):
+                 text: bool = True, ignore_eos: bool = False, tag=None, eos: Sequence[int] | None = None):
         self.tokenizer, self.max_new_tokens, self.tag = tokenizer, max_new_tokens, tag  # tag: the caller's
         self.stop = [s for s in stop if s]
         self.temperature, self.top_p, self.cancelled = temperature, top_p, cancelled
@@ -136,7 +137,7 @@ class Answer:
         if temperature > 0:  # each answer samples from its own generator: the same seed, the same answer
             self.generator = torch.Generator().manual_seed(
                 seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,))))
-        self.eos = None if ignore_eos else tokenizer.eos_token_id
+        self.eos = frozenset() if ignore_eos else frozenset([tokenizer.eos_token_id] if eos is None else eos)
         self.ids: list[int] = []
         self.finish: str | None = None
         self._text = text or bool(self.stop)  # decode as it goes (streams, stop strings) or once at the end
@@ -149,7 +150,7 @@ class Answer:
 
     def push(self, token: int) -> str:
         """Take the next token; returns the text it releases ("" while held back)."""
-        if token == self.eos:
+        if token in self.eos:
             self.finish = "stop"
         else:
             self.ids.append(token)

@@ -69,12 +69,21 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
     return {"inputs_embeds": embeds, "attention_mask": mask, "fused": model.fused(x)}
 
 
-def answer(processor: VLProcessor, gen: GenerationConfig, row: int = 0, cancelled: threading.Event | None = None,
-           text: bool = False, tag=None) -> Answer:
+def end_tokens(model, processor: VLProcessor) -> tuple[int, ...]:
+    """The ids that end an answer: the tokenizer's end-of-sequence token and those of the LLM's generation config
+    (Llama 3's <|eot_id|> beside <|end_of_text|>, ...)."""
+    extra = getattr(getattr(model.base_llm, "generation_config", None), "eos_token_id", None)
+    ids = {processor.tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def answer(model, processor: VLProcessor, gen: GenerationConfig, row: int = 0,
+           cancelled: threading.Event | None = None, text: bool = False, tag=None) -> Answer:
     """The `Answer` `gen` asks for, as row `row` of a batch (a seed seeds row 0; row i samples from seed + i)."""
     gen.check()
     return Answer(processor.tokenizer, gen.max_new_tokens, gen.stop, gen.temperature, gen.top_p,
-                  None if gen.seed is None else gen.seed + row, cancelled, text, gen.ignore_eos, tag)
+                  None if gen.seed is None else gen.seed + row, cancelled, text, gen.ignore_eos, tag,
+                  end_tokens(model, processor))
 
 
 def prefill(model, processor: VLProcessor, inputs: dict, rows: list[Answer], fused=None) -> tuple[Batch, list[str]]:
@@ -99,7 +108,8 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
     `cancelled` event is set stops generating at the next step. Rows stay in the batch until all are done (as
     transformers' generate keeps them), so every row's numbers are those of one fixed batch."""
     gen = gen or GenerationConfig()
-    rows = [answer(processor, gen, i, None if cancelled is None else cancelled[i]) for i in range(len(conversations))]
+    rows = [answer(model, processor, gen, i, None if cancelled is None else cancelled[i])
+            for i in range(len(conversations))]
     inputs = prepare(model, processor, conversations, images, image_inputs)
     with inputs.pop("fused"):  # the fusions act on every pass (an adapter's gated attention, at every step)
         batch, _ = prefill(model, processor, inputs, rows)
@@ -120,7 +130,7 @@ def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequ
     """Yield the answer's text as it is generated (one conversation); setting `cancelled` ends it. `image_inputs`:
     the images as model inputs already (as `prepare` takes them). The pieces joined are the whole answer's text."""
     gen = gen or GenerationConfig()
-    rows = [answer(processor, gen, cancelled=cancelled, text=True)]
+    rows = [answer(model, processor, gen, cancelled=cancelled, text=True)]
     inputs = prepare(model, processor, [conversation], [images], image_inputs)
     with inputs.pop("fused"):
         batch, (piece,) = prefill(model, processor, inputs, rows)

@@ -204,10 +204,15 @@ class Engine:
                 r.fail(e)
             return running if running is not None else self._end(None)
         self.prefills += 1
-        batch = self._deliver(batch, pieces)
-        if running is None or batch is None:
-            return running if batch is None else batch
-        running.join(batch)
+        try:
+            batch = self._deliver(batch, pieces)
+            if running is None or batch is None:
+                return running if batch is None else batch
+            running.join(batch)
+        except BaseException as e:  # the new requests fail here, the running ones (their batch in doubt) after
+            for r in new:
+                r.fail(e)
+            raise
         return running
 
     def _arrived(self, room: int, wait: bool) -> list[Request]:
@@ -232,7 +237,7 @@ class Engine:
         return out
 
     def _prefill(self, new: list[Request]) -> tuple[Batch, list[str]]:
-        rows = [answer(self.processor, r.gen, cancelled=r.cancelled, text=r.streaming, tag=r) for r in new]
+        rows = [answer(self.model, self.processor, r.gen, cancelled=r.cancelled, text=r.streaming, tag=r) for r in new]
         inputs = prepare(self.model, self.processor, [r.conversation for r in new], [r.images for r in new],
                          self.visual.inputs([im for r in new for im in r.images]))
         fused = inputs.pop("fused")
@@ -244,7 +249,9 @@ class Engine:
             return prefill(self.model, self.processor, inputs, rows, fused)
 
     def _deliver(self, batch: Batch, pieces: list[str]) -> Batch | None:
-        """Send each row's new text; answer the rows that are done and let them leave. None: the batch ended."""
+        """Send each row's new text; answer the rows that are done and let them leave (a batch whose rows cannot
+        leave, an adapter's or one on transformers' own cache, feeds them padding until all are done). None: the
+        batch ended."""
         keep = []
         for i, (a, piece) in enumerate(zip(batch.answers, pieces)):
             r: Request = a.tag
@@ -252,14 +259,14 @@ class Engine:
                 r.put(piece)
             if not a.done:
                 keep.append(i)
-                continue
-            r.answer({"text": a.final_text().strip(), "tokens": len(a.ids),
-                      "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
-            if r.streaming:
-                r.put(None)
+            elif not r.future.done():
+                r.answer({"text": a.final_text().strip(), "tokens": len(a.ids),
+                          "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
+                if r.streaming:
+                    r.put(None)
         if not keep:
             return self._end(None)
-        if len(keep) < len(batch.answers):
+        if len(keep) < len(batch.answers) and batch.joinable and self._alone:
             batch.keep(keep)
         return batch
 
