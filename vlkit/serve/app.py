@@ -1,7 +1,7 @@
 """An OpenAI-compatible chat-completions server for vlkit models (FastAPI).
 
     POST /v1/chat/completions   text + image_url parts (base64 `data:` URLs), stream, temperature, top_p,
-                                max_tokens, stop, seed, n=1; usage counts
+                                max_tokens, stop, seed, n=1, ignore_eos (vLLM's extension); usage counts
     GET  /v1/models             the served model
     GET  /health                {"status": "ok" | "dead" | "stuck", ...}; 503 unless ok
     GET  /metrics               Prometheus text format
