@@ -123,9 +123,9 @@ def _accepts(llm, name: str) -> bool:
 
 class Answer:
     """One row's answer: tokens in, text out (incrementally), ended by an `eos` token (default: the tokenizer's;
-    none with `ignore_eos`, as vLLM's), a stop
-    string, its length or `cancelled`. `finish` is None while it runs, then "stop" or "length" ("cancelled" for a
-    cancelled one). `text`: decode as it goes (streams; stop strings always do), else once at the end."""
+    none with `ignore_eos`, as vLLM's), a stop string, its length or `cancelled`. `finish` is None while it runs,
+    then "stop" or "length" ("cancelled" for a cancelled one). `text`: decode as it goes (streams; stop strings
+    always do), else once at the end."""
 
     def __init__(self, tokenizer, max_new_tokens: int, stop: Sequence[str] = (), temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, cancelled: threading.Event | None = None,
@@ -191,6 +191,11 @@ class Answer:
     def final_text(self) -> str:
         """The whole answer's text (decoded once, in full, when it was not decoded as it went)."""
         return self.text if self._text else self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def result(self) -> dict:
+        """{"text" (stripped), "tokens" (generated, end token excluded), "finish_reason" ("stop" or "length")}."""
+        return {"text": self.final_text().strip(), "tokens": len(self.ids),
+                "finish_reason": "stop" if self.finish == "cancelled" else self.finish}
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -284,16 +289,17 @@ class Batch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Only these rows go on (finished ones leave); leading columns that are padding in every row go too."""
+        if not self.joinable:
+            raise ValueError("rows cannot leave this batch (the model's cache is not a SlabCache)")
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
         self.answers = [self.answers[i] for i in rows]
         self.cache.batch_select_indices(index)
         self.positions, self.last = self.positions[index], self.last[index]
         mask, spare = self.mask[index], self._mask.shape[1] - self.mask.shape[1]
-        if self.answers and self.joinable:
-            pad = int((mask.sum(0) == 0).long().cumprod(0).sum())  # columns of padding every row starts with
-            if pad:
-                self.cache.trim_left(pad)
-                mask = mask[:, pad:]
+        pad = int((mask.sum(0) == 0).long().cumprod(0).sum()) if self.answers else 0  # padding every row starts with
+        if pad:
+            self.cache.trim_left(pad)
+            mask = mask[:, pad:]
         self.set_mask(mask, spare)
 
     def join(self, other: "Batch") -> None:

@@ -115,13 +115,7 @@ def generate(model, processor: VLProcessor, conversations: Sequence[list[dict]],
         batch, _ = prefill(model, processor, inputs, rows)
         while not batch.done:
             batch.step()
-    results = []
-    for a in rows:
-        results.append({"text": a.final_text().strip(), "tokens": len(a.ids),
-                        "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
-        if return_ids:
-            results[-1]["ids"] = list(a.ids)
-    return results
+    return [{**a.result(), **({"ids": list(a.ids)} if return_ids else {})} for a in rows]
 
 
 def stream(model, processor: VLProcessor, conversation: list[dict], images: Sequence,

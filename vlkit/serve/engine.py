@@ -84,7 +84,7 @@ class Request:
         """The client is gone: stop generating for it at the next step."""
         self.cancelled.set()
 
-    def answer(self, result: dict) -> None:
+    def resolve(self, result: dict) -> None:
         with contextlib.suppress(InvalidStateError):  # the app gave up on it meanwhile
             self.future.set_result(result)
 
@@ -182,10 +182,10 @@ class Engine:
                 self.failures += 1
                 for a in running.answers if running is not None else []:
                     a.tag.fail(e)
-                running = self._end(None)
+                running = self._end()
             finally:
                 self._busy_since = None
-        self._end(None)
+        self._end()
 
     def _admit(self, running: Batch | None) -> Batch | None:
         """Requests that have arrived, prefilled together, joined to the running batch (or starting one)."""
@@ -202,7 +202,7 @@ class Engine:
             self.failures += 1
             for r in new:
                 r.fail(e)
-            return running if running is not None else self._end(None)
+            return running if running is not None else self._end()
         self.prefills += 1
         try:
             batch = self._deliver(batch, pieces)
@@ -260,19 +260,17 @@ class Engine:
             if not a.done:
                 keep.append(i)
             elif not r.future.done():
-                r.answer({"text": a.final_text().strip(), "tokens": len(a.ids),
-                          "finish_reason": "stop" if a.finish == "cancelled" else a.finish})
+                r.resolve(a.result())
                 if r.streaming:
                     r.put(None)
         if not keep:
-            return self._end(None)
+            return self._end()
         if len(keep) < len(batch.answers) and batch.joinable and self._alone:
             batch.keep(keep)
         return batch
 
-    def _end(self, batch: None) -> None:
-        """The running batch is over: close the fusions' context it held open, if any."""
+    def _end(self) -> None:
+        """The running batch is over: close the fusions' context it held open, if any. Returns None (no batch)."""
         if self._context is not None:
             context, self._context = self._context, None
             context.close()
-        return batch
