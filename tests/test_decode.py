@@ -214,3 +214,18 @@ def test_the_llm_generation_configs_end_tokens_end_an_answer(tiny_tokenizer):
     ended = generate(model, proc, conversations, imgs, GenerationConfig(max_new_tokens=8), return_ids=True)[0]
     first = min(i for i, t in enumerate(free) if t in (free[3], proc.tokenizer.eos_token_id))
     assert ended["ids"] == free[:first] and ended["finish_reason"] == "stop"
+
+
+def test_images_given_as_inputs_follow_a_conversation_cut_to_fit(tiny_tokenizer):
+    """A conversation longer than max_length keeps only its first images; inputs given for all of them (the
+    server's visual cache) are cut alike, and the answer equals the one from the image files."""
+    model, proc = make(tiny_tokenizer)
+    imgs = images(2)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " big red circle" * 60},
+                                         {"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    assert proc.encode(conv, 2, add_generation_prompt=True)["num_images"] == 1  # the second image is cut
+    gen = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+    from_files = generate(model, proc, [conv], [imgs], gen, return_ids=True)
+    given = generate(model, proc, [conv], [imgs], gen, return_ids=True,
+                     image_inputs=proc.image_inputs(imgs))
+    assert given == from_files

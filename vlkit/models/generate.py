@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from vlkit.data.features import as_batch, as_list
 from vlkit.data.processor import VLProcessor
 from vlkit.errors import VlkitError
 from vlkit.models.decode import Answer, Batch
@@ -58,9 +59,13 @@ def prepare(model, processor: VLProcessor, conversations: Sequence[list[dict]], 
             for i, (conv, imgs, v) in enumerate(zip(conversations, images, per_conv))]
     batch = processor.pad(encs, side="left")
     device = next(model.llm.parameters()).device
-    flat = [im for i, imgs in enumerate(images) for im in list(imgs)[: encs[i]["num_images"]]]
+    kept = [sum(counts[:i]) + j for i, enc in enumerate(encs) for j in range(enc["num_images"])]
     if image_inputs is None:
-        image_inputs = processor.image_inputs(flat) if flat else {}
+        flat = [im for imgs in images for im in imgs]
+        image_inputs = processor.image_inputs([flat[k] for k in kept]) if kept else {}
+    elif len(kept) < sum(counts):  # a conversation cut to fit kept only its first images: so do their inputs
+        image_inputs = {name: as_batch([part[kept] for part in as_list(value)])
+                        for name, value in image_inputs.items()}
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     with torch.no_grad():
