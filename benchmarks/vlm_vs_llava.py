@@ -49,7 +49,7 @@ def build(batch: int, vocab: int | None = None, tiny: bool = False):
     tok = train_bpe(["describe the image. a large red circle at the top left and a small blue star."] * 50, 400)
     arch = {**LLM, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id}
-    arch = {**arch, **{k: v for k, v in TINY_LLM.items() if k in LLM}} if tiny else arch
+    arch = {**arch, **TINY_LLM} if tiny else arch
     cfg = VLMConfig(tower=EncoderConfig(arch=TINY_TOWER if tiny else TOWER), vpg=VPGConfig(kind="mlp"),
                     llm=LLMSource(arch=arch), max_length=512)
     model = VisionLanguageModel.build(cfg, image_token_id=tok.convert_tokens_to_ids("<image>"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ import urllib.request
 
 import pytest
 
+from test_trainer import free_port
 from vlkit.errors import VlkitError
 from vlkit.reason.backends import LocalBackend, OpenAIBackend, make_backend
 from vlkit.reason.games import get_game
 from vlkit.reason.methods import build_messages
 from vlkit.reason.runner import run, summarise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -85,16 +85,15 @@ def attention_kwargs(name: str | None) -> dict:
     flash-attn package and a CUDA GPU are there, else sdpa)."""
     if name is None:
         return {}
-    if name == "auto":
-        import importlib.util
+    import importlib.util
 
-        name = "flash_attention_2" if importlib.util.find_spec("flash_attn") and torch.cuda.is_available() else "sdpa"
+    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if name == "auto":
+        name = "flash_attention_2" if flash else "sdpa"
     if name not in ATTENTION:
         raise VlkitError(f"model.llm.attn_implementation: {name!r} is not one of auto, {', '.join(ATTENTION)}")
     if name == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+        if not flash:
             raise VlkitError("model.llm.attn_implementation: flash_attention_2 needs the flash-attn package and a "
                              "CUDA GPU; use auto or sdpa")
     return {"attn_implementation": name}

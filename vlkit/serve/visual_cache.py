@@ -44,7 +44,7 @@ class VisualCache:
             with torch.no_grad():
                 feats = self.model.vision.encode([p[rows] for p in parts])
             for j, k in enumerate(new):
-                self.entries[k] = [f[j:j + 1] for f in feats]
+                self.entries[k] = [f[j:j + 1].clone() for f in feats]  # its own memory: eviction frees it
             self.misses += len(new)
         for k in keys:
             self.entries.move_to_end(k)

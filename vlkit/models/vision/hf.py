@@ -11,6 +11,7 @@ tokens, the input side) is one `Layout` per model type in LAYOUTS.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
@@ -161,10 +162,12 @@ class HFEncoder(VisionEncoder):
 
     def layers(self) -> nn.ModuleList | None:
         """The model's layer list (None for a model type whose layout names none)."""
-        path = self._layers_path()
+        path = self._layers_path
         return None if path is None else self.model.get_submodule(path)
 
+    @functools.cached_property
     def _layers_path(self) -> str | None:
+        """Where the layer list sits (found once: the structure is fixed, the cut below swaps a list for a list)."""
         names = dict(self.model.named_modules())
         return next((p for p in self.layout.layers if isinstance(names.get(p), nn.ModuleList)), None)
 
@@ -176,7 +179,7 @@ class HFEncoder(VisionEncoder):
         if layer == "output" or full is None:
             yield False
             return
-        owner_path, name = self._layers_path().rsplit(".", 1)
+        owner_path, name = self._layers_path.rsplit(".", 1)
         owner = self.model.get_submodule(owner_path)
         keep = layer % (len(full) + 1)  # hidden_states[0] is the embeddings, [i] the output of layer i
         if keep == 0 or keep == len(full):
