@@ -48,3 +48,45 @@ def test_world_text_reader_benchmark_reads_a_few_scenes(capsys):
     script("world_text_reader").main(["--text-scenes", "6", "--blank-scenes", "3"])
     out = capsys.readouterr().out
     assert "text_prob 1: exact match" in out and "text_prob 0: exact match" in out
+
+
+EXPERIMENTS = BENCHMARKS.parent / "experiments"
+
+
+def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
+    spec = importlib.util.spec_from_file_location("binding_probe", EXPERIMENTS / "binding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from vlkit.world.scene import Scene
+
+    # the named object of each colour / shape / position question is the one whose value is the answer
+    records = probe.heldout_questions(probe.scenes(900_000, 60, (2, 6)))
+    checked = 0
+    for r in records:
+        scene = Scene.from_dict(r["meta"]["scene"])
+        i = probe.named_object(r, scene)
+        kind = r["meta"]["kind"]
+        if kind not in ("color", "shape", "position"):
+            assert i is None
+            continue
+        o = scene.ordered()[i]
+        assert r["meta"]["answer"] == {"color": o.color, "shape": o.shape, "position": o.region}[kind]
+        text = r["messages"][0]["content"][0]["text"]
+        spans = probe.object_spans(text, scene)
+        assert len(spans) == len(scene.objects) and o.name in text[slice(*spans[i])]
+        checked += 1
+    assert checked > 20
+
+    small = ["--objects", "2,3", "--scenes", "20", "--eval-questions", "16", "--block", "160"]
+    out = probe.main([*small, "--steps", "4", "--eval-every", "2", "--layers", "2", "--hidden", "32", "--heads", "2",
+                      "--mlp", "64", "--vocab", "300", "--save", str(tmp_path / "m"),
+                      "--json", str(tmp_path / "probe.json")])
+    assert [p["step"] for p in out["curve"]] == [2, 4] and 0 <= out["final"]["acc"] <= 1
+    att = out["attention"]
+    assert att["n"] > 0 and 0 < att["uniform_share"] < 1 and len(att["layers"]) == 2
+    assert all(0 <= la["named_share"] <= 1 and 0 <= la["head"] < 2 for la in att["layers"])
+    assert (tmp_path / "probe.json").exists() and out["command"].startswith("python experiments/binding_probe.py")
+    # a curriculum: the saved model goes on, with its own tokenizer and sizes
+    more = probe.main([*small, "--steps", "2", "--eval-every", "2", "--init", str(tmp_path / "m"),
+                       "--json", str(tmp_path / "probe2.json")])
+    assert more["params"] == out["params"] and len(more["attention"]["layers"]) == 2

@@ -1,0 +1,232 @@
+"""Can a world LLaMA of a given size learn to bind an attribute to the object a question names, and how soon?
+
+The bench's gate asks a world LLaMA to answer >= 95% of held-out questions with the scene written out in its
+context (vlkit/experiments/bench.py). The LLaMAs trained so far stop at 0.5-0.6: they answer with a value that
+is in the scene, half the time another object's. This probe isolates that skill at any size and step count,
+on a GPU as on a CPU:
+
+  data      fresh world scenes of --objects (no scene is seen twice), each a drill: the scene in words, then
+            up to --questions of its questions answered in turn (vlkit.recipes.lm.drills); the loss sees the
+            answers only
+  model     a LLaMA (or OPT) built from scratch (--layers, --hidden, --heads, --mlp), BPE trained on the drills
+  curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
+            scenes, same object counts) per question kind, with the share of colour / shape / position answers
+            that name another object's value
+  attention at the end: for each layer, the head whose attention from the answer position falls most on the
+            named object's words (as a share of the attention on all objects' words), against the share a head
+            attending to every object alike would give. A head that binds has a share near 1.
+
+    python experiments/binding_probe.py --objects 2,2 --steps 1000        # 2-object scenes, ~4 min on 2 CPUs
+    python experiments/binding_probe.py --objects 2,6 --steps 100000 --device cuda --batch 64
+
+Writes --json (default runs/binding_probe.json) and prints the curve and the attention table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def scenes(first_seed: int, n: int, objects: tuple[int, int]):
+    from vlkit.world.scene import WorldConfig, generate_scene
+
+    cfg = WorldConfig(min_objects=objects[0], max_objects=objects[1])
+    return [generate_scene(first_seed + i, cfg) for i in range(n)]
+
+
+def heldout_questions(scene_list) -> list[dict]:
+    """One question per scene, drawn as the world's VQA task draws it, as a text-only record."""
+    from vlkit.data.records import assistant, user
+    from vlkit.world.language import caption, vqa
+
+    out = []
+    for s in scene_list:
+        kind, q, a = vqa(s, np.random.default_rng(s.seed), relations=True)
+        out.append({"task": "vqa", "images": ["(scene)"], "messages": [user(f"({caption(s)}) {q}"), assistant(a)],
+                    "meta": {"kind": kind, "scene": s.to_dict(), "answer": a}})
+    return out
+
+
+def object_spans(text: str, scene) -> list[tuple[int, int]] | None:
+    """Character span of each object's phrase of the detailed caption inside `text`, in scene.ordered() order."""
+    from vlkit.world.language import where
+
+    spans, at = [], 0
+    for o in scene.ordered():
+        phrase = f"{o.size} {o.name} {where(o.region)}"
+        i = text.find(phrase, at)
+        if i < 0:
+            return None
+        spans.append((i, i + len(phrase)))
+        at = i + len(phrase)
+    return spans
+
+
+def named_object(record: dict, scene) -> int | None:
+    """Index (in scene.ordered()) of the object a colour, shape or position question names."""
+    kind, q = record["meta"]["kind"], record["messages"][0]["content"][0]["text"].split(") ")[-1]
+    for i, o in enumerate(scene.ordered()):
+        if (kind == "color" and q == f"what color is the {o.shape}?") or \
+                (kind == "shape" and q == f"what shape is the {o.color} object?") or \
+                (kind == "position" and q == f"where is the {o.name}?"):
+            return i
+    return None
+
+
+@torch.no_grad()
+def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict:
+    """Per layer: the head whose attention from the answer position puts the largest share of its attention on
+    objects' words onto the named object's words (mean over questions), and the share of uniform attention."""
+    from vlkit.data.tokenizer import render
+    from vlkit.eval.world import prompt_and_reference
+    from vlkit.world.scene import Scene
+
+    model.eval()
+    device = next(model.parameters()).device
+    shares, chance = [], []
+    for r in records:
+        if len(shares) >= limit or r["meta"]["kind"] not in ("color", "shape", "position"):
+            continue
+        scene = Scene.from_dict(r["meta"]["scene"])
+        target = named_object(r, scene)
+        prompt, _ = prompt_and_reference(r)
+        text = render(tok, prompt, add_generation_prompt=True)
+        spans = object_spans(text, scene)
+        if target is None or spans is None:
+            continue
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
+        owner = torch.full((enc["input_ids"].shape[1],), -1)
+        for t, (a, b) in enumerate(enc["offset_mapping"][0].tolist()):
+            for k, (s, e) in enumerate(spans):
+                if s <= a < e and b > a:
+                    owner[t] = k
+        out = model(input_ids=enc["input_ids"].to(device), output_attentions=True)
+        per_layer = []
+        for att in out.attentions:  # (1, heads, q, k)
+            w = att[0, :, -1].float().cpu()  # attention of the answer position
+            on_objects = w[:, owner >= 0].sum(-1).clamp_min(1e-9)
+            per_layer.append(w[:, owner == target].sum(-1) / on_objects)
+        shares.append(torch.stack(per_layer))  # (layers, heads)
+        chance.append(float((owner == target).sum()) / float((owner >= 0).sum()))
+    if not shares:
+        return {"n": 0}
+    mean = torch.stack(shares).mean(0)
+    best = mean.max(-1)
+    return {"n": len(shares), "uniform_share": sum(chance) / len(chance),
+            "layers": [{"layer": i, "head": int(h), "named_share": float(v)}
+                       for i, (v, h) in enumerate(zip(best.values, best.indices))]}
+
+
+def line(step: int, point: dict) -> str:
+    kinds = " ".join(f"{k[5:]} {v:.2f}" for k, v in point.items() if k.startswith("kind/"))
+    return (f"step {step:>6}: context VQA {point['context_vqa']:.3f} | {kinds} | "
+            f"another object's value {point['another_object']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--objects", default="2,6", help="fewest,most objects per scene (default 2,6, the bench's)")
+    p.add_argument("--questions", type=int, default=99, help="questions per drill (default: all a scene has)")
+    p.add_argument("--scenes", type=int, default=10000, help="train scenes (drills)")
+    p.add_argument("--block", type=int, default=256, help="tokens per training row (whole drills, padded)")
+    p.add_argument("--family", choices=("llama", "opt"), default="llama")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=344)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-questions", type=int, default=400)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
+    p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "
+                   "ignored): e.g. a curriculum, 2-object scenes first, then 2-6")
+    p.add_argument("--json", default="runs/binding_probe.json")
+    a = p.parse_args(argv)
+    try:
+        lo, hi = (int(v) for v in a.objects.split(","))
+        if not 1 <= lo <= hi <= 6:
+            raise ValueError
+    except ValueError:
+        p.error(f"--objects {a.objects!r}: give fewest,most with 1 <= fewest <= most <= 6, e.g. 2,6")
+
+    from vlkit.models.llm import LLMConfig, build_llm, count_parameters
+    from vlkit.recipes.lm import Blocks, bpe_texts, collate_blocks, context_vqa, drills, lm_loss, pack
+    from vlkit.data.tokenizer import train_bpe
+    from vlkit.fileio import write_json
+    from vlkit.train import TrainConfig, Trainer
+    from vlkit.train.runtime import seed_everything
+
+    t0 = time.perf_counter()
+    train = [{"meta": {"scene": s.to_dict()}} for s in scenes(1_000_000 + a.seed * 10_000_000, a.scenes, (lo, hi))]
+    train = drills(train, a.questions, relations=True, seed=a.seed)
+    test = heldout_questions(scenes(900_000, a.eval_questions, (lo, hi)))
+    seed_everything(a.seed)
+    if a.init:
+        from vlkit.data.tokenizer import load_tokenizer
+        from vlkit.models.llm import load_llm
+
+        tok, model = load_tokenizer(a.init), load_llm(a.init)
+    else:
+        tok = train_bpe(bpe_texts(train), a.vocab, "llama")
+        model = build_llm(LLMConfig(family=a.family, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                                    intermediate_size=a.mlp), tok)
+    blocks = pack(tok, train, a.block, loss_on="assistant", whole=True)
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
+                      eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device)
+    text_only = lambda r: r["messages"]  # noqa: E731  (held-out records already carry the scene in words)
+
+    def evaluate(m):
+        c = context_vqa(m, tok, test, len(test), describe=text_only)
+        point = {"context_vqa": c["acc"], **{f"kind/{k}": v for k, v in c["per_kind"].items()},
+                 "another_object": (c["wrong_object"] or {}).get("another_object", float("nan"))}
+        print(line(trainer.step, point), flush=True)  # the curve as it comes: runs may take hours
+        return point
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, cfg, Blocks(blocks), collate_blocks, lm_loss, out, evaluate=evaluate,
+                          desc="binding probe")
+        trainer.fit()
+        curve = [{k.removeprefix("eval/"): v for k, v in h.items() if k == "step" or k.startswith("eval/")}
+                 for h in trainer.history if "eval/context_vqa" in h]
+    if a.save:
+        trainer.save_model(Path(a.save), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                                     tok.save_pretrained(tmp)))
+    final = context_vqa(model, tok, test, len(test), describe=text_only)
+    model.set_attn_implementation("eager")  # attention weights are returned by the eager kernel only
+    attention = binding_attention(model, tok, test)
+    args = argv if argv is not None else sys.argv[1:]
+    result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
+              "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
+              "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
+              "curve": curve, "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
+              "attention": attention, "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(Path(a.json), result)
+    print(f"{result['params']:,} parameters, {len(blocks['input_ids']):,} drills, {result['seconds']:.0f} s")
+    print(f"final: {final['acc']:.3f} [{final['lo']:.3f}, {final['hi']:.3f}] on {final['n']} held-out questions")
+    if attention["n"]:
+        print(f"attention from the answer position onto the named object's words (uniform: "
+              f"{attention['uniform_share']:.2f}, {attention['n']} questions):")
+        for la in attention["layers"]:
+            print(f"  layer {la['layer']}: best head {la['head']} puts {la['named_share']:.2f} there")
+    print(json.dumps({"json": a.json}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
