@@ -5,9 +5,9 @@ context (vlkit/experiments/bench.py). The LLaMAs trained so far stop at 0.5-0.6:
 is in the scene, half the time another object's. This probe isolates that skill at any size and step count,
 on a GPU as on a CPU:
 
-  data      fresh world scenes of --objects (no scene is seen twice), each a drill: the scene in words, then
-            up to --questions of its questions answered in turn (vlkit.recipes.lm.drills); the loss sees the
-            answers only
+  data      --scenes world scenes of --objects (seen once an epoch; held-out scenes are others), each a drill:
+            the scene in words, then up to --questions of its questions answered in turn
+            (vlkit.recipes.lm.drills); the loss sees the answers only
   model     a LLaMA (or OPT) built from scratch (--layers, --hidden, --heads, --mlp), BPE trained on the drills
   curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
             scenes, same object counts) per question kind, with the share of colour / shape / position answers
@@ -65,11 +65,11 @@ def heldout_questions(scene_list) -> list[dict]:
 
 def object_spans(text: str, scene) -> list[tuple[int, int]] | None:
     """Character span of each object's phrase of the detailed caption inside `text`, in scene.ordered() order."""
-    from vlkit.world.language import where
+    from vlkit.world.language import detailed_phrase
 
     spans, at = [], 0
     for o in scene.ordered():
-        phrase = f"{o.size} {o.name} {where(o.region)}"
+        phrase = detailed_phrase(o)
         i = text.find(phrase, at)
         if i < 0:
             return None
@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
                       eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device)
     text_only = lambda r: r["messages"]  # noqa: E731  (held-out records already carry the scene in words)
 
+    last: dict = {}  # the latest full evaluation and its step: the final figure when training ends on one
+
     def evaluate(m):
         c = context_vqa(m, tok, test, len(test), describe=text_only)
+        last.update(step=trainer.step, result=c)
         point = {"context_vqa": c["acc"], **{f"kind/{k}": v for k, v in c["per_kind"].items()},
                  "another_object": (c["wrong_object"] or {}).get("another_object", float("nan"))}
         print(line(trainer.step, point), flush=True)  # the curve as it comes: runs may take hours
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.save:
         trainer.save_model(Path(a.save), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                      tok.save_pretrained(tmp)))
-    final = context_vqa(model, tok, test, len(test), describe=text_only)
+    final = last["result"] if last.get("step") == trainer.step else context_vqa(model, tok, test, len(test),
+                                                                                 describe=text_only)
     model.set_attn_implementation("eager")  # attention weights are returned by the eager kernel only
     attention = binding_attention(model, tok, test)
     args = argv if argv is not None else sys.argv[1:]

@@ -48,10 +48,15 @@ def text_sentence(scene: Scene) -> str:
 CAPTION_STYLES = ("detailed", "list", "count", "positions")
 
 
+def detailed_phrase(o: Obj) -> str:
+    """An object as the detailed caption says it: 'a small red circle at the top left'."""
+    return f"a {o.size} {o.name} {where(o.region)}"
+
+
 def caption(scene: Scene, style: str = "detailed") -> str:
     objs = scene.ordered()
     if style == "detailed":
-        body = join([f"a {o.size} {o.name} {where(o.region)}" for o in objs])
+        body = join([detailed_phrase(o) for o in objs])
     elif style == "list":
         body = join([f"{a(o.name)} {o.name}" for o in objs])
     elif style == "count":
