@@ -8,7 +8,9 @@ on a GPU as on a CPU:
   data      --scenes world scenes of --objects (seen once an epoch; held-out scenes are others), each a drill:
             the scene in words, then up to --questions of its questions answered in turn
             (vlkit.recipes.lm.drills); the loss sees the answers only
-  model     a LLaMA (or OPT) built from scratch (--layers, --hidden, --heads, --mlp), BPE trained on the drills
+  model     a LLaMA (or OPT) built from scratch (--layers, --hidden, --heads, --mlp), BPE trained on the drills;
+            --qk-init scales its query and key projections (sharper attention at the start), --loss-on all
+            trains on every token of the drill, --kinds drills only some question kinds
   curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
             scenes, same object counts) per question kind, with the share of colour / shape / position answers
             that name another object's value
@@ -20,9 +22,12 @@ on a GPU as on a CPU:
     python experiments/binding_probe.py --objects 2,2 --questions 3 --scenes 40000 --block 96 --layers 2 \
         --hidden 64 --heads 4 --mlp 172 --batch 32 --lr 3e-3 --warmup 200 --steps 30000 --eval-every 3000 \
         --save runs/probe/two
-    # then a curriculum: the same model on the bench's 2-6 objects
-    python experiments/binding_probe.py --objects 2,6 --questions 3 --block 160 --batch 32 --lr 3e-3 \
-        --steps 10000 --init runs/probe/two
+    # then a curriculum: the same model on the bench's 2-6 objects (position carries over: README)
+    python experiments/binding_probe.py --objects 2,6 --questions 3 --scenes 40000 --block 160 --batch 32 \
+        --lr 3e-3 --warmup 200 --steps 24000 --eval-every 3000 --init runs/probe/two --save runs/probe/two_six
+    # then drill only the kinds that have not formed (held-out questions stay all kinds)
+    python experiments/binding_probe.py --objects 2,6 --questions 3 --scenes 40000 --block 160 --batch 32 \
+        --lr 3e-3 --warmup 200 --steps 15000 --eval-every 3000 --kinds color,shape --init runs/probe/two_six
     # the bench's size, on a GPU
     python experiments/binding_probe.py --objects 2,6 --steps 100000 --device cuda --batch 64
 
@@ -41,6 +46,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+KINDS = {"color", "count", "exist", "position", "relation", "shape"}
 
 
 def scenes(first_seed: int, n: int, objects: tuple[int, int]):
@@ -133,6 +141,17 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
                        for i, (v, h) in enumerate(zip(best.values, best.indices))]}
 
 
+@torch.no_grad()
+def scale_qk(model, factor: float) -> int:
+    """Multiply every attention layer's query and key projection weights by `factor`; returns how many."""
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "k_proj")) and isinstance(module, torch.nn.Linear):
+            module.weight.mul_(factor)
+            n += 1
+    return n
+
+
 def line(step: int, point: dict) -> str:
     kinds = " ".join(f"{k[5:]} {v:.2f}" for k, v in point.items() if k.startswith("kind/"))
     return (f"step {step:>6}: context VQA {point['context_vqa']:.3f} | {kinds} | "
@@ -143,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--objects", default="2,6", help="fewest,most objects per scene (default 2,6, the bench's)")
     p.add_argument("--questions", type=int, default=99, help="questions per drill (default: all a scene has)")
+    p.add_argument("--kinds", help="drill only these question kinds, comma-separated (default: all), e.g. "
+                   "color,shape; the held-out questions stay all kinds")
     p.add_argument("--scenes", type=int, default=10000, help="train scenes (drills)")
     p.add_argument("--block", type=int, default=256, help="tokens per training row (whole drills, padded)")
     p.add_argument("--family", choices=("llama", "opt"), default="llama")
@@ -160,6 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
+                   help="tokens the loss sees: the answers only, or every token of the drill")
+    p.add_argument("--qk-init", type=float, default=1.0, help="scale the fresh model's query and key projections "
+                   "by this factor: sharper attention at the start, larger gradients through the softmax")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
     p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "
                    "ignored): e.g. a curriculum, 2-object scenes first, then 2-6")
@@ -181,7 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     train = [{"meta": {"scene": s.to_dict()}} for s in scenes(1_000_000 + a.seed * 10_000_000, a.scenes, (lo, hi))]
-    train = drills(train, a.questions, relations=True, seed=a.seed)
+    kinds = tuple(a.kinds.split(",")) if a.kinds else None
+    if kinds and not set(kinds) <= KINDS:
+        p.error(f"--kinds {a.kinds!r}: choose from {','.join(sorted(KINDS))}")
+    train = drills(train, a.questions, relations=True, seed=a.seed, kinds=kinds)
     test = heldout_questions(scenes(900_000, a.eval_questions, (lo, hi)))
     seed_everything(a.seed)
     if a.init:
@@ -193,9 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
         tok = train_bpe(bpe_texts(train), a.vocab, "llama")
         model = build_llm(LLMConfig(family=a.family, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                                     intermediate_size=a.mlp), tok)
-    blocks = pack(tok, train, a.block, loss_on="assistant", whole=True)
+        scale_qk(model, a.qk_init)
+    blocks = pack(tok, train, a.block, loss_on=a.loss_on, whole=True)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
-                      eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device)
+                      eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device,
+                      weight_decay=a.weight_decay, num_threads=a.threads)
     text_only = lambda r: r["messages"]  # noqa: E731  (held-out records already carry the scene in words)
 
     last: dict = {}  # the latest full evaluation and its step: the final figure when training ends on one

@@ -77,6 +77,9 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     first = d[0]["messages"]
     assert len(first) == 8 and first[0]["content"][0]["text"].startswith("(a ")  # the scene, then the first question
     assert all(not m["content"][0]["text"].startswith("(") for m in first[2::2])
+    asked = [m["content"][0]["text"].split(") ")[-1] for r in drills(recs, 9, True, kinds=("color",))
+             for m in r["messages"][0::2]]
+    assert asked and all(q.startswith("what color is the ") for q in asked)  # only the kinds drilled
     tok = train_bpe(bpe_texts(recs + d), 400, "llama")
     packed = pack(tok, d, 256, whole=True)
     ids, labels = packed["input_ids"], packed["labels"]

@@ -22,7 +22,7 @@ CONV = [
 
 
 def labelled_text(tok, enc):
-    return tok.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
 
 
 def test_tokenizer_round_trip(tiny_tokenizer):

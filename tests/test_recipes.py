@@ -58,6 +58,17 @@ def test_lm_llama_and_opt_train_save_and_load(tmp_path, tiny_world):
     tok_opt = check_lm(tmp_path, tiny_world, "opt", "opt")
     text = "what color is the circle?"
     assert tok_llama(text)["input_ids"] != tok_opt(text)["input_ids"]  # different tokenizers
+    # a curriculum's next stage: `init` goes on from the saved LM, its tokenizer and its sizes (model.* ignored)
+    first = tmp_path / "llama" / "model"
+    cfg = load(LMRecipe, None, lm_overrides(tiny_world, tmp_path / "next", "opt", "opt") + [
+        f"init={first}", "model.hidden_size=32", "train.steps=10", "train.lr=1e-9", "train.warmup_steps=1"])
+    res = run_lm(cfg)
+    assert res["init"] == str(first) and res["family"] == "llama"
+    before = AutoModelForCausalLM.from_pretrained(first).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "next" / "model")
+    assert after.config.hidden_size == 48
+    assert all(torch.allclose(after.state_dict()[k], v, atol=1e-6) for k, v in before.items())
+    assert load_tokenizer(tmp_path / "next" / "model")(text)["input_ids"] == tok_llama(text)["input_ids"]
 
 
 def test_clip_vision_encoder(tmp_path, tiny_world):

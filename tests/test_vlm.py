@@ -92,7 +92,7 @@ def test_placeholders_expand_and_labels_cover_answers(tiny_tokenizer):
     enc = proc.encode(CONV, 2)
     ids = enc["input_ids"]
     assert ids.count(model.image_token_id) == 2 * model.num_image_tokens
-    answer = [t for t, l in zip(ids, enc["labels"]) if l != IGNORE_INDEX]
+    answer = [t for t, lab in zip(ids, enc["labels"]) if lab != IGNORE_INDEX]
     assert tiny_tokenizer.decode(answer) == " red</s> blue</s>"
 
 

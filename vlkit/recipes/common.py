@@ -76,7 +76,8 @@ for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
         LATER_SETTINGS[(*_where, "world", _name)] = WorldData().model_dump(mode="json")[_name]
     for _name in WORLD_CONFIG_LATER:
         LATER_SETTINGS[(*_where, "world", "world", _name)] = WorldConfig().model_dump(mode="json")[_name]
-LATER_SECTIONS: dict[str, dict[str, object]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0}},
+LATER_SECTIONS: dict[str, dict[str, object]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0},
+                                                       "init": None},
                                                 "instruct": {"tiles": None, "max_length": None}}
 
 

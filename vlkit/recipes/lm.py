@@ -19,7 +19,7 @@ from vlkit.config import Section
 from vlkit.data.records import text_only
 from vlkit.world.sources import RecordsConfig, load_splits
 from vlkit.data.tokenizer import TokenizerConfig, encode_chat, load_tokenizer, render, train_bpe
-from vlkit.models.llm import LLMConfig, build_llm, count_parameters
+from vlkit.models.llm import LLMConfig, build_llm, count_parameters, load_llm
 from vlkit.recipes.common import finish, prepare_output
 from vlkit.train import TrainConfig, Trainer
 from vlkit.train.runtime import seed_everything
@@ -57,6 +57,9 @@ class LMEval(Section):
 class LMRecipe(Section):
     recipe: Literal["lm"] = "lm"
     output_dir: str = Field("runs/lm", description="Where the model, logs and checkpoints go.")
+    init: str | None = Field(None, description="LM directory to go on training (its tokenizer and sizes; "
+                             "`tokenizer` and `model` are then ignored): a curriculum's next stage, e.g. 2-object "
+                             "scenes first, then the bench's 2-6. Null: a new BPE and an LM built from `model`.")
     data: LMData = Field(default_factory=LMData)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: LLMConfig = Field(default_factory=LLMConfig)
@@ -102,10 +105,11 @@ def textualize(record: dict, p: float) -> list[dict]:
 REPEAT_PROMPT = "say the scene again."
 
 
-def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False) -> list[dict]:
+def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False,
+           kinds: tuple[str, ...] | None = None) -> list[dict]:
     """One multi-turn conversation per distinct train scene: its detailed caption, then up to `per_scene` of its
-    questions (vlkit.world.language.vqa_pool, in a seeded order), each answered; with `repeat`, the first
-    reply is the caption itself, copied."""
+    questions (vlkit.world.language.vqa_pool, in a seeded order; only those of `kinds` when given), each
+    answered; with `repeat`, the first reply is the caption itself, copied."""
     import numpy as np
 
     from vlkit.data.records import assistant, user
@@ -121,6 +125,10 @@ def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, 
         s = Scene.from_dict(scene)
         rng = np.random.default_rng([seed, int(scene.get("seed", 0))])
         pool = vqa_pool(s, rng, relations)
+        if kinds:
+            pool = [item for item in pool if item[0] in kinds]
+            if not pool:
+                continue
         order = rng.permutation(len(pool))[:per_scene]
         described = caption(s, "detailed")
         messages = [user(f"({described}) {REPEAT_PROMPT}"), assistant(described)] if repeat else []
@@ -298,7 +306,9 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     out = Path(cfg.output_dir)
     record = prepare_output(cfg, out, resume, overwrite)
     train_recs, test_recs = load_splits(cfg.data, progress=progress)
-    if cfg.tokenizer.path:
+    if cfg.init:
+        tok = load_tokenizer(cfg.init)
+    elif cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
         tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
@@ -311,7 +321,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
                        cfg.data.whole)
     seed_everything(cfg.train.seed)
-    model = build_llm(cfg.model, tok)
+    model = load_llm(cfg.init) if cfg.init else build_llm(cfg.model, tok)
     trainer = Trainer(model, cfg.train, Blocks(train_blocks), collate_blocks, lm_loss, out,
                       evaluate=lambda m: during(m, tok, test_blocks, test_recs, cfg.eval.context_vqa_during),
                       run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}", on_start=record)
@@ -319,7 +329,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))
     cvqa = context_vqa(model, tok, test_recs, cfg.eval.context_vqa) if cfg.eval.context_vqa else None
-    return finish(out, {"recipe": "lm", "family": cfg.model.family, "params": count_parameters(model),
+    return finish(out, {"recipe": "lm", "family": model.config.model_type, "init": cfg.init,
+                        "params": count_parameters(model),
                         "vocab_size": len(tok), "train_tokens": int(train_blocks["input_ids"].numel()),
                         "test_tokens": int(test_blocks["input_ids"].numel()), "loss_on": cfg.data.loss_on,
                         "heldout_ppl": metrics["ppl"],

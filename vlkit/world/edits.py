@@ -43,7 +43,8 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, 
                 new = sample_object(rng, others, o.shape, o.color, o.size, tries=1)
                 if new is not None and new.region != o.region:
                     objs[i] = new
-                    return _with(scene, objs, i), k, f"the {o.name} moved from {_bare(o.region)} to {_bare(new.region)}."
+                    moved = f"the {o.name} moved from {_bare(o.region)} to {_bare(new.region)}."
+                    return _with(scene, objs, i), k, moved
             continue
         if k == "swap":
             for j in rng.permutation(len(objs)):
@@ -72,7 +73,8 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, 
                 new = sample_object(rng, [p.box for p in objs])
                 if new is not None and new.name not in names:
                     objs.append(new)
-                    return replace(scene, objects=tuple(objs)), k, f"{a(new.name)} {new.name} appeared {where(new.region)}."
+                    appeared = f"{a(new.name)} {new.name} appeared {where(new.region)}."
+                    return replace(scene, objects=tuple(objs)), k, appeared
     raise RuntimeError("no edit applies to this scene")  # unreachable: recolor always has a free colour
 
 
