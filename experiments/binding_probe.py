@@ -16,7 +16,9 @@ on a GPU as on a CPU:
             that name another object's value
   attention at the end: for each layer, the head whose attention from the answer position falls most on the
             named object's words (as a share of the attention on all objects' words), against the share a head
-            attending to every object alike would give. A head that binds has a share near 1.
+            attending to every object alike would give. A head that binds has a share near 1. And the most
+            attention any head of the layer gives the question's own word for the object (the shape a colour
+            question asks about): the query a binding head needs has to come from there.
 
     # 165k parameters on 2-object scenes, ~29 min on 2 CPUs: the binding forms after ~10^4 steps (README)
     python experiments/binding_probe.py --objects 2,2 --questions 3 --scenes 40000 --block 96 --layers 2 \
@@ -107,7 +109,7 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
 
     model.eval()
     device = next(model.parameters()).device
-    shares, chance = [], []
+    shares, chance, fetch = [], [], []
     for r in records:
         if len(shares) >= limit or r["meta"]["kind"] not in ("color", "shape", "position"):
             continue
@@ -120,10 +122,15 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
             continue
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
         owner = torch.full((enc["input_ids"].shape[1],), -1)
+        o = scene.ordered()[target]
+        word = o.color if r["meta"]["kind"] == "shape" else o.shape  # the word by which the question names it
+        start = text.index(".)", spans[-1][1])  # the question begins after the scene
+        asked = torch.zeros(len(owner), dtype=torch.bool)
         for t, (a, b) in enumerate(enc["offset_mapping"][0].tolist()):
             for k, (s, e) in enumerate(spans):
                 if s <= a < e and b > a:
                     owner[t] = k
+            asked[t] = a > start and text[a:b].strip() == word
         out = model(input_ids=enc["input_ids"].to(device), output_attentions=True)
         per_layer = []
         for att in out.attentions:  # (1, heads, q, k)
@@ -131,14 +138,16 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
             on_objects = w[:, owner >= 0].sum(-1).clamp_min(1e-9)
             per_layer.append(w[:, owner == target].sum(-1) / on_objects)
         shares.append(torch.stack(per_layer))  # (layers, heads)
+        fetch.append(torch.stack([att[0, :, -1].float().cpu()[:, asked].sum(-1) for att in out.attentions]))
         chance.append(float((owner == target).sum()) / float((owner >= 0).sum()))
     if not shares:
         return {"n": 0}
     mean = torch.stack(shares).mean(0)
     best = mean.max(-1)
+    asked = torch.stack(fetch).mean(0).max(-1).values
     return {"n": len(shares), "uniform_share": sum(chance) / len(chance),
-            "layers": [{"layer": i, "head": int(h), "named_share": float(v)}
-                       for i, (v, h) in enumerate(zip(best.values, best.indices))]}
+            "layers": [{"layer": i, "head": int(h), "named_share": float(v), "question_word": float(q)}
+                       for i, (v, h, q) in enumerate(zip(best.values, best.indices, asked))]}
 
 
 @torch.no_grad()
@@ -266,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"attention from the answer position onto the named object's words (uniform: "
               f"{attention['uniform_share']:.2f}, {attention['n']} questions):")
         for la in attention["layers"]:
-            print(f"  layer {la['layer']}: best head {la['head']} puts {la['named_share']:.2f} there")
+            print(f"  layer {la['layer']}: best head {la['head']} puts {la['named_share']:.2f} there; the head that "
+                  f"looks most at the question's word for the object gives it {la['question_word']:.2f}")
     print(json.dumps({"json": a.json}))
     return result
 

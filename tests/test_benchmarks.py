@@ -84,7 +84,8 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     assert [p["step"] for p in out["curve"]] == [2, 4] and 0 <= out["final"]["acc"] <= 1
     att = out["attention"]
     assert att["n"] > 0 and 0 < att["uniform_share"] < 1 and len(att["layers"]) == 2
-    assert all(0 <= la["named_share"] <= 1 and 0 <= la["head"] < 2 for la in att["layers"])
+    assert all(0 <= la["named_share"] <= 1 and 0 <= la["question_word"] <= 1 and 0 <= la["head"] < 2
+               for la in att["layers"])
     assert (tmp_path / "probe.json").exists() and out["command"].startswith("python experiments/binding_probe.py")
     # a curriculum: the saved model goes on, with its own tokenizer and sizes
     more = probe.main([*small, "--steps", "2", "--eval-every", "2", "--init", str(tmp_path / "m"),
