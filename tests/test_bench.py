@@ -140,9 +140,11 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     for key in ("parallel", "activation_checkpointing", "num_workers", "prefetch_factor", "pin_memory"):
         before["train"].pop(key)  # the GPU path's settings, later still
     before["data"].pop("lazy")
+    before.pop("init")  # the curriculum's, later still
     assert config_hash(cfg) == stable_hash(before)
     changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"whole": True})})
     assert config_hash(changed) != config_hash(cfg)
+    assert config_hash(cfg.model_copy(update={"init": "runs/probe/two"})) != config_hash(cfg)  # a set init counts
     w = WorldData()
     old = w.model_dump(mode="json")
     old.pop("relations")
