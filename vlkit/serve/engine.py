@@ -22,6 +22,7 @@ against the context is the one generated from.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -41,6 +42,8 @@ from vlkit.models.io import is_vlm_directory, load_vlm
 from vlkit.models.llm import load_llm, position_limit
 from vlkit.models.vlm import VisionLanguageModel
 from vlkit.serve.visual_cache import VisualCache
+
+log = logging.getLogger(__name__)
 
 
 def text_only(path: Path, device="cpu", dtype=None):
@@ -180,6 +183,8 @@ class Engine:
                 running = self._deliver(running, pieces)
             except BaseException as e:  # noqa: BLE001 (nothing a request does may end the worker)
                 self.failures += 1
+                log.exception("engine step failed; its %d requests were failed", len(running.answers) if running
+                              is not None else 0)
                 for a in running.answers if running is not None else []:
                     a.tag.fail(e)
                 running = self._end()
@@ -200,6 +205,7 @@ class Engine:
             batch, pieces = self._prefill(new)
         except BaseException as e:  # noqa: BLE001 (fails the requests it was prefilling, not the running ones)
             self.failures += 1
+            log.exception("engine prefill failed; its %d requests were failed", len(new))
             for r in new:
                 r.fail(e)
             return running if running is not None else self._end()
