@@ -50,9 +50,6 @@ import numpy as np
 import torch
 
 
-KINDS = {"color", "count", "exist", "position", "relation", "shape"}
-
-
 def scenes(first_seed: int, n: int, objects: tuple[int, int]):
     from vlkit.world.scene import WorldConfig, generate_scene
 
@@ -124,21 +121,22 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
         owner = torch.full((enc["input_ids"].shape[1],), -1)
         o = scene.ordered()[target]
         word = o.color if r["meta"]["kind"] == "shape" else o.shape  # the word by which the question names it
-        start = text.index(".)", spans[-1][1])  # the question begins after the scene
-        asked = torch.zeros(len(owner), dtype=torch.bool)
+        w0 = text.index(f" {word}", text.index(".)", spans[-1][1])) + 1  # in the question, after the scene
+        asked = torch.zeros(len(owner), dtype=torch.bool)  # its tokens (however many the word is cut into)
         for t, (a, b) in enumerate(enc["offset_mapping"][0].tolist()):
             for k, (s, e) in enumerate(spans):
                 if s <= a < e and b > a:
                     owner[t] = k
-            asked[t] = a > start and text[a:b].strip() == word
+            asked[t] = a < w0 + len(word) and b > w0 and b > a
         out = model(input_ids=enc["input_ids"].to(device), output_attentions=True)
-        per_layer = []
+        per_layer, on_word = [], []
         for att in out.attentions:  # (1, heads, q, k)
             w = att[0, :, -1].float().cpu()  # attention of the answer position
             on_objects = w[:, owner >= 0].sum(-1).clamp_min(1e-9)
             per_layer.append(w[:, owner == target].sum(-1) / on_objects)
+            on_word.append(w[:, asked].sum(-1))
         shares.append(torch.stack(per_layer))  # (layers, heads)
-        fetch.append(torch.stack([att[0, :, -1].float().cpu()[:, asked].sum(-1) for att in out.attentions]))
+        fetch.append(torch.stack(on_word))
         chance.append(float((owner == target).sum()) / float((owner >= 0).sum()))
     if not shares:
         return {"n": 0}
@@ -152,7 +150,8 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
 
 @torch.no_grad()
 def scale_qk(model, factor: float) -> int:
-    """Multiply every attention layer's query and key projection weights by `factor`; returns how many."""
+    """Multiply every attention layer's query and key projection weights by `factor` (LLaMA and OPT name them
+    q_proj and k_proj); returns how many were scaled."""
     n = 0
     for name, module in model.named_modules():
         if name.endswith(("q_proj", "k_proj")) and isinstance(module, torch.nn.Linear):
@@ -207,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError
     except ValueError:
         p.error(f"--objects {a.objects!r}: give fewest,most with 1 <= fewest <= most <= 6, e.g. 2,6")
+    from vlkit.world.language import VQA_KINDS
+
+    kinds = tuple(a.kinds.split(",")) if a.kinds else None
+    if kinds and not set(kinds) <= set(VQA_KINDS):
+        p.error(f"--kinds {a.kinds!r}: choose from {','.join(VQA_KINDS)}")
+    if a.init and a.qk_init != 1.0:
+        p.error("--qk-init scales a fresh model's attention; it does not apply with --init")
 
     from vlkit.models.llm import LLMConfig, build_llm, count_parameters
     from vlkit.recipes.lm import Blocks, bpe_texts, collate_blocks, context_vqa, drills, lm_loss, pack
@@ -217,9 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     train = [{"meta": {"scene": s.to_dict()}} for s in scenes(1_000_000 + a.seed * 10_000_000, a.scenes, (lo, hi))]
-    kinds = tuple(a.kinds.split(",")) if a.kinds else None
-    if kinds and not set(kinds) <= KINDS:
-        p.error(f"--kinds {a.kinds!r}: choose from {','.join(sorted(KINDS))}")
     train = drills(train, a.questions, relations=True, seed=a.seed, kinds=kinds)
     test = heldout_questions(scenes(900_000, a.eval_questions, (lo, hi)))
     seed_everything(a.seed)

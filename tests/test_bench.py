@@ -6,7 +6,7 @@ import pytest
 
 from vlkit.errors import VlkitError
 from vlkit.experiments import bench
-from vlkit.world.language import relation_question, vqa_pool
+from vlkit.world.language import VQA_KINDS, relation_question, vqa_pool
 from vlkit.world.scene import Obj, Scene, generate_scene, WorldConfig
 
 
@@ -80,6 +80,8 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     asked = [m["content"][0]["text"].split(") ")[-1] for r in drills(recs, 9, True, kinds=("color",))
              for m in r["messages"][0::2]]
     assert asked and all(q.startswith("what color is the ") for q in asked)  # only the kinds drilled
+    rng = np.random.default_rng(0)
+    assert {k for sc in scenes for k, _, _ in vqa_pool(sc, rng, relations=True)} == set(VQA_KINDS)
     tok = train_bpe(bpe_texts(recs + d), 400, "llama")
     packed = pack(tok, d, 256, whole=True)
     ids, labels = packed["input_ids"], packed["labels"]

@@ -7,6 +7,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
 from test_vlm import make
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -84,10 +88,19 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     assert [p["step"] for p in out["curve"]] == [2, 4] and 0 <= out["final"]["acc"] <= 1
     att = out["attention"]
     assert att["n"] > 0 and 0 < att["uniform_share"] < 1 and len(att["layers"]) == 2
-    assert all(0 <= la["named_share"] <= 1 and 0 <= la["question_word"] <= 1 and 0 <= la["head"] < 2
-               for la in att["layers"])
+    assert all(0 <= la["named_share"] <= 1 and 0 <= la["head"] < 2 for la in att["layers"])
+    # softmax weights are positive: a share above 0 says the question's word for the object was found
+    assert all(0 < la["question_word"] <= 1 for la in att["layers"])
     assert (tmp_path / "probe.json").exists() and out["command"].startswith("python experiments/binding_probe.py")
     # a curriculum: the saved model goes on, with its own tokenizer and sizes
     more = probe.main([*small, "--steps", "2", "--eval-every", "2", "--init", str(tmp_path / "m"),
                        "--json", str(tmp_path / "probe2.json")])
     assert more["params"] == out["params"] and len(more["attention"]["layers"]) == 2
+    for bad in (["--kinds", "colour"], ["--init", str(tmp_path / "m"), "--qk-init", "4"]):
+        with pytest.raises(SystemExit):  # refused before any scene is made
+            probe.main([*small, *bad])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert probe.scale_qk(model, 3.0) == 2 * 2  # q and k of each of the 2 layers
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, before[k] * (3.0 if k.endswith(("q_proj.weight", "k_proj.weight")) else 1.0))

@@ -324,7 +324,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     model = load_llm(cfg.init) if cfg.init else build_llm(cfg.model, tok)
     trainer = Trainer(model, cfg.train, Blocks(train_blocks), collate_blocks, lm_loss, out,
                       evaluate=lambda m: during(m, tok, test_blocks, test_recs, cfg.eval.context_vqa_during),
-                      run_config=cfg.model_dump(mode="json"), desc=f"lm {cfg.model.family}", on_start=record)
+                      run_config=cfg.model_dump(mode="json"), desc=f"lm {model.config.model_type}", on_start=record)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))

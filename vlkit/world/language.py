@@ -133,6 +133,9 @@ def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str,
     return "relation", f"is the {a_.name} {rel} the {b_.name}?", "yes" if truth else "no"
 
 
+VQA_KINDS = ("color", "count", "exist", "position", "relation", "shape")  # the kinds vqa_pool asks (relation: opt-in)
+
+
 def vqa_pool(scene: Scene, rng: np.random.Generator, relations: bool = False) -> list[tuple[str, str, str]]:
     """Every question this scene can answer: (kind, question, answer); `relations` adds a spatial relation
     between two objects (kind "relation")."""
