@@ -579,3 +579,43 @@ def test_a_failure_while_requests_join_fails_them_at_once_and_the_engine_goes_on
         assert engine.failures == 1
     finally:
         engine.close()
+
+
+def test_a_failure_in_the_failure_path_does_not_end_the_worker_and_a_closed_engine_leaves_nothing_waiting(
+        tiny_tokenizer, monkeypatch):
+    import contextlib
+
+    import vlkit.serve.engine as E
+    from vlkit.models.generate import GenerationConfig
+
+    model, proc = make(tiny_tokenizer)
+    engine = Engine(model, proc, "tiny", batch_window_ms=0, batching=False)
+    conv = [{"role": "user", "content": "hi"}]
+    real = E.Batch.step
+
+    def broken(self):  # the step fails, and so does closing the context the batch held open
+        stack = contextlib.ExitStack()
+        stack.callback(lambda: 1 // 0)
+        engine._context = stack
+        raise RuntimeError("step")
+
+    try:
+        monkeypatch.setattr(E.Batch, "step", broken)
+        with pytest.raises(RuntimeError, match="step"):
+            engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=5))).future.result(timeout=30)
+        monkeypatch.setattr(E.Batch, "step", real)
+        assert engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3))).future.result(timeout=30)
+        assert engine.health()["alive"] and engine.failures == 2 and engine._context is None
+        monkeypatch.setattr(E.Batch, "step", lambda self: (time.sleep(0.05), real(self))[1])  # a long answer
+        long = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=100, ignore_eos=True)))
+        queued = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3)))
+        deadline = time.monotonic() + 30
+        while engine.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        engine.close()
+    for r in (long, queued):  # answered with the error at once, not left to the server's timeout
+        with pytest.raises(RuntimeError, match="engine stopped"):
+            r.future.result(timeout=5)
+    with pytest.raises(RuntimeError, match="has stopped"):
+        engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3)))

@@ -150,6 +150,8 @@ class Engine:
 
     # -- API ---------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise RuntimeError("the engine has stopped; restart the server")
         try:
             self.inbox.put_nowait(req)
         except queue.Full:
@@ -169,28 +171,40 @@ class Engine:
     # -- worker ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         running: Batch | None = None
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                try:
+                    running = self._admit(running)
+                    if running is None:
+                        continue
+                    self._busy_since = time.monotonic()
+                    self.steps += 1
+                    self.rows_stepped += len(running.answers)
+                    self.largest_batch = max(self.largest_batch, len(running.answers))
+                    pieces = running.step()
+                    self.step_seconds += time.monotonic() - self._busy_since
+                    running = self._deliver(running, pieces)
+                except BaseException as e:  # noqa: BLE001 (nothing a request does may end the worker)
+                    self.failures += 1
+                    log.exception("engine step failed; its %d requests were failed", len(running.answers) if running
+                                  is not None else 0)
+                    for a in running.answers if running is not None else []:
+                        a.tag.fail(e)
+                    running = self._end()
+                finally:
+                    self._busy_since = None
+        finally:  # closed, or (a bug) the worker itself failed: nothing queued is left waiting for it
+            for a in running.answers if running is not None else []:
+                a.tag.fail(RuntimeError("the engine stopped"))
+            self._end()
+            self._fail_queued(RuntimeError("the engine stopped"))
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while True:
             try:
-                running = self._admit(running)
-                if running is None:
-                    continue
-                self._busy_since = time.monotonic()
-                self.steps += 1
-                self.rows_stepped += len(running.answers)
-                self.largest_batch = max(self.largest_batch, len(running.answers))
-                pieces = running.step()
-                self.step_seconds += time.monotonic() - self._busy_since
-                running = self._deliver(running, pieces)
-            except BaseException as e:  # noqa: BLE001 (nothing a request does may end the worker)
-                self.failures += 1
-                log.exception("engine step failed; its %d requests were failed", len(running.answers) if running
-                              is not None else 0)
-                for a in running.answers if running is not None else []:
-                    a.tag.fail(e)
-                running = self._end()
-            finally:
-                self._busy_since = None
-        self._end()
+                self.inbox.get_nowait().fail(error)
+            except queue.Empty:
+                return
 
     def _admit(self, running: Batch | None) -> Batch | None:
         """Requests that have arrived, prefilled together, joined to the running batch (or starting one)."""
@@ -276,7 +290,12 @@ class Engine:
         return batch
 
     def _end(self) -> None:
-        """The running batch is over: close the fusions' context it held open, if any. Returns None (no batch)."""
+        """The running batch is over: close the fusions' context it held open, if any (a failure to is logged:
+        the worker goes on). Returns None (no batch)."""
         if self._context is not None:
             context, self._context = self._context, None
-            context.close()
+            try:
+                context.close()
+            except BaseException:  # noqa: BLE001 (raised here, in the worker's failure path, it would end it)
+                self.failures += 1
+                log.exception("closing a batch's fused context failed")
