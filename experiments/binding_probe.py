@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import tempfile
@@ -149,6 +150,35 @@ def binding_attention(model, tok, records: list[dict], limit: int = 200) -> dict
 
 
 @torch.no_grad()
+def listing_accuracy(model, tok, scene_list, seed: int = 0) -> dict:
+    """Teacher-forced accuracy on the words a listing reply binds (vlkit.recipes.lm.listings): the colour after
+    'the square is', the shape after 'the red object is a', per kind, on held-out scenes. Here the word to look up
+    sits next to the answer, so this is the lookup alone, without the fetch of the question's word."""
+    from vlkit.data.records import assistant, user
+    from vlkit.data.tokenizer import render
+    from vlkit.recipes.lm import LISTING_PROMPTS, listings
+    from vlkit.world.language import caption
+
+    model.eval()
+    device = next(model.parameters()).device
+    hits: dict[str, list[int]] = {"color": [], "shape": []}
+    bound = {"color": re.compile(r"the \w+ is (\w+)"), "shape": re.compile(r"the \w+ object is an? (\w+)")}
+    for s in scene_list:
+        for q, reply in listings(s, np.random.default_rng([seed, s.seed])):
+            kind = "color" if q == LISTING_PROMPTS[0] else "shape"
+            text = render(tok, [user(f"({caption(s)}) {q}"), assistant(reply)])
+            enc = tok(text, return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt")
+            ids, spans = enc["input_ids"][0], enc["offset_mapping"][0].tolist()
+            pred = model(input_ids=enc["input_ids"].to(device)).logits[0].argmax(-1).cpu()
+            start = text.rindex(reply)
+            for m in bound[kind].finditer(reply):
+                at = start + m.start(1)  # the word's first character: scored on the token that holds it
+                t = next(i for i, (x, y) in enumerate(spans) if x <= at < y)
+                hits[kind].append(int(pred[t - 1] == ids[t]))
+    return {k: {"n": len(v), "acc": float(np.mean(v)) if v else float("nan")} for k, v in hits.items()}
+
+
+@torch.no_grad()
 def scale_qk(model, factor: float) -> int:
     """Multiply every attention layer's query and key projection weights by `factor` (LLaMA and OPT name them
     q_proj and k_proj); returns how many were scaled."""
@@ -172,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--questions", type=int, default=99, help="questions per drill (default: all a scene has)")
     p.add_argument("--kinds", help="drill only these question kinds, comma-separated (default: all), e.g. "
                    "color,shape; the held-out questions stay all kinds")
+    p.add_argument("--listing", action="store_true", help="close each drill by naming every object's colour by "
+                   "its shape and shape by its colour (lm recipe: data.drill_listing)")
     p.add_argument("--scenes", type=int, default=10000, help="train scenes (drills)")
     p.add_argument("--block", type=int, default=256, help="tokens per training row (whole drills, padded)")
     p.add_argument("--family", choices=("llama", "opt"), default="llama")
@@ -220,10 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     from vlkit.fileio import write_json
     from vlkit.train import TrainConfig, Trainer
     from vlkit.train.runtime import seed_everything
+    from vlkit.world.scene import Scene
 
     t0 = time.perf_counter()
     train = [{"meta": {"scene": s.to_dict()}} for s in scenes(1_000_000 + a.seed * 10_000_000, a.scenes, (lo, hi))]
-    train = drills(train, a.questions, relations=True, seed=a.seed, kinds=kinds)
+    train = drills(train, a.questions, relations=True, seed=a.seed, kinds=kinds, listing=a.listing)
     test = heldout_questions(scenes(900_000, a.eval_questions, (lo, hi)))
     seed_everything(a.seed)
     if a.init:
@@ -265,12 +298,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                  describe=text_only)
     model.set_attn_implementation("eager")  # attention weights are returned by the eager kernel only
     attention = binding_attention(model, tok, test)
+    listed = listing_accuracy(model, tok, [Scene.from_dict(r["meta"]["scene"]) for r in test], a.seed)
     args = argv if argv is not None else sys.argv[1:]
     result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
               "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
               "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
               "curve": curve, "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
-              "attention": attention, "seconds": round(time.perf_counter() - t0, 1)}
+              "attention": attention, "listing": listed, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(Path(a.json), result)
     print(f"{result['params']:,} parameters, {len(blocks['input_ids']):,} drills, {result['seconds']:.0f} s")
     print(f"final: {final['acc']:.3f} [{final['lo']:.3f}, {final['hi']:.3f}] on {final['n']} held-out questions")
@@ -280,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         for la in attention["layers"]:
             print(f"  layer {la['layer']}: best head {la['head']} puts {la['named_share']:.2f} there; the head that "
                   f"looks most at the question's word for the object gives it {la['question_word']:.2f}")
+    print("listing replies, teacher-forced (the lookup with the looked-up word next to the answer): " +
+          ", ".join(f"{k} {v['acc']:.2f} of {v['n']}" for k, v in listed.items()))
     print(json.dumps({"json": a.json}))
     return result
 

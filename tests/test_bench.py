@@ -65,7 +65,7 @@ def test_relation_questions_are_decided_by_the_regions_the_caption_names():
 
 def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     from vlkit.data.tokenizer import train_bpe
-    from vlkit.recipes.lm import bpe_texts, drills, pack
+    from vlkit.recipes.lm import LISTING_PROMPTS, bpe_texts, drills, pack
 
     scenes = [generate_scene(i, WorldConfig(min_objects=3)) for i in range(30)]
     recs = [{"id": f"caption-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
@@ -80,6 +80,20 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     asked = [m["content"][0]["text"].split(") ")[-1] for r in drills(recs, 9, True, kinds=("color",))
              for m in r["messages"][0::2]]
     assert asked and all(q.startswith("what color is the ") for q in asked)  # only the kinds drilled
+    listed = drills(recs, 4, True, listing=True)
+    assert [m["content"] for m in listed[0]["messages"][:8]] == [m["content"] for m in first]  # same draws before
+    for r, sc in zip(listed, scenes):
+        turns = {m["content"][0]["text"]: n["content"][0]["text"] for m, n in
+                 zip(r["messages"][8::2], r["messages"][9::2])}
+        assert set(turns) <= set(LISTING_PROMPTS)
+        shapes, colors = [o.shape for o in sc.objects], [o.color for o in sc.objects]
+        said = turns.get(LISTING_PROMPTS[0], "")
+        for o in sc.objects:  # every object a shape names alone, with its colour; no other
+            assert (f"the {o.shape} is {o.color}" in said) == (shapes.count(o.shape) == 1)
+        said = turns.get(LISTING_PROMPTS[1], "")
+        for o in sc.objects:
+            assert (f"the {o.color} object is a {o.shape}" in said) == (colors.count(o.color) == 1)
+    assert sum(len(r["messages"]) > 8 for r in listed) >= 25  # most scenes have an object named alone
     rng = np.random.default_rng(0)
     assert {k for sc in scenes for k, _, _ in vqa_pool(sc, rng, relations=True)} == set(VQA_KINDS)
     tok = train_bpe(bpe_texts(recs + d), 400, "llama")
@@ -132,7 +146,7 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before.pop("eval")
     before["data"]["world"].pop("relations")
     before["train"].pop("length_groups")  # an older later setting
-    for key in ("drill", "drill_repeat", "whole", "loss_on"):
+    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing"):
         before["data"].pop(key)
     before["data"].pop("instructions")  # SPHINX's settings, later still
     before["train"].pop("batch_by_task")

@@ -83,7 +83,7 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
 
     small = ["--objects", "2,3", "--scenes", "20", "--eval-questions", "16", "--block", "160"]
     out = probe.main([*small, "--steps", "4", "--eval-every", "2", "--layers", "2", "--hidden", "32", "--heads", "2",
-                      "--mlp", "64", "--vocab", "300", "--save", str(tmp_path / "m"),
+                      "--mlp", "64", "--vocab", "300", "--listing", "--save", str(tmp_path / "m"),
                       "--json", str(tmp_path / "probe.json")])
     assert [p["step"] for p in out["curve"]] == [2, 4] and 0 <= out["final"]["acc"] <= 1
     att = out["attention"]
@@ -92,6 +92,12 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     # softmax weights are positive: a share above 0 says the question's word for the object was found
     assert all(0 < la["question_word"] <= 1 for la in att["layers"])
     assert (tmp_path / "probe.json").exists() and out["command"].startswith("python experiments/binding_probe.py")
+    # the listing lookup is scored on every bound word: one colour per object its shape names alone, and so on
+    test_scenes = probe.scenes(900_000, 16, (2, 3))
+    for kind, other in (("color", "shape"), ("shape", "color")):
+        named_alone = sum([getattr(p, other) for p in s.objects].count(getattr(o, other)) == 1
+                          for s in test_scenes for o in s.objects)
+        assert out["listing"][kind]["n"] == named_alone > 0 and 0 <= out["listing"][kind]["acc"] <= 1
     # a curriculum: the saved model goes on, with its own tokenizer and sizes
     more = probe.main([*small, "--steps", "2", "--eval-every", "2", "--init", str(tmp_path / "m"),
                        "--json", str(tmp_path / "probe2.json")])

@@ -46,6 +46,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("eval_data", "world", "relations"): False,
     ("data", "drill"): 0,
     ("data", "drill_repeat"): False,
+    ("data", "drill_listing"): False,
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,

@@ -41,6 +41,11 @@ class LMData(RecordsConfig):
     drill_repeat: bool = Field(False, description="Each drill opens by asking for the scene back, word for word. "
                                "Copying is what induction heads do, and a tiny LM forms them from repeated text in "
                                "a few hundred steps; looking up an answer in the context builds on them.")
+    drill_listing: bool = Field(False, description="Each drill closes by naming every object's colour by its shape "
+                                "and shape by its colour ('the square is orange, the circle is red'; objects in a "
+                                "drawn order). Each answer word follows the word it is bound to, so the lookup "
+                                "that colour and shape questions need can form before the head that fetches the "
+                                "question's word from further back (experiments/binding_probe.py).")
     loss_on: Literal["all", "assistant"] = Field(
         "all", description="Tokens the loss (and held-out perplexity) sees: every token, or only the assistant's "
         "replies (captions and answers), as a chat model is tuned. A tiny LM given every token spends its capacity "
@@ -103,13 +108,28 @@ def textualize(record: dict, p: float) -> list[dict]:
 
 
 REPEAT_PROMPT = "say the scene again."
+LISTING_PROMPTS = ("what color is each shape?", "what shape is each color?")
+
+
+def listings(scene, rng) -> list[tuple[str, str]]:
+    """(request, reply) naming each object's colour by its shape and its shape by its colour, in a drawn order;
+    only the objects that name picks alone, and none when there are none."""
+    from vlkit.world.language import a, join
+
+    objs = [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))]
+    shapes, colors = [o.shape for o in objs], [o.color for o in objs]
+    by_shape = [f"the {o.shape} is {o.color}" for o in objs if shapes.count(o.shape) == 1]
+    by_color = [f"the {o.color} object is {a(o.shape)} {o.shape}" for o in objs if colors.count(o.color) == 1]
+    return [(q, join(items) + ".") for q, items in zip(LISTING_PROMPTS, (by_shape, by_color)) if items]
 
 
 def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False,
-           kinds: tuple[str, ...] | None = None) -> list[dict]:
+           kinds: tuple[str, ...] | None = None, listing: bool = False) -> list[dict]:
     """One multi-turn conversation per distinct train scene: its detailed caption, then up to `per_scene` of its
     questions (vlkit.world.language.vqa_pool, in a seeded order; only those of `kinds` when given), each
-    answered; with `repeat`, the first reply is the caption itself, copied."""
+    answered; with `repeat`, the first reply is the caption itself, copied; with `listing`, the last turns name
+    each object's colour by its shape and shape by its colour (`listings`), after the questions so that those
+    are answered from the scene alone."""
     import numpy as np
 
     from vlkit.data.records import assistant, user
@@ -135,6 +155,9 @@ def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, 
         for i in order:
             _, q, a = pool[int(i)]
             messages += [user(q if messages else f"({described}) {q}"), assistant(a)]
+        if listing:
+            for q, a in listings(s, rng):
+                messages += [user(q if messages else f"({described}) {q}"), assistant(a)]
         out.append({"id": f"drill-{scene.get('seed')}", "task": "drill", "images": [], "messages": messages})
     return out
 
@@ -314,7 +337,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
     if cfg.data.drill:
         train_recs = train_recs + drills(train_recs, cfg.data.drill, cfg.data.world.relations, cfg.data.world.seed,
-                                         cfg.data.drill_repeat)
+                                         cfg.data.drill_repeat, listing=cfg.data.drill_listing)
         random.Random(cfg.data.world.seed).shuffle(train_recs)
     train_blocks = pack(tok, train_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
                         cfg.data.whole)
