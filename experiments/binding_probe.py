@@ -179,6 +179,22 @@ def listing_accuracy(model, tok, scene_list, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
+def reinit(model, std: float) -> int:
+    """Draw every linear and embedding weight of a fresh model again from N(0, std) (biases 0), as transformers
+    does with `initializer_range` (0.02 by default, a width-768 choice: at width 64 it leaves attention logits
+    near 0 and the softmax's gradients small); returns how many weights were drawn."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            n += 1
+    model.config.initializer_range = std
+    return n
+
+
+@torch.no_grad()
 def scale_qk(model, factor: float) -> int:
     """Multiply every attention layer's query and key projection weights by `factor` (LLaMA and OPT name them
     q_proj and k_proj); returns how many were scaled."""
@@ -226,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="tokens the loss sees: the answers only, or every token of the drill")
     p.add_argument("--qk-init", type=float, default=1.0, help="scale the fresh model's query and key projections "
                    "by this factor: sharper attention at the start, larger gradients through the softmax")
+    p.add_argument("--init-std", type=float, help="draw the fresh model's weights from N(0, this) instead of "
+                   "transformers' 0.02 (e.g. 1/sqrt(hidden))")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
     p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "
@@ -245,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--kinds {a.kinds!r}: choose from {','.join(VQA_KINDS)}")
     if a.init and a.qk_init != 1.0:
         p.error("--qk-init scales a fresh model's attention; it does not apply with --init")
+    if a.init and a.init_std is not None:
+        p.error("--init-std draws a fresh model's weights; it does not apply with --init")
+    if a.init_std is not None and not a.init_std > 0:
+        p.error(f"--init-std {a.init_std}: give a standard deviation > 0, e.g. 0.1")
 
     from vlkit.models.llm import LLMConfig, build_llm, count_parameters
     from vlkit.recipes.lm import Blocks, bpe_texts, collate_blocks, context_vqa, drills, lm_loss, pack
@@ -268,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         tok = train_bpe(bpe_texts(train), a.vocab, "llama")
         model = build_llm(LLMConfig(family=a.family, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                                     intermediate_size=a.mlp), tok)
+        if a.init_std is not None:
+            reinit(model, a.init_std)
         scale_qk(model, a.qk_init)
     blocks = pack(tok, train, a.block, loss_on=a.loss_on, whole=True)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,

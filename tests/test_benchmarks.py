@@ -102,10 +102,13 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     more = probe.main([*small, "--steps", "2", "--eval-every", "2", "--init", str(tmp_path / "m"),
                        "--json", str(tmp_path / "probe2.json")])
     assert more["params"] == out["params"] and len(more["attention"]["layers"]) == 2
-    for bad in (["--kinds", "colour"], ["--init", str(tmp_path / "m"), "--qk-init", "4"]):
+    for bad in (["--kinds", "colour"], ["--init", str(tmp_path / "m"), "--qk-init", "4"], ["--init-std", "0"],
+                ["--init", str(tmp_path / "m"), "--init-std", "0.1"]):
         with pytest.raises(SystemExit):  # refused before any scene is made
             probe.main([*small, *bad])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert probe.reinit(model, 0.5) == 2 * 7 + 2  # q k v o gate up down per layer, the embedding and the head
+    assert 0.45 < float(model.model.embed_tokens.weight.std()) < 0.55 and model.config.initializer_range == 0.5
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert probe.scale_qk(model, 3.0) == 2 * 2  # q and k of each of the 2 layers
     for k, v in model.state_dict().items():
