@@ -9,8 +9,10 @@ on a GPU as on a CPU:
             the scene in words, then up to --questions of its questions answered in turn
             (vlkit.recipes.lm.drills); the loss sees the answers only
   model     a LLaMA (or OPT) built from scratch (--layers, --hidden, --heads, --mlp), BPE trained on the drills;
-            --qk-init scales its query and key projections (sharper attention at the start), --loss-on all
-            trains on every token of the drill, --kinds drills only some question kinds
+            --qk-init scales its query and key projections (sharper attention at the start), --init-std draws
+            its weights at another scale than transformers' 0.02, --loss-on all trains on every token of the
+            drill, --kinds drills only some question kinds, --listing closes each drill by naming every
+            object's colour by its shape and shape by its colour (lm recipe: data.drill_listing)
   curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
             scenes, same object counts) per question kind, with the share of colour / shape / position answers
             that name another object's value
@@ -19,6 +21,8 @@ on a GPU as on a CPU:
             attending to every object alike would give. A head that binds has a share near 1. And the most
             attention any head of the layer gives the question's own word for the object (the shape a colour
             question asks about): the query a binding head needs has to come from there.
+  listing   at the end: teacher-forced accuracy on the listing replies' bound words ('the square is' ->
+            orange), where the word to look up is next to the answer: the lookup without the fetch
 
     # 165k parameters on 2-object scenes, ~29 min on 2 CPUs: the binding forms after ~10^4 steps (README)
     python experiments/binding_probe.py --objects 2,2 --questions 3 --scenes 40000 --block 96 --layers 2 \
