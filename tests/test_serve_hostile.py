@@ -609,13 +609,25 @@ def test_a_failure_in_the_failure_path_does_not_end_the_worker_and_a_closed_engi
         monkeypatch.setattr(E.Batch, "step", lambda self: (time.sleep(0.05), real(self))[1])  # a long answer
         long = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=100, ignore_eos=True)))
         queued = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3)))
+        streamed = engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3), streaming=True))
         deadline = time.monotonic() + 30
         while engine.steps < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
         engine.close()
     for r in (long, queued):  # answered with the error at once, not left to the server's timeout
-        with pytest.raises(RuntimeError, match="engine stopped"):
+        with pytest.raises(E.EngineStopped, match="engine stopped"):
             r.future.result(timeout=5)
-    with pytest.raises(RuntimeError, match="has stopped"):
+    assert isinstance(streamed.pieces.get(timeout=5), E.EngineStopped)  # a queued stream ends with the error
+    with pytest.raises(E.EngineStopped, match="has stopped"):
         engine.submit(E.Request(conv, [], GenerationConfig(max_new_tokens=3)))
+
+
+def test_a_stopped_engine_is_a_503(tiny_tokenizer):
+    srv, engine = serve(tiny_tokenizer)
+    try:
+        engine.close()
+        status, err = ask(conn(srv), HI)
+        assert status == 503 and err["error"]["code"] == "engine_unavailable"
+    finally:
+        srv.close()

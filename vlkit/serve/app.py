@@ -44,7 +44,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from vlkit.errors import VlkitError
 from vlkit.models.generate import GenerationConfig
-from vlkit.serve.engine import Engine, EngineBusy, Request
+from vlkit.serve.engine import Engine, EngineBusy, EngineStopped, Request
 from vlkit.serve.errors import APIError
 from vlkit.serve.images import ImagePolicy, decode_image
 from vlkit.serve.metrics import CONTENT_TYPE, ServeMetrics
@@ -339,6 +339,8 @@ def create_app(engine: Engine, limits: ServeLimits | None = None, guard=None, ap
         except EngineBusy as e:
             raise APIError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
                            code="rate_limit_exceeded") from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
         if streaming:
             state = {"code": 200, "text": "", "closed": False}
 

@@ -103,6 +103,10 @@ class EngineBusy(Exception):
     """The engine's queue is full."""
 
 
+class EngineStopped(Exception):
+    """The engine's worker has ended (closed, or failed): it answers nothing more."""
+
+
 class Engine:
     def __init__(self, model, processor, name: str, max_batch: int = 16, batch_window_ms: float = 10.0,
                  batching: bool = True, max_queue: int = 256, experts: Sequence[Expert] = (),
@@ -115,11 +119,13 @@ class Engine:
         self.inbox: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
         self.steps = self.rows_stepped = self.prefills = self.largest_batch = 0  # (for tests and benchmarks)
         self.step_seconds = 0.0  # spent in decoding steps
-        self.failures = 0  # steps or prefills that raised (each failed its requests; the worker went on)
+        self.failures = 0  # steps, prefills or context closes that raised (the worker went on)
         self._alone = decodes_alone(self.model)  # rows may join and leave a running batch
         self._context: contextlib.ExitStack | None = None
         self._busy_since: float | None = None
         self._stop = threading.Event()
+        self._stopped = False  # the worker has ended: set, and the inbox drained, under _lock
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
         self._thread.start()
 
@@ -150,12 +156,13 @@ class Engine:
 
     # -- API ---------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
-        if self._stop.is_set() or not self._thread.is_alive():
-            raise RuntimeError("the engine has stopped; restart the server")
-        try:
-            self.inbox.put_nowait(req)
-        except queue.Full:
-            raise EngineBusy(f"{self.inbox.maxsize} requests are queued") from None
+        with self._lock:  # the worker, ending, drains the inbox under it: nothing is queued after that
+            if self._stopped or self._stop.is_set():
+                raise EngineStopped("the engine has stopped; restart the server")
+            try:
+                self.inbox.put_nowait(req)
+            except queue.Full:
+                raise EngineBusy(f"{self.inbox.maxsize} requests are queued") from None
         return req
 
     def health(self) -> dict:
@@ -189,22 +196,27 @@ class Engine:
                     log.exception("engine step failed; its %d requests were failed", len(running.answers) if running
                                   is not None else 0)
                     for a in running.answers if running is not None else []:
-                        a.tag.fail(e)
+                        if not a.tag.future.done():  # (answered rows kept in a batch that cannot drop them)
+                            a.tag.fail(e)
                     running = self._end()
                 finally:
                     self._busy_since = None
-        finally:  # closed, or (a bug) the worker itself failed: nothing queued is left waiting for it
+        finally:  # closed, or (a bug) the worker itself failed: nothing running or queued is left waiting
+            stopped = EngineStopped("the engine stopped before answering")
             for a in running.answers if running is not None else []:
-                a.tag.fail(RuntimeError("the engine stopped"))
+                if not a.tag.future.done():  # (rows answered, kept in a batch whose rows cannot leave: not failed)
+                    with contextlib.suppress(BaseException):
+                        a.tag.fail(stopped)
             self._end()
-            self._fail_queued(RuntimeError("the engine stopped"))
-
-    def _fail_queued(self, error: BaseException) -> None:
-        while True:
-            try:
-                self.inbox.get_nowait().fail(error)
-            except queue.Empty:
-                return
+            with self._lock:
+                self._stopped = True
+                while True:
+                    try:
+                        r = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    with contextlib.suppress(BaseException):
+                        r.fail(stopped)
 
     def _admit(self, running: Batch | None) -> Batch | None:
         """Requests that have arrived, prefilled together, joined to the running batch (or starting one)."""
