@@ -195,18 +195,14 @@ class Engine:
                     self.failures += 1
                     log.exception("engine step failed; its %d requests were failed", len(running.answers) if running
                                   is not None else 0)
-                    for a in running.answers if running is not None else []:
-                        if not a.tag.future.done():  # (answered rows kept in a batch that cannot drop them)
-                            a.tag.fail(e)
+                    self._fail_unanswered(running, e)
                     running = self._end()
                 finally:
                     self._busy_since = None
         finally:  # closed, or (a bug) the worker itself failed: nothing running or queued is left waiting
             stopped = EngineStopped("the engine stopped before answering")
-            for a in running.answers if running is not None else []:
-                if not a.tag.future.done():  # (rows answered, kept in a batch whose rows cannot leave: not failed)
-                    with contextlib.suppress(BaseException):
-                        a.tag.fail(stopped)
+            with contextlib.suppress(BaseException):
+                self._fail_unanswered(running, stopped)
             self._end()
             with self._lock:
                 self._stopped = True
@@ -217,6 +213,13 @@ class Engine:
                         break
                     with contextlib.suppress(BaseException):
                         r.fail(stopped)
+
+    @staticmethod
+    def _fail_unanswered(running: "Batch | None", error: BaseException) -> None:
+        """Fail the batch's requests not yet answered (a batch whose rows cannot leave keeps answered ones)."""
+        for a in running.answers if running is not None else []:
+            if not a.tag.future.done():
+                a.tag.fail(error)
 
     def _admit(self, running: Batch | None) -> Batch | None:
         """Requests that have arrived, prefilled together, joined to the running batch (or starting one)."""
