@@ -210,6 +210,52 @@ def scale_qk(model, factor: float) -> int:
     return n
 
 
+def recall_rows(tok, n: int, seed: int, pairs: tuple[int, int], questions: int = 8) -> dict:
+    """`n` rows of the synthetic lookup of experiments/recall_probe.py (layout kv, gap 0: 'square orange circle
+    red . circle -> red') written in the world's own word tokens, half with shapes as the keys and colours as the
+    values, half the other way round: the warm-up of --recall-warmup. Packed as `pack` packs drills."""
+    import importlib.util
+
+    from vlkit.world.scene import COLORS, SHAPES
+
+    spec = importlib.util.spec_from_file_location("recall_probe", Path(__file__).with_name("recall_probe.py"))
+    recall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recall)
+
+    def word(w: str, space: str = " ") -> int:
+        ids = tok.encode(space + w, add_special_tokens=False)
+        if len(ids) != 1:
+            raise SystemExit(f"--recall-warmup: the tokenizer splits {w!r} into {len(ids)} tokens; it needs one "
+                             "token for it (raise --vocab)")
+        return ids[0]
+
+    shapes, colors = [word(w) for w in SHAPES], [word(w) for w in sorted(COLORS)]
+    specials = [tok.pad_token_id, tok.bos_token_id, word(".", ""), word("is")]
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for keys, values, m in ((shapes, colors, n - n // 2), (colors, shapes, n // 2)):
+        hi = min(pairs[1], len(keys))
+        ids, labels, _ = recall.batch(gen, m, len(keys), len(values), (min(pairs[0], hi), hi), questions, "kv", 0)
+        table = torch.tensor(specials + keys + values)
+        parts.append((table[ids], torch.where(labels == -100, labels, table[labels.clamp(min=0)])))
+    ids = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    order = torch.randperm(len(ids), generator=gen)
+    return {"input_ids": ids[order], "labels": labels[order]}
+
+
+def recall_accuracy(model, rows: dict) -> float:
+    """Exact match of the next-token argmax on the answers of `recall_rows`."""
+    model.eval()
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        logits = model(input_ids=rows["input_ids"].to(device)).logits[:, :-1].argmax(-1).cpu()
+    model.train()
+    target = rows["labels"][:, 1:]
+    mask = target != -100
+    return float(((logits == target) & mask).sum() / mask.sum())
+
+
 def line(step: int, point: dict) -> str:
     kinds = " ".join(f"{k[5:]} {v:.2f}" for k, v in point.items() if k.startswith("kind/"))
     return (f"step {step:>6}: context VQA {point['context_vqa']:.3f} | {kinds} | "
@@ -248,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "by this factor: sharper attention at the start, larger gradients through the softmax")
     p.add_argument("--init-std", type=float, help="draw the fresh model's weights from N(0, this) instead of "
                    "transformers' 0.02 (e.g. 1/sqrt(hidden))")
+    p.add_argument("--recall-warmup", type=int, default=0, help="first train this many steps on the synthetic "
+                   "lookup of experiments/recall_probe.py in the world's words (shape -> colour and colour -> "
+                   "shape, the layout in which it forms within ~10^3 steps), then on the drills (README)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
     p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "
@@ -269,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--qk-init scales a fresh model's attention; it does not apply with --init")
     if a.init and a.init_std is not None:
         p.error("--init-std draws a fresh model's weights; it does not apply with --init")
+    if a.recall_warmup < 0:
+        p.error(f"--recall-warmup {a.recall_warmup}: give a number of steps >= 0")
     if a.init_std is not None and not a.init_std > 0:
         p.error(f"--init-std {a.init_std}: give a standard deviation > 0, e.g. 0.1")
 
@@ -298,6 +349,17 @@ def main(argv: list[str] | None = None) -> dict:
             reinit(model, a.init_std)
         scale_qk(model, a.qk_init)
     blocks = pack(tok, train, a.block, loss_on=a.loss_on, whole=True)
+    warm: dict = {}
+    if a.recall_warmup:
+        rows = recall_rows(tok, a.recall_warmup * a.batch, a.seed, (lo, hi))
+        held_rows = recall_rows(tok, 1000, 10**6 + a.seed, (lo, hi))
+        wcfg = TrainConfig(steps=a.recall_warmup, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup,
+                           log_every=max(1, a.recall_warmup), seed=a.seed, device=a.device,
+                           weight_decay=a.weight_decay, num_threads=a.threads)
+        with tempfile.TemporaryDirectory() as out:
+            Trainer(model, wcfg, Blocks(rows), collate_blocks, lm_loss, out, desc="recall warm-up").fit()
+        warm = {"steps": a.recall_warmup, "heldout_acc": recall_accuracy(model, held_rows)}
+        print(f"recall warm-up: {a.recall_warmup} steps, held-out lookup {warm['heldout_acc']:.3f}", flush=True)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
                       eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device,
                       weight_decay=a.weight_decay, num_threads=a.threads)
@@ -331,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
               "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
               "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
-              "curve": curve, "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
+              "recall_warmup": warm, "curve": curve, "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
               "attention": attention, "listing": listed, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(Path(a.json), result)
     print(f"{result['params']:,} parameters, {len(blocks['input_ids']):,} drills, {result['seconds']:.0f} s")

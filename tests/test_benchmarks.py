@@ -113,3 +113,78 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     assert probe.scale_qk(model, 3.0) == 2 * 2  # q and k of each of the 2 layers
     for k, v in model.state_dict().items():
         assert torch.allclose(v, before[k] * (3.0 if k.endswith(("q_proj.weight", "k_proj.weight")) else 1.0))
+
+
+def test_recall_probe_asks_each_query_for_its_own_pair_and_scores_the_shortcut(tmp_path):
+    spec = importlib.util.spec_from_file_location("recall_probe", EXPERIMENTS / "recall_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    keys, values, s = 8, 5, probe.SPECIALS
+    for order, gap in (("vk", 1), ("kv", 0)):
+        ids, labels, in_seq = probe.batch(torch.Generator().manual_seed(3), 40, keys, values, (2, 6), 4, order, gap)
+        for row, lab, present in zip(ids.tolist(), labels.tolist(), in_seq):
+            sep = row.index(probe.SEP)
+            pairs = [row[i:i + 2] for i in range(1, sep, 2)]
+            bound = {(k if order == "kv" else v): (v if order == "kv" else k) for k, v in pairs}  # key -> value
+            assert 2 <= len(pairs) <= 6 and len(bound) == len(pairs)  # keys are distinct
+            assert all(s <= k < s + keys for k in bound) and all(s + keys <= v < s + keys + values
+                                                                 for v in bound.values())
+            assert present.nonzero().flatten().tolist() == sorted({v - s - keys for v in bound.values()})
+            answers = [i for i, t in enumerate(lab) if t != -100]
+            assert len(answers) == 4 and all(lab[i] == row[i] for i in answers)
+            for i in answers:  # the query's key sits gap + 1 tokens before its answer, which is that key's value
+                assert row[i - 1 - gap] in bound and row[i] == bound[row[i - 1 - gap]]
+                assert all(t == probe.IS for t in row[i - gap:i])
+    # the shortcut is scored: a model that always answers one value of the row has all its errors in the row
+    ids, labels, in_seq = probe.batch(torch.Generator().manual_seed(4), 30, keys, values, (3, 3), 2, "vk", 1)
+
+    class FirstValue(torch.nn.Module):  # answers every query with the row's first value (order vk)
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, s + keys + values)
+            logits[torch.arange(input_ids.shape[0]), :, input_ids[:, 1]] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    got = probe.evaluate(FirstValue(), ids, labels, in_seq, keys)
+    assert got["n"] == 60 and 0 < got["acc"] < 1 and got["wrong_in_sequence"] == 1.0
+    out = probe.main(["--steps", "4", "--eval-every", "2", "--eval-rows", "20", "--hidden", "16", "--heads", "2",
+                      "--mlp", "32", "--save", str(tmp_path / "m"), "--json", str(tmp_path / "r.json")])
+    assert [p["step"] for p in out["curve"]] == [2, 4] and out["final"]["n"] == 60 and 0 <= out["final"]["acc"] <= 1
+    more = probe.main(["--steps", "2", "--eval-every", "2", "--eval-rows", "20", "--init", str(tmp_path / "m"),
+                       "--json", str(tmp_path / "r2.json")])
+    assert more["parameters"] == out["parameters"] and (tmp_path / "r2.json").exists()
+    for bad in (["--pairs", "2"], ["--pairs", "3,9"], ["--init", str(tmp_path), "--steps", "1"],
+                ["--init", str(tmp_path / "m"), "--keys", "9"]):
+        with pytest.raises(SystemExit):
+            probe.main([*bad, "--json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_binding_probe_recall_warmup_writes_the_lookup_in_the_worlds_words():
+    spec = importlib.util.spec_from_file_location("binding_probe", EXPERIMENTS / "binding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from vlkit.world.scene import COLORS, SHAPES
+
+    words = [".", "is", *SHAPES, *sorted(COLORS)]
+
+    class Tok:  # one id per word, as a BPE trained on enough drills gives
+        pad_token_id, bos_token_id = 0, 1
+
+        def encode(self, text, add_special_tokens=False):
+            return [2 + words.index(text.strip())] if text.strip() in words else [900, 901]
+
+    rows = probe.recall_rows(Tok(), 40, 0, (2, 6))
+    ids_of = {2 + words.index(w): w for w in words}
+    directions = set()
+    for row, lab in zip(rows["input_ids"].tolist(), rows["labels"].tolist()):
+        text = [ids_of.get(t) for t in row if t > 1]
+        sep = text.index(".")
+        bound = dict(zip(text[:sep:2], text[1:sep:2]))  # key, value, key, value ...
+        directions.add(text[0] in SHAPES)
+        assert all((k in SHAPES) == (text[0] in SHAPES) and (v in COLORS) == (k in SHAPES) for k, v in bound.items())
+        answers = [i for i, t in enumerate(lab) if t != -100]
+        assert len(answers) == 8 and all(ids_of[row[i]] == bound[ids_of[row[i - 1]]] for i in answers)
+    assert directions == {True, False}  # shape -> colour and colour -> shape
+    with pytest.raises(SystemExit, match="splits 'circle'"):
+        probe.recall_rows(type("Short", (Tok,), {"encode": lambda self, t, add_special_tokens=False: [5, 6]})(),
+                          4, 0, (2, 3))
