@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
               "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
               "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
-              "recall_warmup": warm, "curve": curve, "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
+              "recall_warmup": warm, "curve": curve,
+              "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
               "attention": attention, "listing": listed, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(Path(a.json), result)
     print(f"{result['params']:,} parameters, {len(blocks['input_ids']):,} drills, {result['seconds']:.0f} s")
