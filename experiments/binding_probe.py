@@ -12,7 +12,8 @@ on a GPU as on a CPU:
             --qk-init scales its query and key projections (sharper attention at the start), --init-std draws
             its weights at another scale than transformers' 0.02, --loss-on all trains on every token of the
             drill, --kinds drills only some question kinds, --listing closes each drill by naming every
-            object's colour by its shape and shape by its colour (lm recipe: data.drill_listing)
+            object's colour by its shape and shape by its colour (lm recipe: data.drill_listing),
+            --recall-warmup first trains the synthetic lookup of experiments/recall_probe.py in the world's words
   curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
             scenes, same object counts) per question kind, with the share of colour / shape / position answers
             that name another object's value
