@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "transformers' 0.02 (e.g. 1/sqrt(hidden))")
     p.add_argument("--recall-warmup", type=int, default=0, help="first train this many steps on the synthetic "
                    "lookup of experiments/recall_probe.py in the world's words (shape -> colour and colour -> "
-                   "shape, the layout in which it forms within ~10^3 steps), then on the drills (README)")
+                   "shape, the layout in which the synthetic lookup formed in 500-4,000 steps), then on the "
+                   "drills; on the world 4,000 steps did not form it (README)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
     p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "

@@ -20,13 +20,14 @@ Writes --json (default runs/recall_probe.json) with the curve and the command, a
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from vlkit.fileio import atomic_dir, write_json
 
 PAD, BOS, SEP, IS = 0, 1, 2, 3
 SPECIALS = 4
@@ -125,8 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     shape = dict(keys=args.keys, values=args.values, pairs=(lo, hi), questions=args.questions, order=args.order,
                  gap=args.gap)
-    held = batch(torch.Generator().manual_seed(10**6 + args.seed), args.eval_rows, **shape)
-    gen = torch.Generator().manual_seed(args.seed)
     vocab = SPECIALS + args.keys + args.values
     if args.init:
         from transformers import LlamaForCausalLM
@@ -139,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"--values {args.values} need {vocab}")
     else:
         model = make_model(args, vocab)
+    held = batch(torch.Generator().manual_seed(10**6 + args.seed), args.eval_rows, **shape)
+    gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     curve, start = [], time.time()
@@ -163,12 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
            "args": vars(args), "parameters": sum(t.numel() for t in model.parameters()), "curve": curve,
            "final": curve[-1]}
     if args.save:
-        model.save_pretrained(args.save)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+        with atomic_dir(args.save) as tmp:
+            model.save_pretrained(tmp)
+    write_json(args.json, out)
     return out
 
 
