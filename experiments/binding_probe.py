@@ -13,7 +13,8 @@ on a GPU as on a CPU:
             its weights at another scale than transformers' 0.02, --loss-on all trains on every token of the
             drill, --kinds drills only some question kinds, --listing closes each drill by naming every
             object's colour by its shape and shape by its colour (lm recipe: data.drill_listing),
-            --recall-warmup first trains the synthetic lookup of experiments/recall_probe.py in the world's words
+            --recall-warmup first trains the copy task and the synthetic lookup of experiments/recall_probe.py
+            in the world's words, stage by stage until each is learnt (--warmup-until)
   curve     every --eval-every steps: exact-match accuracy on --eval-questions held-out single questions (other
             scenes, same object counts) per question kind, with the share of colour / shape / position answers
             that name another object's value
@@ -211,10 +212,16 @@ def scale_qk(model, factor: float) -> int:
     return n
 
 
-def recall_rows(tok, n: int, seed: int, pairs: tuple[int, int], questions: int = 8) -> dict:
-    """`n` rows of the synthetic lookup of experiments/recall_probe.py (layout kv, gap 0: 'square orange circle
-    red . circle -> red') written in the world's own word tokens, half with shapes as the keys and colours as the
-    values, half the other way round: the warm-up of --recall-warmup. Packed as `pack` packs drills."""
+WARMUP_STAGES = (("repeat", None, None), ("recall", "mix", 0), ("recall", "mix", 1))  # task, order, gap
+
+
+def recall_rows(tok, n: int, seed: int, pairs: tuple[int, int], stage: tuple = ("recall", "kv", 0),
+                questions: int = 8) -> dict:
+    """`n` rows of a synthetic task of experiments/recall_probe.py written in the world's own word tokens, the
+    shapes as keys and the colours as values and (for a lookup) half of the rows the other way round; the gap
+    token is 'is'. `stage` is (task, order, gap), one of the stages of --recall-warmup (WARMUP_STAGES): the copy
+    task over those words, then the lookup ('square orange circle red . circle -> red'; 'mix': either order per
+    row). Packed as `pack` packs drills."""
     import importlib.util
 
     from vlkit.world.scene import COLORS, SHAPES
@@ -233,16 +240,22 @@ def recall_rows(tok, n: int, seed: int, pairs: tuple[int, int], questions: int =
     shapes, colors = [word(w) for w in SHAPES], [word(w) for w in sorted(COLORS)]
     specials = [tok.pad_token_id, tok.bos_token_id, word(".", ""), word("is")]
     gen = torch.Generator().manual_seed(seed)
+    task, order, gap = stage
+    if task == "repeat":
+        ids, labels, _ = recall.repeat_batch(gen, n, len(shapes) + len(colors), (8, 24))
+        table = torch.tensor(specials + shapes + colors)
+        return {"input_ids": table[ids], "labels": torch.where(labels == -100, labels, table[labels.clamp(min=0)])}
     parts = []
     for keys, values, m in ((shapes, colors, n - n // 2), (colors, shapes, n // 2)):
         hi = min(pairs[1], len(keys))
-        ids, labels, _ = recall.batch(gen, m, len(keys), len(values), (min(pairs[0], hi), hi), questions, "kv", 0)
+        ids, labels, _ = recall.batch(gen, m, len(keys), len(values), (min(pairs[0], hi), hi), questions, order,
+                                      gap)
         table = torch.tensor(specials + keys + values)
         parts.append((table[ids], torch.where(labels == -100, labels, table[labels.clamp(min=0)])))
     ids = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts])
-    order = torch.randperm(len(ids), generator=gen)
-    return {"input_ids": ids[order], "labels": labels[order]}
+    order_ = torch.randperm(len(ids), generator=gen)
+    return {"input_ids": ids[order_], "labels": labels[order_]}
 
 
 def recall_accuracy(model, rows: dict) -> float:
@@ -295,10 +308,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "by this factor: sharper attention at the start, larger gradients through the softmax")
     p.add_argument("--init-std", type=float, help="draw the fresh model's weights from N(0, this) instead of "
                    "transformers' 0.02 (e.g. 1/sqrt(hidden))")
-    p.add_argument("--recall-warmup", type=int, default=0, help="first train this many steps on the synthetic "
-                   "lookup of experiments/recall_probe.py in the world's words (shape -> colour and colour -> "
-                   "shape, the layout in which the synthetic lookup formed in 500-4,000 steps), then on the "
-                   "drills; on the world 4,000 steps did not form it (README)")
+    p.add_argument("--recall-warmup", type=int, default=0, help="first train up to this many steps on each of "
+                   "three synthetic tasks of experiments/recall_probe.py in the world's words, each until its "
+                   "held-out accuracy reaches --warmup-until: the copy task, then the shape <-> colour lookup "
+                   "with either order per row, without and then with 'is' between key and answer (the curriculum "
+                   "that formed the synthetic lookup from every seed tried, README); then the drills")
+    p.add_argument("--warmup-until", type=float, default=0.95, help="held-out accuracy that ends a warm-up stage")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
     p.add_argument("--init", help="start from this saved model (its tokenizer and sizes; --layers ... --vocab are "
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--init-std draws a fresh model's weights; it does not apply with --init")
     if a.recall_warmup < 0:
         p.error(f"--recall-warmup {a.recall_warmup}: give a number of steps >= 0")
+    if not 0 < a.warmup_until <= 1:
+        p.error(f"--warmup-until {a.warmup_until}: give an accuracy in (0, 1], e.g. 0.95")
     if a.init_std is not None and not a.init_std > 0:
         p.error(f"--init-std {a.init_std}: give a standard deviation > 0, e.g. 0.1")
 
@@ -351,17 +368,27 @@ def main(argv: list[str] | None = None) -> dict:
             reinit(model, a.init_std)
         scale_qk(model, a.qk_init)
     blocks = pack(tok, train, a.block, loss_on=a.loss_on, whole=True)
-    warm: dict = {}
-    if a.recall_warmup:
-        rows = recall_rows(tok, a.recall_warmup * a.batch, a.seed, (lo, hi))
-        held_rows = recall_rows(tok, 1000, 10**6 + a.seed, (lo, hi))
+    warm: list = []
+    for k, stage in enumerate(WARMUP_STAGES if a.recall_warmup else ()):
+        rows = recall_rows(tok, a.recall_warmup * a.batch, a.seed + k, (lo, hi), stage)
+        held_rows = recall_rows(tok, 1000, 10**6 + a.seed + k, (lo, hi), stage)
         wcfg = TrainConfig(steps=a.recall_warmup, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup,
-                           log_every=max(1, a.recall_warmup), seed=a.seed, device=a.device,
-                           weight_decay=a.weight_decay, num_threads=a.threads)
+                           log_every=250, seed=a.seed, device=a.device, weight_decay=a.weight_decay,
+                           num_threads=a.threads, progress=False)
+        name = stage[0] if stage[0] == "repeat" else f"lookup, {stage[1]} order, gap {stage[2]}"
+        held_acc: list = []
+
+        def formed(step: int, _metrics, held_rows=held_rows, held_acc=held_acc, name=name) -> bool:
+            if step % 250 and step != a.recall_warmup:
+                return False
+            held_acc.append(recall_accuracy(model, held_rows))
+            print(f"warm-up ({name}) step {step}: held-out {held_acc[-1]:.3f}", flush=True)
+            return held_acc[-1] >= a.warmup_until
+
         with tempfile.TemporaryDirectory() as out:
-            Trainer(model, wcfg, Blocks(rows), collate_blocks, lm_loss, out, desc="recall warm-up").fit()
-        warm = {"steps": a.recall_warmup, "heldout_acc": recall_accuracy(model, held_rows)}
-        print(f"recall warm-up: {a.recall_warmup} steps, held-out lookup {warm['heldout_acc']:.3f}", flush=True)
+            t = Trainer(model, wcfg, Blocks(rows), collate_blocks, lm_loss, out, desc=f"warm-up: {name}")
+            t.fit(callbacks=[formed])
+        warm.append({"stage": name, "steps": t.step, "heldout_acc": held_acc[-1]})
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
                       eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device,
                       weight_decay=a.weight_decay, num_threads=a.threads)

@@ -13,6 +13,10 @@ curve reports that share of its errors.
     python experiments/recall_probe.py --keys 8 --values 8 --pairs 2,6 --steps 3000
     # a larger key space, as associative-recall benchmarks use
     python experiments/recall_probe.py --keys 64 --values 64 --pairs 2,6 --steps 3000
+    # the curriculum that forms the world's lookup from every seed tried (README): the copy task first, then the
+    # lookup with either order per sequence, then (if wanted) the world's order alone
+    python experiments/recall_probe.py --task repeat --steps 1000 --until 0.97 --save runs/rp/repeat
+    python experiments/recall_probe.py --init runs/rp/repeat --order mix --questions 8 --warmup 50 --until 0.97
 
 Writes --json (default runs/recall_probe.json) with the curve and the command, and prints the curve.
 """
@@ -47,7 +51,8 @@ def batch(gen: torch.Generator, n: int, keys: int, values: int, pairs: tuple[int
         m = int(counts[i])
         k = torch.randperm(keys, generator=gen)[:m]
         v = torch.randint(0, values, (m,), generator=gen)
-        first, second = (v + SPECIALS + keys, k + SPECIALS) if order == "vk" else (k + SPECIALS, v + SPECIALS + keys)
+        vk = order == "vk" or (order == "mix" and bool(torch.randint(0, 2, (1,), generator=gen)))
+        first, second = (v + SPECIALS + keys, k + SPECIALS) if vk else (k + SPECIALS, v + SPECIALS + keys)
         row = [BOS] + torch.stack([first, second], 1).flatten().tolist() + [SEP]
         which = torch.randint(0, m, (questions,), generator=gen)
         for j in which.tolist():
@@ -57,6 +62,22 @@ def batch(gen: torch.Generator, n: int, keys: int, values: int, pairs: tuple[int
         in_seq[i, v] = True
     labels = torch.where(answer, ids, torch.full_like(ids, -100))
     return ids, labels, in_seq
+
+
+def repeat_batch(gen: torch.Generator, n: int, tokens: int, length: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """`n` rows of the copy task that forms induction heads: a random string of `tokens` token kinds (the keys and
+    the values), then SEP and the string again; the loss sees the copy from its second token on (the first is
+    not predictable). ids, labels as `batch`, and no other-value mask (None)."""
+    lo, hi = length
+    ids = torch.full((n, 2 * hi + 2), PAD, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    counts = torch.randint(lo, hi + 1, (n,), generator=gen)
+    for i in range(n):
+        m = int(counts[i])
+        s = torch.randint(SPECIALS, SPECIALS + tokens, (m,), generator=gen)
+        ids[i, :2 * m + 2] = torch.cat([torch.tensor([BOS]), s, torch.tensor([SEP]), s])
+        labels[i, m + 3:2 * m + 2] = s[1:]
+    return ids, labels, None
 
 
 def make_model(args, vocab: int):
@@ -80,6 +101,9 @@ def evaluate(model, ids, labels, in_seq, keys: int) -> dict:
     pred = logits.argmax(-1)
     right = (pred == target) & mask
     wrong = mask & ~right
+    if in_seq is None:  # the copy task: no other values to score
+        model.train()
+        return {"acc": float(right.sum() / mask.sum()), "n": int(mask.sum()), "wrong_in_sequence": float("nan")}
     value = pred - SPECIALS - keys
     is_value = (value >= 0) & (value < in_seq.shape[1])
     rows = torch.arange(ids.shape[0])[:, None].expand_as(pred)
@@ -92,11 +116,16 @@ def evaluate(model, ids, labels, in_seq, keys: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("recall", "repeat"), default="recall",
+                   help="repeat: the copy task of --length over the keys' and values' tokens (forms induction "
+                   "heads; then --init a recall run from it)")
+    p.add_argument("--length", default="8,24", help="fewest,most tokens of a --task repeat string")
     p.add_argument("--keys", type=int, default=8, help="key vocabulary (the world's 8 shapes)")
     p.add_argument("--values", type=int, default=8, help="value vocabulary (the world's 8 colours)")
     p.add_argument("--pairs", default="2,6", help="fewest,most pairs per sequence (the bench's 2-6 objects)")
     p.add_argument("--questions", type=int, default=3, help="queries per sequence")
-    p.add_argument("--order", choices=("vk", "kv"), default="vk", help="vk: value before key, as 'red square'")
+    p.add_argument("--order", choices=("vk", "kv", "mix"), default="vk",
+                   help="vk: value before key, as 'red square'; mix: either, drawn per sequence")
     p.add_argument("--gap", type=int, choices=(0, 1), default=1, help="IS tokens between a query's key and answer")
     p.add_argument("--loss-on", choices=("answers", "all"), default="answers")
     p.add_argument("--layers", type=int, default=2)
@@ -109,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--until", type=float, help="stop at the first evaluation whose accuracy reaches this")
     p.add_argument("--eval-rows", type=int, default=1000, help="held-out sequences (x --questions answers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
@@ -122,10 +152,20 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--pairs {args.pairs!r}: give fewest,most, e.g. 2,6")
     if not 1 <= lo <= hi <= args.keys:
         p.error(f"--pairs {args.pairs!r}: need 1 <= fewest <= most <= --keys ({args.keys}), since keys are distinct")
+    try:
+        length = tuple(int(x) for x in args.length.split(","))
+        if len(length) != 2 or not 2 <= length[0] <= length[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--length {args.length!r}: give fewest,most with 2 <= fewest <= most, e.g. 8,24")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = dict(keys=args.keys, values=args.values, pairs=(lo, hi), questions=args.questions, order=args.order,
-                 gap=args.gap)
+    if args.task == "repeat":
+        def make(gen, n):
+            return repeat_batch(gen, n, args.keys + args.values, length)
+    else:
+        def make(gen, n):
+            return batch(gen, n, args.keys, args.values, (lo, hi), args.questions, args.order, args.gap)
     vocab = SPECIALS + args.keys + args.values
     if args.init:
         from transformers import LlamaForCausalLM
@@ -138,13 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
                     f"--values {args.values} need {vocab}")
     else:
         model = make_model(args, vocab)
-    held = batch(torch.Generator().manual_seed(10**6 + args.seed), args.eval_rows, **shape)
+    held = make(torch.Generator().manual_seed(10**6 + args.seed), args.eval_rows)
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
     curve, start = [], time.time()
     for step in range(1, args.steps + 1):
-        ids, labels, _ = batch(gen, args.batch, **shape)
+        ids, labels, _ = make(gen, args.batch)
         if args.loss_on == "all":
             labels = torch.where(ids == PAD, torch.full_like(ids, -100), ids)
         loss = model(input_ids=ids, labels=labels).loss
@@ -159,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
             curve.append(point)
             print(f"step {step:6d}  loss {point['loss']:.3f}  acc {point['acc']:.3f}  "
                   f"wrong-in-sequence {point['wrong_in_sequence']:.2f}  {point['seconds']:.0f}s", flush=True)
+            if args.until is not None and point["acc"] >= args.until:
+                break
     out = {"command": shlex.join(["python", "experiments/recall_probe.py", *(argv if argv is not None else
                                                                               sys.argv[1:])]),
            "args": vars(args), "parameters": sum(t.numel() for t in model.parameters()), "curve": curve,

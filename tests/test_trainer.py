@@ -72,6 +72,26 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert losses(tmp_path / "full") == losses(tmp_path / "resumed")
 
 
+def test_a_callback_returning_true_stops_after_an_evaluation_and_a_checkpoint_and_resume_matches(tmp_path):
+    full = trainer(tmp_path / "full")
+    full.fit()
+    evals = []
+
+    def stop_at_5(step, _metrics):
+        return step == 5  # between the checkpoints of steps 3 and 6
+
+    cut = trainer(tmp_path / "cut")
+    cut.evaluate_fn = lambda m: evals.append(cut.step) or {"x": 1.0}
+    cut.fit(callbacks=[stop_at_5])
+    assert cut.step == 5 and evals == [5]
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000005").is_dir()
+    resumed = trainer(tmp_path / "cut", seed=99)
+    resumed.fit(resume=True)  # continues from the checkpoint the early stop wrote
+    assert resumed.step == 12
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_schedule_warmup_then_cosine_to_floor():
     kw = dict(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1, schedule="cosine")
     assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -44,7 +44,7 @@ from vlkit.train.schedule import lr_at
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 EvalFn = Callable[[nn.Module], dict[str, float]]
-StepCallback = Callable[[int, dict[str, float]], None]
+StepCallback = Callable[[int, dict[str, float]], "bool | None"]  # True: stop after this step (see Trainer.fit)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -273,7 +273,8 @@ class Trainer:
     def fit(self, resume: bool = False, overwrite: bool = False,
             callbacks: Sequence[StepCallback] = ()) -> dict[str, float]:
         """Train to cfg.steps. `resume` continues from the latest checkpoint; a fresh run refuses to
-        start over existing checkpoints unless `overwrite`."""
+        start over existing checkpoints unless `overwrite`. Each callback runs after every step; one that
+        returns True on any rank ends training there on every rank, after a final evaluation and checkpoint."""
         cfg = self.cfg
         seed_everything(cfg.seed + self.rt.rank)
         if self.rt.is_main:
@@ -377,12 +378,18 @@ class Trainer:
                     self._log(metrics)
                     bar.set_postfix(loss=f"{loss_sum:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
                 final = self.step == cfg.steps
-                if self.evaluate_fn and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+                evaluated = self.evaluate_fn and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final)
+                if evaluated:
                     last_eval = self.run_eval()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or final:
+                saved = (cfg.save_every and self.step % cfg.save_every == 0) or final
+                if saved:
                     self.save()
-                for cb in callbacks:
-                    cb(self.step, metrics)
+                if self._any_rank(any([bool(cb(self.step, metrics)) for cb in callbacks])) and not final:
+                    if self.evaluate_fn and not evaluated:
+                        last_eval = self.run_eval()
+                    if not saved:
+                        self.save()
+                    break
         finally:
             bar.close()
         self._restore_dtypes()
@@ -406,6 +413,12 @@ class Trainer:
             ok = ok.to(self.rt.device if self.rt.device.type == "cuda" else "cpu")
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (so that all ranks stop at the same step)."""
+        if not self.rt.distributed:
+            return flag
+        return self._mean_over_ranks(float(flag)) > 0
 
     def _mean_over_ranks(self, value: float) -> float:
         """The loss of the global batch (ranks' micro-batch losses averaged), as one process would log it."""
