@@ -178,7 +178,8 @@ def test_recall_probe_asks_each_query_for_its_own_pair_and_scores_the_shortcut(t
     copy = probe.main(["--task", "repeat", "--steps", "6", "--eval-every", "2", "--eval-rows", "10", "--until", "0",
                        "--init", str(tmp_path / "m"), "--json", str(tmp_path / "r3.json")])
     assert [p["step"] for p in copy["curve"]] == [2] and copy["final"]["n"] > 10
-    for bad in (["--pairs", "2"], ["--pairs", "3,9"], ["--length", "1,4"], ["--length", "5"], ["--init", str(tmp_path), "--steps", "1"],
+    for bad in (["--pairs", "2"], ["--pairs", "3,9"], ["--length", "1,4"], ["--length", "5"],
+                ["--init", str(tmp_path), "--steps", "1"],
                 ["--init", str(tmp_path / "m"), "--keys", "9"]):
         with pytest.raises(SystemExit):
             probe.main([*bad, "--json", str(tmp_path / "bad.json")])
