@@ -212,64 +212,6 @@ def scale_qk(model, factor: float) -> int:
     return n
 
 
-WARMUP_STAGES = (("repeat", None, None), ("recall", "mix", 0), ("recall", "mix", 1))  # task, order, gap
-
-
-def recall_rows(tok, n: int, seed: int, pairs: tuple[int, int], stage: tuple = ("recall", "kv", 0),
-                questions: int = 8) -> dict:
-    """`n` rows of a synthetic task of experiments/recall_probe.py written in the world's own word tokens, the
-    shapes as keys and the colours as values and (for a lookup) half of the rows the other way round; the gap
-    token is 'is'. `stage` is (task, order, gap), one of the stages of --recall-warmup (WARMUP_STAGES): the copy
-    task over those words, then the lookup ('square orange circle red . circle -> red'; 'mix': either order per
-    row). Packed as `pack` packs drills."""
-    import importlib.util
-
-    from vlkit.world.scene import COLORS, SHAPES
-
-    spec = importlib.util.spec_from_file_location("recall_probe", Path(__file__).with_name("recall_probe.py"))
-    recall = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recall)
-
-    def word(w: str, space: str = " ") -> int:
-        ids = tok.encode(space + w, add_special_tokens=False)
-        if len(ids) != 1:
-            raise SystemExit(f"--recall-warmup: the tokenizer splits {w!r} into {len(ids)} tokens; it needs one "
-                             "token for it (raise --vocab)")
-        return ids[0]
-
-    shapes, colors = [word(w) for w in SHAPES], [word(w) for w in sorted(COLORS)]
-    specials = [tok.pad_token_id, tok.bos_token_id, word(".", ""), word("is")]
-    gen = torch.Generator().manual_seed(seed)
-    task, order, gap = stage
-    if task == "repeat":
-        ids, labels, _ = recall.repeat_batch(gen, n, len(shapes) + len(colors), (8, 24))
-        table = torch.tensor(specials + shapes + colors)
-        return {"input_ids": table[ids], "labels": torch.where(labels == -100, labels, table[labels.clamp(min=0)])}
-    parts = []
-    for keys, values, m in ((shapes, colors, n - n // 2), (colors, shapes, n // 2)):
-        hi = min(pairs[1], len(keys))
-        ids, labels, _ = recall.batch(gen, m, len(keys), len(values), (min(pairs[0], hi), hi), questions, order,
-                                      gap)
-        table = torch.tensor(specials + keys + values)
-        parts.append((table[ids], torch.where(labels == -100, labels, table[labels.clamp(min=0)])))
-    ids = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    order_ = torch.randperm(len(ids), generator=gen)
-    return {"input_ids": ids[order_], "labels": labels[order_]}
-
-
-def recall_accuracy(model, rows: dict) -> float:
-    """Exact match of the next-token argmax on the answers of `recall_rows`."""
-    model.eval()
-    with torch.no_grad():
-        device = next(model.parameters()).device
-        logits = model(input_ids=rows["input_ids"].to(device)).logits[:, :-1].argmax(-1).cpu()
-    model.train()
-    target = rows["labels"][:, 1:]
-    mask = target != -100
-    return float(((logits == target) & mask).sum() / mask.sum())
-
-
 def line(step: int, point: dict) -> str:
     kinds = " ".join(f"{k[5:]} {v:.2f}" for k, v in point.items() if k.startswith("kind/"))
     return (f"step {step:>6}: context VQA {point['context_vqa']:.3f} | {kinds} | "
@@ -343,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--init-std {a.init_std}: give a standard deviation > 0, e.g. 0.1")
 
     from vlkit.models.llm import LLMConfig, build_llm, count_parameters
-    from vlkit.recipes.lm import Blocks, bpe_texts, collate_blocks, context_vqa, drills, lm_loss, pack
+    from vlkit.errors import VlkitError
+    from vlkit.recipes.lm import (Blocks, RecallWarmup, bpe_texts, collate_blocks, context_vqa, drills, lm_loss,
+                                  pack, recall_warmup)
     from vlkit.data.tokenizer import train_bpe
     from vlkit.fileio import write_json
     from vlkit.train import TrainConfig, Trainer
@@ -369,26 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
         scale_qk(model, a.qk_init)
     blocks = pack(tok, train, a.block, loss_on=a.loss_on, whole=True)
     warm: list = []
-    for k, stage in enumerate(WARMUP_STAGES if a.recall_warmup else ()):
-        rows = recall_rows(tok, a.recall_warmup * a.batch, a.seed + k, (lo, hi), stage)
-        held_rows = recall_rows(tok, 1000, 10**6 + a.seed + k, (lo, hi), stage)
-        wcfg = TrainConfig(steps=a.recall_warmup, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup,
-                           log_every=250, seed=a.seed, device=a.device, weight_decay=a.weight_decay,
-                           num_threads=a.threads, progress=False)
-        name = stage[0] if stage[0] == "repeat" else f"lookup, {stage[1]} order, gap {stage[2]}"
-        held_acc: list = []
-
-        def formed(step: int, _metrics, held_rows=held_rows, held_acc=held_acc, name=name) -> bool:
-            if step % 250 and step != a.recall_warmup:
-                return False
-            held_acc.append(recall_accuracy(model, held_rows))
-            print(f"warm-up ({name}) step {step}: held-out {held_acc[-1]:.3f}", flush=True)
-            return held_acc[-1] >= a.warmup_until
-
-        with tempfile.TemporaryDirectory() as out:
-            t = Trainer(model, wcfg, Blocks(rows), collate_blocks, lm_loss, out, desc=f"warm-up: {name}")
-            t.fit(callbacks=[formed])
-        warm.append({"stage": name, "steps": t.step, "heldout_acc": held_acc[-1]})
+    if a.recall_warmup:
+        wcfg = TrainConfig(steps=a.recall_warmup, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, seed=a.seed,
+                           device=a.device, weight_decay=a.weight_decay, num_threads=a.threads, progress=False)
+        try:
+            warm = recall_warmup(model, tok, RecallWarmup(max_steps=a.recall_warmup, until=a.warmup_until,
+                                                          pairs=(lo, hi)), wcfg, "--recall-warmup",
+                                 lambda text: print(text, flush=True))
+        except VlkitError as e:
+            raise SystemExit(str(e)) from None
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
                       eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device,
                       weight_decay=a.weight_decay, num_threads=a.threads)

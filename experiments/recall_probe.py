@@ -32,53 +32,7 @@ from pathlib import Path
 import torch
 
 from vlkit.fileio import atomic_dir, write_json
-
-PAD, BOS, SEP, IS = 0, 1, 2, 3
-SPECIALS = 4
-
-
-def batch(gen: torch.Generator, n: int, keys: int, values: int, pairs: tuple[int, int], questions: int,
-          order: str, gap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`n` sequences: ids (n, T), labels (n, T) with -100 off the answers, and the other-value mask (n, T, V)."""
-    lo, hi = pairs
-    q_len = 2 + gap
-    length = 1 + 2 * hi + 1 + questions * q_len
-    ids = torch.full((n, length), PAD, dtype=torch.long)
-    answer = torch.zeros((n, length), dtype=torch.bool)
-    in_seq = torch.zeros((n, values), dtype=torch.bool)
-    counts = torch.randint(lo, hi + 1, (n,), generator=gen)
-    for i in range(n):
-        m = int(counts[i])
-        k = torch.randperm(keys, generator=gen)[:m]
-        v = torch.randint(0, values, (m,), generator=gen)
-        vk = order == "vk" or (order == "mix" and bool(torch.randint(0, 2, (1,), generator=gen)))
-        first, second = (v + SPECIALS + keys, k + SPECIALS) if vk else (k + SPECIALS, v + SPECIALS + keys)
-        row = [BOS] + torch.stack([first, second], 1).flatten().tolist() + [SEP]
-        which = torch.randint(0, m, (questions,), generator=gen)
-        for j in which.tolist():
-            row += [int(k[j]) + SPECIALS] + [IS] * gap + [int(v[j]) + SPECIALS + keys]
-            answer[i, len(row) - 1] = True
-        ids[i, :len(row)] = torch.tensor(row)
-        in_seq[i, v] = True
-    labels = torch.where(answer, ids, torch.full_like(ids, -100))
-    return ids, labels, in_seq
-
-
-def repeat_batch(gen: torch.Generator, n: int, tokens: int, length: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """`n` rows of the copy task that forms induction heads: a random string of `tokens` token kinds (the keys and
-    the values), then SEP and the string again; the loss sees the copy from its second token on (the first is
-    not predictable). ids, labels as `batch`, and no other-value mask (None)."""
-    lo, hi = length
-    ids = torch.full((n, 2 * hi + 2), PAD, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    counts = torch.randint(lo, hi + 1, (n,), generator=gen)
-    for i in range(n):
-        m = int(counts[i])
-        s = torch.randint(SPECIALS, SPECIALS + tokens, (m,), generator=gen)
-        ids[i, :2 * m + 2] = torch.cat([torch.tensor([BOS]), s, torch.tensor([SEP]), s])
-        labels[i, m + 3:2 * m + 2] = s[1:]
-    return ids, labels, None
-
+from vlkit.world.recall import BOS, PAD, SEP, SPECIALS, copy_batch, lookup_batch
 
 def make_model(args, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--questions", type=int, default=3, help="queries per sequence")
     p.add_argument("--order", choices=("vk", "kv", "mix"), default="vk",
                    help="vk: value before key, as 'red square'; mix: either, drawn per sequence")
-    p.add_argument("--gap", type=int, choices=(0, 1), default=1, help="IS tokens between a query's key and answer")
+    p.add_argument("--gap", type=int, default=1, help="IS tokens between a query's key and answer (the world's "
+                   "'what color is the square? ASSISTANT:' puts about 5 tokens there)")
     p.add_argument("--loss-on", choices=("answers", "all"), default="answers")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
@@ -158,14 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError
     except ValueError:
         p.error(f"--length {args.length!r}: give fewest,most with 2 <= fewest <= most, e.g. 8,24")
+    if args.gap < 0:
+        p.error(f"--gap {args.gap}: give a number of tokens >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.task == "repeat":
         def make(gen, n):
-            return repeat_batch(gen, n, args.keys + args.values, length)
+            return copy_batch(gen, n, args.keys + args.values, length)
     else:
         def make(gen, n):
-            return batch(gen, n, args.keys, args.values, (lo, hi), args.questions, args.order, args.gap)
+            return lookup_batch(gen, n, args.keys, args.values, (lo, hi), args.questions, args.order, args.gap)
     vocab = SPECIALS + args.keys + args.values
     if args.init:
         from transformers import LlamaForCausalLM

@@ -98,7 +98,7 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
                        "--recall-warmup", "3", "--warmup-until", "1.0", "--json", str(tmp_path / "warm.json")]
                       )["recall_warmup"]
     assert [w["steps"] for w in warm] == [3, 3, 3] and all(0 <= w["heldout_acc"] < 1 for w in warm)
-    assert [w["stage"] for w in warm] == ["repeat", "lookup, mix order, gap 0", "lookup, mix order, gap 1"]
+    assert [w["stage"] for w in warm] == ["copy", "mix:0", "mix:1"]
     # the listing lookup is scored on every bound word: one colour per object its shape names alone, and so on
     test_scenes = probe.scenes(900_000, 16, (2, 3))
     for kind, other in (("color", "shape"), ("shape", "color")):
@@ -122,43 +122,15 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
         assert torch.allclose(v, before[k] * (3.0 if k.endswith(("q_proj.weight", "k_proj.weight")) else 1.0))
 
 
-def test_recall_probe_asks_each_query_for_its_own_pair_and_scores_the_shortcut(tmp_path):
+def test_recall_probe_scores_the_shortcut_and_trains_each_task(tmp_path):
+    from vlkit.world.recall import SPECIALS, lookup_batch
+
     spec = importlib.util.spec_from_file_location("recall_probe", EXPERIMENTS / "recall_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    keys, values, s = 8, 5, probe.SPECIALS
-    for order, gap in (("vk", 1), ("kv", 0), ("mix", 1)):
-        ids, labels, in_seq = probe.batch(torch.Generator().manual_seed(3), 40, keys, values, (2, 6), 4, order, gap)
-        orders = set()
-        for row, lab, present in zip(ids.tolist(), labels.tolist(), in_seq):
-            sep = row.index(probe.SEP)
-            pairs = [row[i:i + 2] for i in range(1, sep, 2)]
-            kv = pairs[0][0] < s + keys  # a key first
-            orders.add(kv)
-            assert all((a < s + keys) == kv for a, _ in pairs)  # one order within a row
-            bound = {(a if kv else b): (b if kv else a) for a, b in pairs}  # key -> value
-            assert 2 <= len(pairs) <= 6 and len(bound) == len(pairs)  # keys are distinct
-            assert all(s <= k < s + keys for k in bound) and all(s + keys <= v < s + keys + values
-                                                                 for v in bound.values())
-            assert present.nonzero().flatten().tolist() == sorted({v - s - keys for v in bound.values()})
-            answers = [i for i, t in enumerate(lab) if t != -100]
-            assert len(answers) == 4 and all(lab[i] == row[i] for i in answers)
-            for i in answers:  # the query's key sits gap + 1 tokens before its answer, which is that key's value
-                assert row[i - 1 - gap] in bound and row[i] == bound[row[i - 1 - gap]]
-                assert all(t == probe.IS for t in row[i - gap:i])
-        assert orders == ({True, False} if order == "mix" else {order == "kv"})
-    # the copy task: the string again after SEP, the loss on the copy from its second token on
-    ids, labels, none = probe.repeat_batch(torch.Generator().manual_seed(5), 30, keys + values, (3, 7))
-    assert none is None
-    for row, lab in zip(ids.tolist(), labels.tolist()):
-        sep = row.index(probe.SEP)
-        string = row[1:sep]
-        assert row[0] == probe.BOS and 3 <= len(string) <= 7 and all(s <= t < s + keys + values for t in string)
-        assert row[sep + 1:sep + 1 + len(string)] == string and set(row[sep + 1 + len(string):]) <= {probe.PAD}
-        assert [i for i, t in enumerate(lab) if t != -100] == list(range(sep + 2, sep + 1 + len(string)))
-        assert all(lab[i] == row[i] for i in range(sep + 2, sep + 1 + len(string)))
+    keys, values, s = 8, 5, SPECIALS
     # the shortcut is scored: a model that always answers one value of the row has all its errors in the row
-    ids, labels, in_seq = probe.batch(torch.Generator().manual_seed(4), 30, keys, values, (3, 3), 2, "vk", 1)
+    ids, labels, in_seq = lookup_batch(torch.Generator().manual_seed(4), 30, keys, values, (3, 3), 2, "vk", 1)
 
     class FirstValue(torch.nn.Module):  # answers every query with the row's first value (order vk)
         def forward(self, input_ids):
@@ -180,52 +152,7 @@ def test_recall_probe_asks_each_query_for_its_own_pair_and_scores_the_shortcut(t
     assert [p["step"] for p in copy["curve"]] == [2] and copy["final"]["n"] > 10
     for bad in (["--pairs", "2"], ["--pairs", "3,9"], ["--length", "1,4"], ["--length", "5"],
                 ["--init", str(tmp_path), "--steps", "1"],
-                ["--init", str(tmp_path / "m"), "--keys", "9"]):
+                ["--init", str(tmp_path / "m"), "--keys", "9"], ["--gap", "-1"]):
         with pytest.raises(SystemExit):
             probe.main([*bad, "--json", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
-
-
-def test_binding_probe_recall_warmup_writes_the_lookup_in_the_worlds_words():
-    spec = importlib.util.spec_from_file_location("binding_probe", EXPERIMENTS / "binding_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    from vlkit.world.scene import COLORS, SHAPES
-
-    words = [".", "is", *SHAPES, *sorted(COLORS)]
-
-    class Tok:  # one id per word, as a BPE trained on enough drills gives
-        pad_token_id, bos_token_id = 0, 1
-
-        def encode(self, text, add_special_tokens=False):
-            return [2 + words.index(text.strip())] if text.strip() in words else [900, 901]
-
-    ids_of = {2 + words.index(w): w for w in words}
-    assert [stage[0] for stage in probe.WARMUP_STAGES] == ["repeat", "recall", "recall"]
-    copy = probe.recall_rows(Tok(), 20, 0, (2, 6), probe.WARMUP_STAGES[0])
-    for row, lab in zip(copy["input_ids"].tolist(), copy["labels"].tolist()):  # the string again after '.'
-        text = [ids_of[t] for t in row if t > 1]
-        sep = text.index(".")
-        assert set(text) - {"."} <= set(SHAPES) | set(COLORS) and text[sep + 1:] == text[:sep]
-        assert [t for t in lab if t != -100] == [t for t in row if t > 1][sep + 2:]
-    for stage in probe.WARMUP_STAGES[1:]:
-        gap, orders, directions = stage[2], set(), set()
-        rows = probe.recall_rows(Tok(), 40, 0, (2, 6), stage)
-        for row, lab in zip(rows["input_ids"].tolist(), rows["labels"].tolist()):
-            text = [ids_of.get(t) for t in row if t > 1]
-            sep = text.index(".")
-            key_words = SHAPES if text[sep + 1] in SHAPES else COLORS  # the first query is a key
-            pairs = list(zip(text[:sep:2], text[1:sep:2]))
-            orders.add(pairs[0][0] in key_words)
-            directions.add(key_words is SHAPES)
-            bound = {(a if a in key_words else b): (b if a in key_words else a) for a, b in pairs}
-            assert len(bound) == len(pairs) and all((v in key_words) is False for v in bound.values())
-            answers = [i for i, t in enumerate(lab) if t != -100]
-            assert len(answers) == 8
-            for i in answers:  # 'is' between the query's key and its answer when gap is 1
-                assert ids_of[row[i]] == bound[ids_of[row[i - 1 - gap]]]
-                assert [ids_of[t] for t in row[i - gap:i]] == ["is"] * gap
-        assert orders == {True, False} and directions == {True, False}  # both orders, both directions
-    with pytest.raises(SystemExit, match="splits 'circle'"):
-        probe.recall_rows(type("Short", (Tok,), {"encode": lambda self, t, add_special_tokens=False: [5, 6]})(),
-                          4, 0, (2, 3))

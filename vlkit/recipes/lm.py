@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlkit.config import Section
+from vlkit.errors import VlkitError
+from vlkit.fileio import read_json, write_json
 from vlkit.data.records import text_only
 from vlkit.world.sources import RecordsConfig, load_splits
 from vlkit.data.tokenizer import TokenizerConfig, encode_chat, load_tokenizer, render, train_bpe
 from vlkit.models.llm import LLMConfig, build_llm, count_parameters, load_llm
 from vlkit.recipes.common import finish, prepare_output
 from vlkit.train import TrainConfig, Trainer
+from vlkit.train.checkpoint import latest_checkpoint
 from vlkit.train.runtime import seed_everything
+from vlkit.world.recall import STAGES, answer_accuracy, parse_stage, world_rows
 
 
 class LMData(RecordsConfig):
@@ -59,6 +63,37 @@ class LMEval(Section):
                                     "on this many questions: the curve of the skill, beside perplexity.")
 
 
+class RecallWarmup(Section):
+    max_steps: int = Field(0, ge=0, description="Before training on the world, train on each synthetic recall "
+                           "stage (vlkit.world.recall) for at most this many steps, until its held-out answers "
+                           "reach `until` (0: no warm-up). These tasks form the lookup that answering from the "
+                           "context needs, which world conversations alone form slowly or never in a tiny LM. "
+                           "One process only; skipped on --resume once the world training has a checkpoint.")
+    stages: list[str] = Field(list(STAGES), min_length=1, description="In order: 'copy' (the copy task, which "
+                              "forms induction heads), then lookups '<order>:<gap>' (order vk, kv or mix, gap "
+                              "tokens 'is' between the asked word and its answer).")
+    until: float = Field(0.97, gt=0, le=1, description="Held-out teacher-forced answer accuracy that ends a stage.")
+    check_every: int = Field(250, gt=0, description="Steps between held-out checks of a stage.")
+    pairs: tuple[int, int] = Field((2, 6), description="Fewest, most key-value pairs per lookup row (the world's "
+                                   "objects per scene).")
+    questions: int = Field(8, gt=0, description="Queries per lookup row.")
+    heldout: int = Field(1000, gt=0, description="Held-out rows per stage.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        for stage in v:
+            parse_stage(stage)  # its ValueError names the stage and the forms allowed
+        return v
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"pairs {list(v)}: give [fewest, most] with 1 <= fewest <= most")
+        return v
+
+
 class LMRecipe(Section):
     recipe: Literal["lm"] = "lm"
     output_dir: str = Field("runs/lm", description="Where the model, logs and checkpoints go.")
@@ -70,6 +105,7 @@ class LMRecipe(Section):
     model: LLMConfig = Field(default_factory=LLMConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: LMEval = Field(default_factory=LMEval)
+    recall_warmup: RecallWarmup = Field(default_factory=RecallWarmup)
 
 
 def scene_descriptions(record: dict) -> list[str]:
@@ -324,6 +360,46 @@ def collate_blocks(items: list[dict]) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def recall_warmup(model, tok, w: RecallWarmup, train: TrainConfig, where: str = "lm",
+                  report: Callable[[str], None] | None = None) -> list[dict]:
+    """Train `model` on each stage of `w` in turn (with `train`'s batch, learning rate and device), each until its
+    held-out answers reach `w.until` or `w.max_steps` ran out; a stage's checkpoints go to a temporary directory.
+    `report` gets a line per held-out check. [{"stage", "steps", "heldout_acc", "curve": [[step, acc], ...]}]."""
+    import os
+    import tempfile
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VlkitError(f"{where}: recall_warmup runs on one process; run it as its own lm run (train.steps=1) and "
+                         "give that run's model as `init` to this one, or set recall_warmup.max_steps=0")
+    rows_per = w.max_steps * train.batch_size * train.grad_accum
+    try:
+        data = [(stage, world_rows(tok, rows_per, train.seed + k, stage, w.pairs, w.questions),
+                 world_rows(tok, w.heldout, 10**6 + train.seed + k, stage, w.pairs, w.questions))
+                for k, stage in enumerate(w.stages)]
+    except ValueError as e:
+        raise VlkitError(f"{where}: recall_warmup: {e}") from None
+    wcfg = train.model_copy(update={"steps": w.max_steps, "eval_every": 0, "save_every": 0, "batch_by_task": False,
+                                    "warmup_steps": min(train.warmup_steps, w.max_steps // 2),
+                                    "log_every": w.check_every})
+    out = []
+    for stage, rows, held in data:
+        curve: list[list[float]] = []
+
+        def formed(step: int, _metrics, held=held, curve=curve, stage=stage) -> bool:
+            if step % w.check_every and step != w.max_steps:
+                return False
+            curve.append([step, answer_accuracy(model, held)])
+            if report:
+                report(f"recall warm-up {stage} step {step}: held-out {curve[-1][1]:.3f}")
+            return curve[-1][1] >= w.until
+
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Trainer(model, wcfg, Blocks(rows), collate_blocks, lm_loss, tmp, desc=f"recall warm-up {stage}")
+            t.fit(callbacks=[formed])
+        out.append({"stage": stage, "steps": t.step, "heldout_acc": curve[-1][1], "curve": curve})
+    return out
+
+
 def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
@@ -345,9 +421,22 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
                        cfg.data.whole)
     seed_everything(cfg.train.seed)
     model = load_llm(cfg.init) if cfg.init else build_llm(cfg.model, tok)
+    warm_file = out / "recall_warmup.json"
+    warm = None
+    if cfg.recall_warmup.max_steps:
+        if resume and latest_checkpoint(out / "checkpoints") is not None:
+            warm = read_json(warm_file) if warm_file.is_file() else None  # the checkpoint holds the warmed model
+        elif not resume:  # (resuming without a checkpoint: the trainer says so before anything runs)
+            warm = recall_warmup(model, tok, cfg.recall_warmup, cfg.train, cfg.output_dir)
+
+    def start() -> None:
+        record()
+        if warm is not None:
+            write_json(warm_file, warm)
+
     trainer = Trainer(model, cfg.train, Blocks(train_blocks), collate_blocks, lm_loss, out,
                       evaluate=lambda m: during(m, tok, test_blocks, test_recs, cfg.eval.context_vqa_during),
-                      run_config=cfg.model_dump(mode="json"), desc=f"lm {model.config.model_type}", on_start=record)
+                      run_config=cfg.model_dump(mode="json"), desc=f"lm {model.config.model_type}", on_start=start)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))
@@ -358,6 +447,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
                         "test_tokens": int(test_blocks["input_ids"].numel()), "loss_on": cfg.data.loss_on,
                         "heldout_ppl": metrics["ppl"],
                         "context_vqa": cvqa, "context_vqa_acc": cvqa["acc"] if cvqa else None,
+                        "recall_warmup": warm,
                         "ppl_curve": [{"step": h["step"], "ppl": h["eval/ppl"],
                                        **({"context_vqa": h["eval/context_vqa"]} if "eval/context_vqa" in h else {})}
                                       for h in trainer.history if "eval/ppl" in h],

@@ -1,0 +1,153 @@
+"""The synthetic recall tasks (vlkit.world.recall) against their definitions, and the lm recipe's warm-up on them."""
+
+import pytest
+import torch
+
+from vlkit.world.recall import (BOS, IS, PAD, SEP, SPECIALS, STAGES, answer_accuracy, copy_batch, lookup_batch,
+                                parse_stage, world_rows)
+from vlkit.world.scene import COLORS, SHAPES
+
+
+def test_lookup_rows_ask_each_query_for_its_own_pair():
+    keys, values, s = 8, 5, SPECIALS
+    for order, gap in (("vk", 1), ("kv", 0), ("mix", 1), ("vk", 4)):
+        ids, labels, in_seq = lookup_batch(torch.Generator().manual_seed(3), 40, keys, values, (2, 6), 4, order, gap)
+        orders = set()
+        for row, lab, present in zip(ids.tolist(), labels.tolist(), in_seq):
+            assert row[0] == BOS
+            sep = row.index(SEP)
+            pairs = [row[i:i + 2] for i in range(1, sep, 2)]
+            kv = pairs[0][0] < s + keys  # a key first
+            orders.add(kv)
+            assert all((a < s + keys) == kv for a, _ in pairs)  # one order within a row
+            bound = {(a if kv else b): (b if kv else a) for a, b in pairs}  # key -> value
+            assert 2 <= len(pairs) <= 6 and len(bound) == len(pairs)  # keys are distinct
+            assert all(s <= k < s + keys for k in bound) and all(s + keys <= v < s + keys + values
+                                                                 for v in bound.values())
+            assert present.nonzero().flatten().tolist() == sorted({v - s - keys for v in bound.values()})
+            answers = [i for i, t in enumerate(lab) if t != -100]
+            assert len(answers) == 4 and all(lab[i] == row[i] for i in answers)
+            for i in answers:  # the query's key sits gap + 1 tokens before its answer, which is that key's value
+                assert row[i - 1 - gap] in bound and row[i] == bound[row[i - 1 - gap]]
+                assert all(t == IS for t in row[i - gap:i])
+            assert set(row[answers[-1] + 1:]) <= {PAD}
+        assert orders == ({True, False} if order == "mix" else {order == "kv"})
+
+
+def test_copy_rows_repeat_the_string_and_score_it_from_its_second_token():
+    ids, labels, none = copy_batch(torch.Generator().manual_seed(5), 30, 13, (3, 7))
+    assert none is None
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        sep = row.index(SEP)
+        string = row[1:sep]
+        assert row[0] == BOS and 3 <= len(string) <= 7 and all(SPECIALS <= t < SPECIALS + 13 for t in string)
+        assert row[sep + 1:sep + 1 + len(string)] == string and set(row[sep + 1 + len(string):]) <= {PAD}
+        assert [i for i, t in enumerate(lab) if t != -100] == list(range(sep + 2, sep + 1 + len(string)))
+        assert all(lab[i] == row[i] for i in range(sep + 2, sep + 1 + len(string)))
+
+
+WORDS = [".", "is", *SHAPES, *sorted(COLORS)]
+
+
+class Tok:  # one id per word, as a BPE trained on enough drills gives
+    pad_token_id, bos_token_id = 0, 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [2 + WORDS.index(text.strip())] if text.strip() in WORDS else [900, 901]
+
+
+def test_world_rows_write_each_stage_in_the_worlds_words():
+    ids_of = {2 + WORDS.index(w): w for w in WORDS}
+    assert STAGES == ("copy", "mix:0", "mix:1")
+    copy = world_rows(Tok(), 20, 0, "copy")
+    for row, lab in zip(copy["input_ids"].tolist(), copy["labels"].tolist()):  # the string again after '.'
+        text = [ids_of[t] for t in row if t > 1]
+        sep = text.index(".")
+        assert set(text) - {"."} <= set(SHAPES) | set(COLORS) and text[sep + 1:] == text[:sep]
+        assert [t for t in lab if t != -100] == [t for t in row if t > 1][sep + 2:]
+    for stage in ("mix:0", "mix:1", "vk:3"):
+        gap, orders, directions = parse_stage(stage)[2], set(), set()
+        rows = world_rows(Tok(), 40, 0, stage, (2, 6))
+        for row, lab in zip(rows["input_ids"].tolist(), rows["labels"].tolist()):
+            text = [ids_of.get(t) for t in row if t > 1]
+            sep = text.index(".")
+            key_words = SHAPES if text[sep + 1] in SHAPES else COLORS  # the first query is a key
+            pairs = list(zip(text[:sep:2], text[1:sep:2]))
+            orders.add(pairs[0][0] in key_words)
+            directions.add(key_words is SHAPES)
+            bound = {(a if a in key_words else b): (b if a in key_words else a) for a, b in pairs}
+            assert len(bound) == len(pairs) and all((v in key_words) is False for v in bound.values())
+            answers = [i for i, t in enumerate(lab) if t != -100]
+            assert len(answers) == 8
+            for i in answers:  # 'is' between the query's key and its answer, gap times
+                assert ids_of[row[i]] == bound[ids_of[row[i - 1 - gap]]]
+                assert [ids_of[t] for t in row[i - gap:i]] == ["is"] * gap
+        want_orders = {True, False} if stage.startswith("mix") else {False}  # vk: the value (colour) first
+        assert orders == want_orders and directions == {True, False}  # both directions: shape->colour and back
+    with pytest.raises(ValueError, match="splits 'circle'"):
+        world_rows(type("Short", (Tok,), {"encode": lambda self, t, add_special_tokens=False: [5, 6]})(), 4, 0)
+    for bad in ("lookup", "mix", "vk:", "mix:10", "kv:x", "copy:1"):
+        with pytest.raises(ValueError, match="recall stage"):
+            parse_stage(bad)
+
+
+class Oracle(torch.nn.Module):
+    """Next-token logits that peek at the next input token (shift 1: always right), or at another one."""
+
+    def __init__(self, shift: int):
+        super().__init__()
+        self.shift, self.w = shift, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, 32).float()})()
+
+
+def test_answer_accuracy_scores_the_labelled_tokens_only():
+    ids, labels, _ = lookup_batch(torch.Generator().manual_seed(1), 30, 8, 8, (2, 6), 3, "kv", 0)
+    rows = {"input_ids": ids, "labels": labels}
+    assert answer_accuracy(Oracle(1), rows, batch_size=7) == 1.0
+    wrong = answer_accuracy(Oracle(2), rows)  # predicts the token after the answer: PAD or the next query's key
+    assert wrong == 0.0
+    m = Oracle(1).train()
+    answer_accuracy(m, rows)
+    assert m.training  # put back as it was
+
+
+def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes(tmp_path, tiny_world):
+    from test_recipes import lm_overrides
+    from vlkit.config import load
+    from vlkit.errors import VlkitError
+    from vlkit.fileio import read_json
+    from vlkit.recipes.lm import LMRecipe, run
+
+    out = tmp_path / "warm"
+    base = lm_overrides(tiny_world, out, "llama", "llama") + ["train.steps=4", "train.eval_every=0",
+                                                              "data.drill=3"]
+    # until 0.001: each stage stops at its first check; max_steps bounds the other stage
+    cfg = load(LMRecipe, None, base + ["recall_warmup.max_steps=6", "recall_warmup.check_every=2",
+                                       "recall_warmup.until=0.001", "recall_warmup.stages=[copy,vk:1]",
+                                       "recall_warmup.heldout=20"])
+    res = run(cfg)
+    warm = res["recall_warmup"]
+    assert [w["stage"] for w in warm] == ["copy", "vk:1"] and [w["steps"] for w in warm] == [2, 2]
+    assert all(len(w["curve"]) == 1 and 0 <= w["heldout_acc"] <= 1 for w in warm)
+    assert read_json(out / "recall_warmup.json") == warm and (out / "model" / "config.json").is_file()
+    assert not list(out.glob("**/recall*/checkpoints"))  # the warm-up's checkpoints stayed in a temporary directory
+    # resumed once the world training has a checkpoint: no second warm-up, its figures read back
+    again = run(cfg, resume=True)
+    assert again["recall_warmup"] == warm
+    # until 1.0 is not reached in 4 steps: each stage runs to max_steps, checked every 2 steps and at the end
+    cfg = load(LMRecipe, None, base + [f"output_dir={tmp_path / 'full'}", "recall_warmup.max_steps=5",
+                                       "recall_warmup.check_every=2", "recall_warmup.until=1.0",
+                                       "recall_warmup.stages=[mix:0]", "recall_warmup.heldout=20"])
+    warm = run(cfg)["recall_warmup"]
+    assert warm[0]["steps"] == 5 and [c[0] for c in warm[0]["curve"]] == [2, 4, 5]
+    # a tokenizer that splits a shape or colour word: a clear error before anything is written
+    bad = load(LMRecipe, None, base + [f"output_dir={tmp_path / 'bad'}", "tokenizer.vocab_size=300",
+                                       "recall_warmup.max_steps=2"])
+    with pytest.raises(VlkitError, match="recall_warmup: the tokenizer splits"):
+        run(bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(Exception, match="recall stage 'lookup'"):
+        load(LMRecipe, None, base + ["recall_warmup.stages=[lookup]"])
