@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "held-out accuracy reaches --warmup-until: the copy task, then the shape <-> colour lookup "
                    "with either order per row, without and then with 'is' between key and answer (the curriculum "
                    "that formed the synthetic lookup from every seed tried, README); then the drills")
+    p.add_argument("--recall-keep", type=float, default=0.0, help="share of the drill training's rows that are "
+                   "rows of the warm-up's last stage (lm recipe: recall_warmup.keep), so that the lookup is not "
+                   "overwritten")
     p.add_argument("--warmup-until", type=float, default=0.95, help="held-out accuracy that ends a warm-up stage")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--save", help="write the trained model and its tokenizer here (a Hugging Face directory)")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vlkit.models.llm import LLMConfig, build_llm, count_parameters
     from vlkit.errors import VlkitError
     from vlkit.recipes.lm import (Blocks, RecallWarmup, bpe_texts, collate_blocks, context_vqa, drills, lm_loss,
-                                  pack, recall_warmup)
+                                  pack, recall_warmup, with_recall)
     from vlkit.data.tokenizer import train_bpe
     from vlkit.fileio import write_json
     from vlkit.train import TrainConfig, Trainer
@@ -322,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  lambda text: print(text, flush=True))
         except VlkitError as e:
             raise SystemExit(str(e)) from None
+    try:
+        blocks = with_recall(tok, RecallWarmup(keep=a.recall_keep, pairs=(lo, hi)), blocks, a.seed, "--recall-keep")
+    except (VlkitError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, schedule=a.schedule,
                       eval_every=a.eval_every, log_every=max(1, a.eval_every), seed=a.seed, device=a.device,
                       weight_decay=a.weight_decay, num_threads=a.threads)
@@ -341,6 +348,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(model, cfg, Blocks(blocks), collate_blocks, lm_loss, out, evaluate=evaluate,
                           desc="binding probe")
         trainer.fit()
+    recall_after = None  # the last warm-up stage's held-out lookup after the drills: kept or overwritten
+    if warm:
+        from vlkit.world.recall import STAGES, answer_accuracy, world_rows
+
+        recall_after = answer_accuracy(model, world_rows(tok, 1000, 10**6 + a.seed + len(STAGES) - 1, STAGES[-1],
+                                                         (lo, hi)))
+        print(f"the warm-up's lookup ({STAGES[-1]}) after the drills: held-out {recall_after:.3f}", flush=True)
         curve = [{k.removeprefix("eval/"): v for k, v in h.items() if k == "step" or k.startswith("eval/")}
                  for h in trainer.history if "eval/context_vqa" in h]
     if a.save:
@@ -355,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
               "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
               "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
-              "recall_warmup": warm, "curve": curve,
+              "recall_warmup": warm, "recall_keep": a.recall_keep, "recall_after": recall_after, "curve": curve,
               "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},
               "attention": attention, "listing": listed, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(Path(a.json), result)

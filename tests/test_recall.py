@@ -140,9 +140,14 @@ def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes
     # until 1.0 is not reached in 4 steps: each stage runs to max_steps, checked every 2 steps and at the end
     cfg = load(LMRecipe, None, base + [f"output_dir={tmp_path / 'full'}", "recall_warmup.max_steps=5",
                                        "recall_warmup.check_every=2", "recall_warmup.until=1.0",
-                                       "recall_warmup.stages=[mix:0]", "recall_warmup.heldout=20"])
-    warm = run(cfg)["recall_warmup"]
+                                       "recall_warmup.stages=[mix:0]", "recall_warmup.heldout=20",
+                                       "recall_warmup.keep=0.2"])
+    full = run(cfg)
+    warm = full["recall_warmup"]
     assert warm[0]["steps"] == 5 and [c[0] for c in warm[0]["curve"]] == [2, 4, 5]
+    assert 0 <= full["recall_after"] <= 1 and res["recall_after"] is not None
+    # keep 0.2: a quarter as many lookup rows as world blocks, in the training blocks
+    assert full["train_tokens"] == round(res["train_tokens"] * 1.25 / 64) * 64
     # a tokenizer that splits a shape or colour word: a clear error before anything is written
     bad = load(LMRecipe, None, base + [f"output_dir={tmp_path / 'bad'}", "tokenizer.vocab_size=300",
                                        "recall_warmup.max_steps=2"])
@@ -151,3 +156,19 @@ def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes
     assert not (tmp_path / "bad").exists()
     with pytest.raises(Exception, match="recall stage 'lookup'"):
         load(LMRecipe, None, base + ["recall_warmup.stages=[lookup]"])
+
+
+def test_with_recall_adds_a_share_of_lookup_rows_padded_to_the_block():
+    from vlkit.errors import VlkitError
+    from vlkit.recipes.lm import RecallWarmup, with_recall
+
+    packed = {"input_ids": torch.full((30, 64), 7), "labels": torch.full((30, 64), 7)}
+    assert with_recall(Tok(), RecallWarmup(), packed, 0) is packed  # keep 0: the blocks as they were
+    out = with_recall(Tok(), RecallWarmup(keep=0.25, stages=["mix:1"]), packed, 0)
+    assert out["input_ids"].shape == (40, 64) and torch.equal(out["input_ids"][:30], packed["input_ids"])
+    extra_ids, extra_labels = out["input_ids"][30:], out["labels"][30:]
+    length = 1 + 2 * 6 + 1 + 8 * 3  # BOS, 6 pairs at most, '.', 8 queries of key, 'is', value
+    assert (extra_ids[:, length:] == Tok.pad_token_id).all() and (extra_labels[:, length:] == -100).all()
+    assert ((extra_labels != -100).sum(1) == 8).all()  # each row's 8 answers, and nothing else, in the loss
+    with pytest.raises(VlkitError, match="more than a block"):
+        with_recall(Tok(), RecallWarmup(keep=0.5), {k: v[:, :20] for k, v in packed.items()}, 0)
