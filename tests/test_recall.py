@@ -114,7 +114,7 @@ def test_answer_accuracy_scores_the_labelled_tokens_only():
     assert m.training  # put back as it was
 
 
-def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes(tmp_path, tiny_world):
+def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes(tmp_path, tiny_world, capsys):
     from test_recipes import lm_overrides
     from vlkit.config import load
     from vlkit.errors import VlkitError
@@ -132,6 +132,8 @@ def test_lm_recipe_warms_up_on_each_stage_until_it_forms_then_trains_and_resumes
     warm = res["recall_warmup"]
     assert [w["stage"] for w in warm] == ["copy", "vk:1"] and [w["steps"] for w in warm] == [2, 2]
     assert all(len(w["curve"]) == 1 and 0 <= w["heldout_acc"] <= 1 for w in warm)
+    said = capsys.readouterr().err
+    assert "recall warm-up copy step 2: held-out" in said and "recall warm-up vk:1 step 2: held-out" in said
     assert read_json(out / "recall_warmup.json") == warm and (out / "model" / "config.json").is_file()
     assert not list(out.glob("**/recall*/checkpoints"))  # the warm-up's checkpoints stayed in a temporary directory
     # resumed once the world training has a checkpoint: no second warm-up, its figures read back

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -452,7 +453,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         if resume and latest_checkpoint(out / "checkpoints") is not None:
             warm = read_json(warm_file) if warm_file.is_file() else None  # the checkpoint holds the warmed model
         elif not resume:  # (resuming without a checkpoint: the trainer says so before anything runs)
-            warm = recall_warmup(model, tok, cfg.recall_warmup, cfg.train, cfg.output_dir)
+            warm = recall_warmup(model, tok, cfg.recall_warmup, cfg.train, cfg.output_dir,
+                                 lambda line: print(line, file=sys.stderr, flush=True))
 
     def start() -> None:
         record()
