@@ -18,7 +18,10 @@ formation of the attention maps that copy from context (induction heads). What s
 conversations per block (a question never lands in a block without its scene), a multi-question drill
 per scene that opens by copying the scene, lr 1e-3 rather than 3e-3 and 3 layers rather than 4 (on
 repeated random sequences, 2-4 layers at 1e-3 learn to copy within 200-300 steps; 4 layers at 3e-3 had
-not in 600).
+not in 600). That alone leaves the LLaMA at ~0.5: it copies but does not bind an attribute to the object a
+question names. lm_small first runs the recall warm-up (lm recipe ``recall_warmup``, vlkit/world/recall.py):
+the copy task, then the shape <-> colour lookup in the world's words, each until it forms, and keeps a
+tenth of its rows synthetic during the world training, which otherwise overwrites the lookup.
 
 Each stage is a recipe config in ``configs/bench/``; a finished stage is reused. The gates are checked and
 written to ``<out>/bench.json`` and ``<out>/report.md``; a gate that is missed is reported, not hidden, and

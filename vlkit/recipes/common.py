@@ -78,7 +78,12 @@ for _where in (("data",), ("eval_data",), ("streams", "*", "data")):
     for _name in WORLD_CONFIG_LATER:
         LATER_SETTINGS[(*_where, "world", "world", _name)] = WorldConfig().model_dump(mode="json")[_name]
 LATER_SECTIONS: dict[str, dict[str, object]] = {"lm": {"eval": {"context_vqa": 200, "context_vqa_during": 0},
-                                                       "init": None},
+                                                       "init": None,
+                                                       "recall_warmup": {"max_steps": 0,
+                                                                         "stages": ["copy", "mix:0", "mix:1"],
+                                                                         "until": 0.97, "check_every": 250,
+                                                                         "pairs": [2, 6], "questions": 8,
+                                                                         "heldout": 1000, "keep": 0.0}},
                                                 "instruct": {"tiles": None, "max_length": None}}
 
 
