@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  lambda text: print(text, flush=True))
         except VlkitError as e:
             raise SystemExit(str(e)) from None
+    drill_rows = len(blocks["input_ids"])
     try:
         blocks = with_recall(tok, RecallWarmup(keep=a.recall_keep, pairs=(lo, hi)), blocks, a.seed, "--recall-keep")
     except (VlkitError, ValueError) as e:
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = Trainer(model, cfg, Blocks(blocks), collate_blocks, lm_loss, out, evaluate=evaluate,
                           desc="binding probe")
         trainer.fit()
+        curve = [{k.removeprefix("eval/"): v for k, v in h.items() if k == "step" or k.startswith("eval/")}
+                 for h in trainer.history if "eval/context_vqa" in h]
     recall_after = None  # the last warm-up stage's held-out lookup after the drills: kept or overwritten
     if warm:
         from vlkit.world.recall import STAGES, answer_accuracy, world_rows
@@ -355,8 +358,6 @@ def main(argv: list[str] | None = None) -> dict:
         recall_after = answer_accuracy(model, world_rows(tok, 1000, 10**6 + a.seed + len(STAGES) - 1, STAGES[-1],
                                                          (lo, hi)))
         print(f"the warm-up's lookup ({STAGES[-1]}) after the drills: held-out {recall_after:.3f}", flush=True)
-        curve = [{k.removeprefix("eval/"): v for k, v in h.items() if k == "step" or k.startswith("eval/")}
-                 for h in trainer.history if "eval/context_vqa" in h]
     if a.save:
         trainer.save_model(Path(a.save), lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                      tok.save_pretrained(tmp)))
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = argv if argv is not None else sys.argv[1:]
     result = {"command": "python experiments/binding_probe.py " + shlex.join(args),
               "args": vars(a), "params": count_parameters(model), "train_rows": len(blocks["input_ids"]),
+              "drill_rows": drill_rows,
               "answer_tokens_per_row": float((blocks["labels"] != -100).sum(1).float().mean()),
               "recall_warmup": warm, "recall_keep": a.recall_keep, "recall_after": recall_after, "curve": curve,
               "final": {k: final[k] for k in ("acc", "lo", "hi", "n", "per_kind", "wrong_object")},

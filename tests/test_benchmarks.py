@@ -93,10 +93,15 @@ def test_binding_probe_finds_the_named_object_and_reports_a_curve(tmp_path):
     assert all(0 < la["question_word"] <= 1 for la in att["layers"])
     assert (tmp_path / "probe.json").exists() and out["command"].startswith("python experiments/binding_probe.py")
     # the warm-up runs its three stages, each to --recall-warmup steps or until it reaches --warmup-until
-    warm = probe.main(["--objects", "2,3", "--scenes", "300", "--eval-questions", "8", "--block", "160", "--steps",
+    warmed = probe.main(["--objects", "2,3", "--scenes", "300", "--eval-questions", "8", "--block", "160", "--steps",
                        "2", "--eval-every", "2", "--layers", "1", "--hidden", "32", "--heads", "2", "--mlp", "64",
-                       "--recall-warmup", "3", "--warmup-until", "1.0", "--json", str(tmp_path / "warm.json")]
-                      )["recall_warmup"]
+                       "--recall-warmup", "3", "--warmup-until", "1.0", "--recall-keep", "0.5",
+                       "--json", str(tmp_path / "warm.json")])
+    # --recall-keep 0.5: as many lookup rows as drill blocks; the lookup is scored again after the drills
+    assert warmed["train_rows"] == 2 * warmed["drill_rows"] and out["train_rows"] == out["drill_rows"]
+    assert 0 <= warmed["recall_after"] <= 1
+    assert out["recall_after"] is None
+    warm = warmed["recall_warmup"]
     assert [w["steps"] for w in warm] == [3, 3, 3] and all(0 <= w["heldout_acc"] < 1 for w in warm)
     assert [w["stage"] for w in warm] == ["copy", "mix:0", "mix:1"]
     # the listing lookup is scored on every bound word: one colour per object its shape names alone, and so on
