@@ -6,8 +6,8 @@ import pytest
 
 from vlkit.errors import VlkitError
 from vlkit.experiments import bench
-from vlkit.world.language import VQA_KINDS, relation_question, vqa_pool
-from vlkit.world.scene import Obj, Scene, generate_scene, WorldConfig
+from vlkit.world.language import NUMBERS, VQA_KINDS, every_question, relation_question, vqa_pool
+from vlkit.world.scene import COLORS, SHAPES, Obj, Scene, generate_scene, plural, WorldConfig
 
 
 def ppl_curve(values, every=100):
@@ -110,6 +110,77 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     assert tok.decode(learned).count("USER") == 0
 
 
+def test_every_question_holds_what_vqa_pool_draws_and_answers_it_from_the_words():
+    side = {"left": 0, "right": 2}  # a region's column and row, read from its words as the caption says them
+    col = lambda region: next((v for k, v in side.items() if k in region.split()), 1)  # noqa: E731
+    row = lambda region: 0 if "top" in region else 2 if "bottom" in region else 1  # noqa: E731
+    for seed in range(60):
+        scene = generate_scene(seed, WorldConfig(min_objects=2, max_objects=6))
+        every = every_question(scene, relations=True)
+        asked = {(k, q): a for k, q, a in every}
+        assert len(asked) == len(every)  # no question twice
+        objs, names = scene.objects, [o.name for o in scene.objects]
+        for rng_seed in range(5):
+            for k, q, a in vqa_pool(scene, np.random.default_rng(rng_seed), relations=True):
+                named = [n for n in names if f"the {n} " in q or f"the {n}?" in q]
+                if len(set(named)) == len(named):  # not about one of two same-named objects
+                    assert asked.get((k, q)) == a, (seed, q)
+        shapes = [o.shape for o in objs]
+        for s in SHAPES:
+            assert asked[("count", f"how many {plural(s)} are there?")] == NUMBERS[shapes.count(s)]
+        assert sum(k == "exist" for k, _ in asked) == len(COLORS) * len(SHAPES) - (len(names) - len(set(names)))
+        for p in objs:
+            for q in objs:
+                if p is q or names.count(p.name) > 1 or names.count(q.name) > 1:
+                    continue
+                rp, rq = (col(p.region), row(p.region)), (col(q.region), row(q.region))
+                for rel, holds, decided in (("left of", rp[0] < rq[0], rp[0] != rq[0]),
+                                            ("right of", rp[0] > rq[0], rp[0] != rq[0]),
+                                            ("above", rp[1] < rq[1], rp[1] != rq[1]),
+                                            ("below", rp[1] > rq[1], rp[1] != rq[1])):
+                    got = asked.get(("relation", f"is the {p.name} {rel} the {q.name}?"))
+                    assert got == (("yes" if holds else "no") if decided else None), (seed, p.name, rel, q.name)
+    twins = Scene((Obj("circle", "red", "small", 0.1, 0.1), Obj("circle", "red", "small", 0.9, 0.9),
+                   Obj("square", "blue", "small", 0.5, 0.5)))
+    qs = [q for _, q, _ in every_question(twins, relations=True)]
+    assert "where is the red circle?" not in qs and "where is the blue square?" in qs  # ambiguous: left out
+    assert not any("the red circle" in q and ("left" in q or "above" in q) for q in qs)
+    assert "how many circles are there?" in qs and "what color is the circle?" not in qs
+
+
+def test_balanced_draw_is_uniform_over_kinds_then_answers_without_repeats():
+    from vlkit.recipes.lm import balanced_draw
+
+    pool = [("a", f"q{i}", "yes" if i < 27 else "no") for i in range(30)] + [("b", "r0", "x"), ("b", "r1", "y")]
+    firsts = [balanced_draw(pool, 2, np.random.default_rng(s)) for s in range(2000)]
+    assert all(len(d) == 2 and len(set(d)) == 2 for d in firsts)
+    kind_b = np.mean([pool[d[0]][0] == "b" for d in firsts])
+    no = np.mean([pool[d[0]][2] == "no" for d in firsts if pool[d[0]][0] == "a"])
+    assert 0.46 < kind_b < 0.54 and 0.45 < no < 0.55  # by kind, then by answer: not by how many questions
+    whole = balanced_draw(pool, 100, np.random.default_rng(0))
+    assert sorted(whole) == list(range(len(pool)))  # runs out after every item, once each
+    assert balanced_draw([], 3, np.random.default_rng(0)) == []
+
+
+def test_balanced_drills_ask_every_kind_from_every_question_the_scene_answers():
+    from vlkit.recipes.lm import drills
+
+    scenes = [generate_scene(i, WorldConfig(min_objects=3, max_objects=6)) for i in range(80)]
+    recs = [{"id": f"c-{i}", "task": "caption", "images": [], "meta": {"scene": s.to_dict()}, "messages": []}
+            for i, s in enumerate(scenes)]
+    kinds = {"count": 0, "relation": 0}
+    for r, sc in zip(drills(recs, 8, True, balanced=True), scenes):
+        answers = {q: a for _, q, a in every_question(sc, True)}
+        turns = r["messages"]
+        assert len(turns) == 16
+        for m, n in zip(turns[0::2], turns[1::2]):
+            q = m["content"][0]["text"].split(") ")[-1]
+            assert answers[q] == n["content"][0]["text"]
+            kinds["count"] += q.startswith("how many")
+            kinds["relation"] += q.startswith("is the ")
+    assert kinds["relation"] > 0.14 * 8 * 80 and kinds["count"] > 0.14 * 8 * 80  # ~1/6 each, not ~1/12
+
+
 def test_a_partial_build_keeps_the_stages_built_before(tmp_path, monkeypatch):
     from vlkit.experiments import stages as stages_mod
 
@@ -146,7 +217,7 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before.pop("eval")
     before["data"]["world"].pop("relations")
     before["train"].pop("length_groups")  # an older later setting
-    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing"):
+    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing", "drill_balanced"):
         before["data"].pop(key)
     before["data"].pop("instructions")  # SPHINX's settings, later still
     before["train"].pop("batch_by_task")

@@ -47,6 +47,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "drill"): 0,
     ("data", "drill_repeat"): False,
     ("data", "drill_listing"): False,
+    ("data", "drill_balanced"): False,
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,

@@ -51,6 +51,11 @@ class LMData(RecordsConfig):
                                 "drawn order). Each answer word follows the word it is bound to, so the lookup "
                                 "that colour and shape questions need can form before the head that fetches the "
                                 "question's word from further back (experiments/binding_probe.py).")
+    drill_balanced: bool = Field(False, description="Draw each drill's questions over kinds, then answers, then "
+                                 "questions, from every question the scene answers (a count for every shape, a "
+                                 "relation for every pair), rather than from the questions vqa asks: otherwise "
+                                 "per-object kinds outnumber relations ~4:1 and a shape count is 'one' half the "
+                                 "time, which a tiny LM learns to guess (README).")
     loss_on: Literal["all", "assistant"] = Field(
         "all", description="Tokens the loss (and held-out perplexity) sees: every token, or only the assistant's "
         "replies (captions and answers), as a chat model is tuned. A tiny LM given every token spends its capacity "
@@ -163,17 +168,34 @@ def listings(scene, rng) -> list[tuple[str, str]]:
     return [(q, join(items) + ".") for q, items in zip(LISTING_PROMPTS, (by_shape, by_color)) if items]
 
 
+def balanced_draw(pool: list[tuple[str, str, str]], n: int, rng) -> list[int]:
+    """Up to `n` distinct indices into `pool` ((kind, question, answer) items), each drawn uniformly over the
+    kinds left, then over that kind's answers, then over its questions: no kind outnumbers another because the
+    scene has more of its questions, and no answer can be guessed from how often it is the answer."""
+    left, out = list(range(len(pool))), []
+    while left and len(out) < n:
+        kinds = sorted({pool[i][0] for i in left})
+        kind = kinds[int(rng.integers(len(kinds)))]
+        answers = sorted({pool[i][2] for i in left if pool[i][0] == kind})
+        answer = answers[int(rng.integers(len(answers)))]
+        items = [i for i in left if pool[i][0] == kind and pool[i][2] == answer]
+        out.append(items[int(rng.integers(len(items)))])
+        left.remove(out[-1])
+    return out
+
+
 def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False,
-           kinds: tuple[str, ...] | None = None, listing: bool = False) -> list[dict]:
+           kinds: tuple[str, ...] | None = None, listing: bool = False, balanced: bool = False) -> list[dict]:
     """One multi-turn conversation per distinct train scene: its detailed caption, then up to `per_scene` of its
     questions (vlkit.world.language.vqa_pool, in a seeded order; only those of `kinds` when given), each
-    answered; with `repeat`, the first reply is the caption itself, copied; with `listing`, the last turns name
-    each object's colour by its shape and shape by its colour (`listings`), after the questions so that those
-    are answered from the scene alone."""
+    answered; with `balanced`, drawn from every question the scene answers (every_question) by `balanced_draw`;
+    with `repeat`, the first reply is the caption itself, copied; with `listing`, the last turns name each
+    object's colour by its shape and shape by its colour (`listings`), after the questions so that those are
+    answered from the scene alone."""
     import numpy as np
 
     from vlkit.data.records import assistant, user
-    from vlkit.world.language import caption, vqa_pool
+    from vlkit.world.language import caption, every_question, vqa_pool
     from vlkit.world.scene import Scene
 
     out, seen = [], set()
@@ -184,12 +206,12 @@ def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, 
         seen.add(scene.get("seed"))
         s = Scene.from_dict(scene)
         rng = np.random.default_rng([seed, int(scene.get("seed", 0))])
-        pool = vqa_pool(s, rng, relations)
+        pool = every_question(s, relations) if balanced else vqa_pool(s, rng, relations)
         if kinds:
             pool = [item for item in pool if item[0] in kinds]
             if not pool:
                 continue
-        order = rng.permutation(len(pool))[:per_scene]
+        order = balanced_draw(pool, per_scene, rng) if balanced else rng.permutation(len(pool))[:per_scene]
         described = caption(s, "detailed")
         messages = [user(f"({described}) {REPEAT_PROMPT}"), assistant(described)] if repeat else []
         for i in order:
@@ -438,7 +460,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         tok = train_bpe(bpe_texts(train_recs), cfg.tokenizer.vocab_size, cfg.tokenizer.style)
     if cfg.data.drill:
         train_recs = train_recs + drills(train_recs, cfg.data.drill, cfg.data.world.relations, cfg.data.world.seed,
-                                         cfg.data.drill_repeat, listing=cfg.data.drill_listing)
+                                         cfg.data.drill_repeat, listing=cfg.data.drill_listing,
+                                         balanced=cfg.data.drill_balanced)
         random.Random(cfg.data.world.seed).shuffle(train_recs)
     train_blocks = with_recall(tok, cfg.recall_warmup, pack(tok, train_recs, cfg.data.block_size,
                                                              cfg.data.describe_images, cfg.data.loss_on,

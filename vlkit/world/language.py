@@ -112,14 +112,9 @@ def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
     return [box for _, box in labelled_boxes(text)]
 
 
-def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
-    """A spatial relation between two objects, asked only where the scene's regions decide it (different
-    columns for left/right, different rows for above/below), so the detailed caption answers it too."""
-    objs = list(scene.objects)
-    if len(objs) < 2:
-        return None
-    i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
-    a_, b_ = objs[i], objs[j]
+def decided_relations(a_: Obj, b_: Obj) -> list[tuple[str, bool]]:
+    """The spatial relations of `a_` to `b_` that the scene's regions decide (different columns for left/right,
+    different rows for above/below), each with whether it holds."""
     col = lambda o: min(2, int(o.cx * 3))  # noqa: E731
     row = lambda o: min(2, int(o.cy * 3))  # noqa: E731
     options = []
@@ -127,10 +122,21 @@ def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str,
         options += [("left of", col(a_) < col(b_)), ("right of", col(a_) > col(b_))]
     if row(a_) != row(b_):
         options += [("above", row(a_) < row(b_)), ("below", row(a_) > row(b_))]
+    return options
+
+
+def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """A spatial relation between two objects, asked only where the scene's regions decide it
+    (`decided_relations`), so the detailed caption answers it too."""
+    objs = list(scene.objects)
+    if len(objs) < 2:
+        return None
+    i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+    options = decided_relations(objs[i], objs[j])
     if not options:
         return None
     rel, truth = options[int(rng.integers(len(options)))]
-    return "relation", f"is the {a_.name} {rel} the {b_.name}?", "yes" if truth else "no"
+    return "relation", f"is the {objs[i].name} {rel} the {objs[j].name}?", "yes" if truth else "no"
 
 
 VQA_KINDS = ("color", "count", "exist", "position", "relation", "shape")  # the kinds vqa_pool asks (relation: opt-in)
@@ -168,6 +174,33 @@ def vqa_pool(scene: Scene, rng: np.random.Generator, relations: bool = False) ->
         if q is not None:
             out.append(q)
     return out
+
+
+def every_question(scene: Scene, relations: bool = False) -> list[tuple[str, str, str]]:
+    """Every question of the kinds `vqa_pool` asks that this scene answers, enumerated, without randomness: what
+    vqa_pool draws from for any rng, and more (a count for every shape, existence for every colour and shape,
+    a relation for every ordered pair). A question whose answer depends on which of two same-named objects is
+    meant is left out."""
+    objs = list(scene.objects)
+    shapes, colors, names = [o.shape for o in objs], [o.color for o in objs], [o.name for o in objs]
+    out: list[tuple[str, str, str]] = []
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            out.append(("color", f"what color is the {o.shape}?", o.color))
+        if colors.count(o.color) == 1:
+            out.append(("shape", f"what shape is the {o.color} object?", o.shape))
+    out += [("position", f"where is the {o.name}?", o.region) for o in objs]
+    out.append(("count", "how many objects are there?", NUMBERS[len(objs)]))
+    out += [("count", f"how many {plural(s)} are there?", NUMBERS[shapes.count(s)]) for s in SHAPES]
+    out += [("exist", f"is there {a(c)} {c} {s}?", "yes" if f"{c} {s}" in names else "no")
+            for c in COLORS for s in SHAPES]
+    if relations:
+        out += [("relation", f"is the {p.name} {rel} the {q.name}?", "yes" if truth else "no")
+                for p, q in itertools.permutations(objs, 2) for rel, truth in decided_relations(p, q)]
+    answers: dict[str, set[str]] = {}
+    for _, q, ans in out:
+        answers.setdefault(q, set()).add(ans)
+    return [item for item in dict.fromkeys(out) if len(answers[item[1]]) == 1]
 
 
 def vqa(scene: Scene, rng: np.random.Generator, relations: bool = False) -> tuple[str, str, str]:
