@@ -243,6 +243,28 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     assert dataset_dir(w.model_copy(update={"relations": True})) != dataset_dir(w)
 
 
+def test_breakdown_shows_a_constant_guess_by_form_and_answer():
+    from vlkit.recipes.lm import breakdown
+    from vlkit.world.language import question_template
+
+    assert question_template("is there an orange star?") == "is there a C S?"
+    assert question_template("is there a red cross?") == "is there a C S?"
+    assert question_template("is the red circle left of the blue square?") == "is the C S left of the C S?"
+    assert question_template("how many crosses are there?") == "how many S are there?"
+    asked = [("count", "how many objects are there?", "three"), ("count", "how many circles are there?", "one"),
+             ("count", "how many stars are there?", "zero"), ("count", "how many crosses are there?", "two"),
+             ("color", "what color is the star?", "red")]
+    recs = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+             "meta": {"kind": k}} for k, q, _ in asked]
+    guess = ["three", "one", "one", "one", "red"]  # every shape counted 'one'
+    b = breakdown(recs, [a for _, _, a in asked], [float(g == a) for g, (_, _, a) in zip(guess, asked)])
+    assert b["per_kind"] == {"color": 1.0, "count": 0.5}
+    assert b["per_form"]["how many objects are there?"] == {"acc": 1.0, "n": 1}
+    assert b["per_form"]["how many S are there?"] == {"acc": 1 / 3, "n": 3}
+    assert b["per_answer"]["count"] == {"one": {"acc": 1.0, "n": 1}, "three": {"acc": 1.0, "n": 1},
+                                        "two": {"acc": 0.0, "n": 1}, "zero": {"acc": 0.0, "n": 1}}
+
+
 def test_wrong_object_tells_a_misbound_answer_from_one_not_read_from_the_scene():
     from vlkit.recipes.lm import wrong_object
 

@@ -50,6 +50,8 @@ def check_lm(tmp_path, tiny_world, family, style):
     with torch.no_grad():
         assert abs(perplexity(model, blocks) - res["heldout_ppl"]) < 1e-4
     assert 0 <= res["context_vqa_acc"] <= 1  # questions answered with the scene written in the context
+    forms = res["context_vqa"]["per_form"]
+    assert sum(f["n"] for f in forms.values()) == res["context_vqa"]["n"] and all("?" in f for f in forms)
     return tok
 
 

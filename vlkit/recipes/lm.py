@@ -307,7 +307,9 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
                 items: bool = False, describe: Callable[[dict], list[dict]] | None = None) -> dict | None:
     """Exact-match accuracy on held-out world questions with the scene written out in the context: what the
     LM can answer when it is *told* the scene, the ceiling of a VLM that keeps this LM frozen.
-    {"acc", "lo", "hi", "n", "per_kind": {kind: acc}} (bootstrap 95% interval; with `items`, also each question's
+    {"acc", "lo", "hi", "n", "per_kind": {kind: acc}, "per_form": {question template: {"acc", "n"}}, "per_answer":
+    {kind: {reference answer: {"acc", "n"}}}} (bootstrap 95% interval; the last two show a constant guess, e.g. a
+    count answered 'one' whatever the scene; with `items`, also each question's
     hit, in record order, for paired comparisons), None without such questions. `describe`: record -> its
     text-only conversation (default: each image replaced by its scene in words; e.g. an expert's caption)."""
     from vlkit.eval.metrics import exact_match
@@ -320,12 +322,13 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     model.eval()
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
-    hits, preds = [], []
+    hits, preds, pairs_all = [], [], []
     try:
         for i in range(0, len(recs), batch_size):
             chunk = recs[i:i + batch_size]
             pairs = [prompt_and_reference({"messages": describe(r) if describe else textualize(r, 1.0)})
                      for r in chunk]
+            pairs_all += pairs
             texts = [render(tok, prompt, add_generation_prompt=True) for prompt, _ in pairs]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -334,14 +337,39 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
                 hits.append(exact_match(preds[-1], ref))
     finally:
         tok.padding_side = side
-    kinds: dict[str, list[float]] = {}
-    for r, h in zip(recs, hits):
-        kinds.setdefault(r.get("meta", {}).get("kind", "other"), []).append(h)
     ci = interval(hits)
     return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
             "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
-            "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            **breakdown(recs, [ref for _, ref in pairs_all], hits),
             "wrong_object": wrong_object(recs, preds), **({"items": hits} if items else {})}
+
+
+def breakdown(records: list[dict], references: list[str], hits: list[float]) -> dict:
+    """Scored world questions by kind ({kind: acc}), by form of question ({template: {"acc", "n"}},
+    vlkit.world.language.question_template) and by reference answer within a kind ({kind: {answer: {"acc",
+    "n"}}})."""
+    from vlkit.world.language import question_template
+
+    kinds: dict[str, list[float]] = {}
+    forms: dict[str, list[float]] = {}
+    answers: dict[str, dict[str, list[float]]] = {}
+    for r, ref, h in zip(records, references, hits):
+        kind = r.get("meta", {}).get("kind", "other")
+        kinds.setdefault(kind, []).append(h)
+        forms.setdefault(question_template(question_text(r)), []).append(h)
+        answers.setdefault(kind, {}).setdefault(ref, []).append(h)
+    score = lambda v: {"acc": sum(v) / len(v), "n": len(v)}  # noqa: E731
+    return {"per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            "per_form": {f: score(v) for f, v in sorted(forms.items())},
+            "per_answer": {k: {a: score(v) for a, v in sorted(by.items())} for k, by in sorted(answers.items())}}
+
+
+def question_text(record: dict) -> str:
+    """The last text of a record's first user turn: the question a world VQA record asks."""
+    content = next((m["content"] for m in record.get("messages", []) if m.get("role") == "user"), "")
+    if isinstance(content, str):
+        return content
+    return next((c.get("text", "") for c in reversed(content) if c.get("type") == "text"), "")
 
 
 def wrong_object(records: list[dict], preds: list[str]) -> dict | None:

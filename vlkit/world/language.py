@@ -203,6 +203,17 @@ def every_question(scene: Scene, relations: bool = False) -> list[tuple[str, str
     return [item for item in dict.fromkeys(out) if len(answers[item[1]]) == 1]
 
 
+_NAMED = {**{c: "C" for c in COLORS}, **{s: "S" for s in SHAPES}, **{plural(s): "S" for s in SHAPES}}
+_NAMED_WORD = re.compile(r"\b(" + "|".join(sorted(_NAMED, key=len, reverse=True)) + r")\b")
+
+
+def question_template(question: str) -> str:
+    """A question with its colour words as C and its shape words as S ('is there an orange star?' -> 'is there
+    a C S?'), so that answers can be scored per form of question (`how many S are there?` apart from `how many
+    objects are there?`)."""
+    return re.sub(r"\ban C\b", "a C", _NAMED_WORD.sub(lambda m: _NAMED[m.group(1)], question))
+
+
 def vqa(scene: Scene, rng: np.random.Generator, relations: bool = False) -> tuple[str, str, str]:
     """One question drawn uniformly over kinds, then over that kind's questions."""
     pool = vqa_pool(scene, rng, relations)
