@@ -217,7 +217,7 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before.pop("eval")
     before["data"]["world"].pop("relations")
     before["train"].pop("length_groups")  # an older later setting
-    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing", "drill_balanced"):
+    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing", "drill_balanced", "any_order"):
         before["data"].pop(key)
     before["data"].pop("instructions")  # SPHINX's settings, later still
     before["train"].pop("batch_by_task")
@@ -241,6 +241,38 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
         old["world"].pop(key)
     assert dataset_dir(w).name == stable_hash({"cfg": old, "version": 1})
     assert dataset_dir(w.model_copy(update={"relations": True})) != dataset_dir(w)
+
+
+def test_any_order_names_the_same_objects_in_a_drawn_order_and_leaves_the_other_draws_alone():
+    from vlkit.recipes.lm import drills, textualize
+    from vlkit.world.language import caption, detailed_phrase
+
+    scenes = [generate_scene(i, WorldConfig(min_objects=4, max_objects=6)) for i in range(20)]
+    phrases = lambda text: sorted(text.split(".")[0].replace(" and ", ", ").split(", "))  # noqa: E731
+    moved = 0
+    for sc in scenes:
+        drawn = caption(sc, "detailed", np.random.default_rng(0))
+        assert phrases(drawn) == sorted(detailed_phrase(o) for o in sc.objects)  # every object, once each
+        moved += drawn != caption(sc, "detailed")
+    assert moved >= 15  # most orders drawn differ from reading order
+    recs = [{"id": f"vqa-{i}", "task": "vqa", "images": ["x.png"], "meta": {"scene": sc.to_dict()},
+             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "four"}]}]}
+            for i, sc in enumerate(scenes)]
+    said = lambda r, order: textualize(r, 1.0, order)[0]["content"][0]["text"].strip("() ")  # noqa: E731
+    assert [said(r, 0.0) for r in recs] == [f"{caption(sc)}" for sc in scenes]  # reading order, as before
+    anyway = [said(r, 1.0) for r in recs]
+    assert anyway == [said(r, 1.0) for r in recs]  # drawn from the record's id: the same each time
+    assert all(phrases(a) == phrases(c) for a, c in zip(anyway, [said(r, 0.0) for r in recs]))
+    assert sum(a != said(r, 0.0) for a, r in zip(anyway, recs)) >= 15
+    half = sum(said(r, 0.5) != said(r, 0.0) for r in recs)
+    assert 3 <= half <= 17  # about half the records
+    plain, drawn = drills(recs, 6, True), drills(recs, 6, True, any_order=1.0)
+    for p, d in zip(plain, drawn):
+        assert [m["content"] for m in p["messages"][1:]] == [m["content"] for m in d["messages"][1:]]
+        first = lambda r: r["messages"][0]["content"][0]["text"]  # noqa: E731
+        assert first(p).split(") ")[-1] == first(d).split(") ")[-1]  # the same question after the scene
+    assert sum(p["messages"][0] != d["messages"][0] for p, d in zip(plain, drawn)) >= 15
 
 
 def test_breakdown_shows_a_constant_guess_by_form_and_answer():

@@ -52,6 +52,9 @@ def check_lm(tmp_path, tiny_world, family, style):
     assert 0 <= res["context_vqa_acc"] <= 1  # questions answered with the scene written in the context
     forms = res["context_vqa"]["per_form"]
     assert sum(f["n"] for f in forms.values()) == res["context_vqa"]["n"] and all("?" in f for f in forms)
+    anyway = res["context_vqa_any_order"]  # the same questions, each scene's objects named in a drawn order
+    assert anyway["n"] == anyway["change"]["n"] == res["context_vqa"]["n"] and "items" not in res["context_vqa"]
+    assert abs(anyway["change"]["diff"] - (anyway["acc"] - res["context_vqa"]["acc"])) < 1e-9
     return tok
 
 

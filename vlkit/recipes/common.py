@@ -48,6 +48,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "drill_repeat"): False,
     ("data", "drill_listing"): False,
     ("data", "drill_balanced"): False,
+    ("data", "any_order"): 0.0,
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,

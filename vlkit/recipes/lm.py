@@ -51,6 +51,10 @@ class LMData(RecordsConfig):
                                 "drawn order). Each answer word follows the word it is bound to, so the lookup "
                                 "that colour and shape questions need can form before the head that fetches the "
                                 "question's word from further back (experiments/binding_probe.py).")
+    any_order: float = Field(0.0, ge=0, le=1, description="Chance that a scene written in words (a training "
+                             "conversation's or a drill's) names its objects in a drawn order rather than "
+                             "reading order, so that a relation or a position cannot be read from where an "
+                             "object is named, only from its words (results.json: context_vqa_any_order).")
     drill_balanced: bool = Field(False, description="Draw each drill's questions over kinds, then answers, then "
                                  "questions, from every question the scene answers (a count for every shape, a "
                                  "relation for every pair), rather than from the questions vqa asks: otherwise "
@@ -117,8 +121,13 @@ class LMRecipe(Section):
     recall_warmup: RecallWarmup = Field(default_factory=RecallWarmup)
 
 
-def scene_descriptions(record: dict) -> list[str]:
-    """A detailed caption per image of a world record (empty when the record has no scene)."""
+def scene_descriptions(record: dict, any_order: bool = False) -> list[str]:
+    """A detailed caption per image of a world record (empty when the record has no scene); `any_order`: its
+    objects in an order drawn from the record's id rather than reading order."""
+    import zlib
+
+    import numpy as np
+
     from vlkit.world.language import caption
     from vlkit.world.scene import Scene
 
@@ -126,12 +135,15 @@ def scene_descriptions(record: dict) -> list[str]:
     scenes = [meta.get("scene"), meta.get("edited")][: len(record.get("images", []))]
     if any(s is None for s in scenes) or not scenes:
         return []
-    return [caption(Scene.from_dict(s), "detailed") for s in scenes]
+    rng = np.random.default_rng(zlib.crc32(f"{record.get('id')}".encode())) if any_order else None
+    return [caption(Scene.from_dict(s), "detailed", rng) for s in scenes]
 
 
-def textualize(record: dict, p: float) -> list[dict]:
-    """The conversation with each image either described in words (chance p) or dropped."""
-    descriptions = scene_descriptions(record)
+def textualize(record: dict, p: float, any_order: float = 0.0) -> list[dict]:
+    """The conversation with each image either described in words (chance p) or dropped; with chance
+    `any_order`, the record's descriptions name their objects in a drawn order (scene_descriptions)."""
+    shuffled = any_order > 0 and random.Random(f"{record.get('id')}-order").random() < any_order
+    descriptions = scene_descriptions(record, shuffled)
     if not descriptions or p <= 0:
         return text_only(record["messages"])
     rng = random.Random(f"{record.get('id')}")
@@ -185,13 +197,14 @@ def balanced_draw(pool: list[tuple[str, str, str]], n: int, rng) -> list[int]:
 
 
 def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, repeat: bool = False,
-           kinds: tuple[str, ...] | None = None, listing: bool = False, balanced: bool = False) -> list[dict]:
+           kinds: tuple[str, ...] | None = None, listing: bool = False, balanced: bool = False,
+           any_order: float = 0.0) -> list[dict]:
     """One multi-turn conversation per distinct train scene: its detailed caption, then up to `per_scene` of its
     questions (vlkit.world.language.vqa_pool, in a seeded order; only those of `kinds` when given), each
     answered; with `balanced`, drawn from every question the scene answers (every_question) by `balanced_draw`;
     with `repeat`, the first reply is the caption itself, copied; with `listing`, the last turns name each
     object's colour by its shape and shape by its colour (`listings`), after the questions so that those are
-    answered from the scene alone."""
+    answered from the scene alone; with chance `any_order`, the scene names its objects in a drawn order."""
     import numpy as np
 
     from vlkit.data.records import assistant, user
@@ -212,7 +225,8 @@ def drills(records: list[dict], per_scene: int, relations: bool, seed: int = 0, 
             if not pool:
                 continue
         order = balanced_draw(pool, per_scene, rng) if balanced else rng.permutation(len(pool))[:per_scene]
-        described = caption(s, "detailed")
+        drawn = np.random.default_rng([seed, int(scene.get("seed", 0)), 1])  # its own draws: the others stay
+        described = caption(s, "detailed", drawn if any_order and drawn.random() < any_order else None)
         messages = [user(f"({described}) {REPEAT_PROMPT}"), assistant(described)] if repeat else []
         for i in order:
             _, q, a = pool[int(i)]
@@ -236,13 +250,14 @@ def bpe_texts(records: list[dict]) -> list[str]:
 
 
 def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0, loss_on: str = "all",
-         whole: bool = False) -> dict:
+         whole: bool = False, any_order: float = 0.0) -> dict:
     """Render each conversation as text and cut the token stream into blocks: {"input_ids", "labels"}, each
     (n_blocks, block_size). Labels are -100 outside assistant replies when `loss_on` is "assistant", and on
-    padding. `whole`: blocks hold whole conversations (greedy fill, padded; a longer one is truncated)."""
+    padding. `whole`: blocks hold whole conversations (greedy fill, padded; a longer one is truncated).
+    `any_order`: textualize's."""
     convs = []
     for r in records:
-        messages = textualize(r, describe_images)
+        messages = textualize(r, describe_images, any_order)
         if loss_on == "assistant":
             enc = encode_chat(tok, messages)
             convs.append((enc["input_ids"], enc["labels"]))
@@ -342,6 +357,19 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
             "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
             **breakdown(recs, [ref for _, ref in pairs_all], hits),
             "wrong_object": wrong_object(recs, preds), **({"items": hits} if items else {})}
+
+
+def any_order_check(model, tok, records: list[dict], reading: list[float]) -> dict | None:
+    """context_vqa on the same questions with each scene's objects named in a drawn order, and its paired change
+    from `reading` (their hits in reading order): a model that reads a relation or a position from where an
+    object is named, not from its words, loses here."""
+    from vlkit.eval.stats import paired
+
+    res = context_vqa(model, tok, records, len(reading), items=True, describe=lambda r: textualize(r, 1.0, 1.0))
+    if res is None:
+        return None
+    change = paired(reading, res.pop("items"))
+    return {**res, "change": {k: change[k] for k in ("diff", "lo", "hi", "n")}}
 
 
 def breakdown(records: list[dict], references: list[str], hits: list[float]) -> dict:
@@ -489,11 +517,12 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     if cfg.data.drill:
         train_recs = train_recs + drills(train_recs, cfg.data.drill, cfg.data.world.relations, cfg.data.world.seed,
                                          cfg.data.drill_repeat, listing=cfg.data.drill_listing,
-                                         balanced=cfg.data.drill_balanced)
+                                         balanced=cfg.data.drill_balanced, any_order=cfg.data.any_order)
         random.Random(cfg.data.world.seed).shuffle(train_recs)
     train_blocks = with_recall(tok, cfg.recall_warmup, pack(tok, train_recs, cfg.data.block_size,
                                                              cfg.data.describe_images, cfg.data.loss_on,
-                                                             cfg.data.whole), cfg.train.seed, cfg.output_dir)
+                                                             cfg.data.whole, cfg.data.any_order),
+                               cfg.train.seed, cfg.output_dir)
     test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
                        cfg.data.whole)
     seed_everything(cfg.train.seed)
@@ -518,7 +547,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_model(out / "model", lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
                                                    tok.save_pretrained(tmp)))
-    cvqa = context_vqa(model, tok, test_recs, cfg.eval.context_vqa) if cfg.eval.context_vqa else None
+    cvqa = context_vqa(model, tok, test_recs, cfg.eval.context_vqa, items=True) if cfg.eval.context_vqa else None
+    cvqa_any = any_order_check(model, tok, test_recs, cvqa.pop("items")) if cvqa else None
     w = cfg.recall_warmup
     recall_after = answer_accuracy(model, world_rows(tok, w.heldout, 10**6 + cfg.train.seed + len(w.stages) - 1,
                                                      w.stages[-1], w.pairs, w.questions)) \
@@ -529,6 +559,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
                         "test_tokens": int(test_blocks["input_ids"].numel()), "loss_on": cfg.data.loss_on,
                         "heldout_ppl": metrics["ppl"],
                         "context_vqa": cvqa, "context_vqa_acc": cvqa["acc"] if cvqa else None,
+                        "context_vqa_any_order": cvqa_any,
                         "recall_warmup": warm, "recall_after": recall_after,
                         "ppl_curve": [{"step": h["step"], "ppl": h["eval/ppl"],
                                        **({"context_vqa": h["eval/context_vqa"]} if "eval/context_vqa" in h else {})}

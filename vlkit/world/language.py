@@ -53,8 +53,10 @@ def detailed_phrase(o: Obj) -> str:
     return f"a {o.size} {o.name} {where(o.region)}"
 
 
-def caption(scene: Scene, style: str = "detailed") -> str:
-    objs = scene.ordered()
+def caption(scene: Scene, style: str = "detailed", rng: np.random.Generator | None = None) -> str:
+    """The scene in words, its objects in reading order, or with `rng` in an order drawn from it (so that where
+    an object is cannot be read from where it is named)."""
+    objs = scene.ordered() if rng is None else [scene.objects[int(i)] for i in rng.permutation(len(scene.objects))]
     if style == "detailed":
         body = join([detailed_phrase(o) for o in objs])
     elif style == "list":
