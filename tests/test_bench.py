@@ -36,6 +36,12 @@ def test_gates_pass_and_miss_on_the_thresholds():
                "passed": False, "seconds": 3.0}
     md = bench.report(summary)
     assert "MISSED" in md and "0.940 [0.950, 0.970]" in md and "All gates passed: NO" in md
+    assert "drawn order" not in md  # no any-order check in these results: no line about it
+    anyway = {"acc": 0.81, "lo": 0.785, "hi": 0.833, "n": 1000,
+              "change": {"diff": -0.109, "lo": -0.134, "hi": -0.085, "n": 1000}}
+    summary["stages"]["lm_small"]["gates"] = bench.gates("lm_small", dict(bad, context_vqa_any_order=anyway))
+    md = bench.report(summary)
+    assert "drawn order rather than reading order, 0.810 [0.785, 0.833] (-0.109 [-0.134, -0.085], paired)" in md
 
 
 def test_experiments_refuse_a_missing_bench_with_the_command_to_build_it(tmp_path):

@@ -83,7 +83,8 @@ def gates(name: str, result: dict) -> dict[str, dict]:
         if gate == "context_vqa":
             c = result.get("context_vqa") or {}
             out[gate] = {"passed": bool(c and c["acc"] >= CONTEXT_VQA_MIN), "value": c.get("acc"), "interval": c,
-                         "threshold": CONTEXT_VQA_MIN, "per_kind": c.get("per_kind")}
+                         "threshold": CONTEXT_VQA_MIN, "per_kind": c.get("per_kind"),
+                         "any_order": result.get("context_vqa_any_order")}
         elif gate == "plateau":
             out[gate] = plateau(result.get("ppl_curve") or [])
         elif gate == "retrieval":
@@ -183,6 +184,12 @@ def report(summary: dict) -> str:
                 md += ["", f"{n}: of {w['n']} colour, shape and position questions, {w['right']:.0%} answered with "
                        f"the named object's value, {w['another_object']:.0%} with another object's (read from the "
                        f"context, bound to the wrong object), {w['not_in_scene']:.0%} with a value in no object."]
+            a = s["gates"].get("context_vqa", {}).get("any_order")
+            if a:
+                c = a["change"]
+                md += ["", f"{n}: with each scene's objects named in a drawn order rather than reading order, "
+                       f"{fmt({'mean': a['acc'], **a})} ({c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}], "
+                       f"paired): what it reads from where an object is named rather than from its words."]
     if summary.get("missing"):
         md += ["", f"Not built yet: {', '.join(summary['missing'])} (`vlkit bench build` builds them)."]
     md += ["", f"All gates passed: {'yes' if summary['passed'] else 'NO'}. "
