@@ -393,11 +393,10 @@ def breakdown(records: list[dict], references: list[str], hits: list[float]) -> 
 
 
 def question_text(record: dict) -> str:
-    """The last text of a record's first user turn: the question a world VQA record asks."""
-    content = next((m["content"] for m in record.get("messages", []) if m.get("role") == "user"), "")
-    if isinstance(content, str):
-        return content
-    return next((c.get("text", "") for c in reversed(content) if c.get("type") == "text"), "")
+    """The text of a record's first user turn: the question a world VQA record asks."""
+    from vlkit.data.records import message_text
+
+    return next((message_text(m) for m in record.get("messages", []) if m.get("role") == "user"), "")
 
 
 def wrong_object(records: list[dict], preds: list[str]) -> dict | None:

@@ -138,7 +138,25 @@ def relation_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str,
     if not options:
         return None
     rel, truth = options[int(rng.integers(len(options)))]
-    return "relation", f"is the {objs[i].name} {rel} the {objs[j].name}?", "yes" if truth else "no"
+    return relation_item(objs[i], rel, objs[j], truth)
+
+
+def relation_item(a_: Obj, rel: str, b_: Obj, truth: bool) -> tuple[str, str, str]:
+    return "relation", f"is the {a_.name} {rel} the {b_.name}?", "yes" if truth else "no"
+
+
+def object_questions(objs: list[Obj]) -> list[tuple[str, str, str]]:
+    """Per object: its colour by its shape, its shape by its colour (each where that word names one object only),
+    and its position."""
+    shapes, colors = [o.shape for o in objs], [o.color for o in objs]
+    out = []
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            out.append(("color", f"what color is the {o.shape}?", o.color))
+        if colors.count(o.color) == 1:
+            out.append(("shape", f"what shape is the {o.color} object?", o.shape))
+        out.append(("position", f"where is the {o.name}?", o.region))
+    return out
 
 
 VQA_KINDS = ("color", "count", "exist", "position", "relation", "shape")  # the kinds vqa_pool asks (relation: opt-in)
@@ -148,15 +166,8 @@ def vqa_pool(scene: Scene, rng: np.random.Generator, relations: bool = False) ->
     """Every question this scene can answer: (kind, question, answer); `relations` adds a spatial relation
     between two objects (kind "relation")."""
     objs = list(scene.objects)
-    out: list[tuple[str, str, str]] = []
+    out = object_questions(objs)
     shapes = [o.shape for o in objs]
-    colors = [o.color for o in objs]
-    for o in objs:
-        if shapes.count(o.shape) == 1:
-            out.append(("color", f"what color is the {o.shape}?", o.color))
-        if colors.count(o.color) == 1:
-            out.append(("shape", f"what shape is the {o.color} object?", o.shape))
-        out.append(("position", f"where is the {o.name}?", o.region))
     out.append(("count", "how many objects are there?", NUMBERS[len(objs)]))
     shape = SHAPES[rng.integers(len(SHAPES))] if rng.random() < 0.5 else shapes[rng.integers(len(shapes))]
     out.append(("count", f"how many {plural(shape)} are there?", NUMBERS[shapes.count(shape)]))
@@ -184,20 +195,14 @@ def every_question(scene: Scene, relations: bool = False) -> list[tuple[str, str
     a relation for every ordered pair). A question whose answer depends on which of two same-named objects is
     meant is left out."""
     objs = list(scene.objects)
-    shapes, colors, names = [o.shape for o in objs], [o.color for o in objs], [o.name for o in objs]
-    out: list[tuple[str, str, str]] = []
-    for o in objs:
-        if shapes.count(o.shape) == 1:
-            out.append(("color", f"what color is the {o.shape}?", o.color))
-        if colors.count(o.color) == 1:
-            out.append(("shape", f"what shape is the {o.color} object?", o.shape))
-    out += [("position", f"where is the {o.name}?", o.region) for o in objs]
+    shapes, names = [o.shape for o in objs], [o.name for o in objs]
+    out = object_questions(objs)
     out.append(("count", "how many objects are there?", NUMBERS[len(objs)]))
     out += [("count", f"how many {plural(s)} are there?", NUMBERS[shapes.count(s)]) for s in SHAPES]
     out += [("exist", f"is there {a(c)} {c} {s}?", "yes" if f"{c} {s}" in names else "no")
             for c in COLORS for s in SHAPES]
     if relations:
-        out += [("relation", f"is the {p.name} {rel} the {q.name}?", "yes" if truth else "no")
+        out += [relation_item(p, rel, q, truth)
                 for p, q in itertools.permutations(objs, 2) for rel, truth in decided_relations(p, q)]
     answers: dict[str, set[str]] = {}
     for _, q, ans in out:
