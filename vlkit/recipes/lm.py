@@ -121,8 +121,8 @@ class LMRecipe(Section):
     recall_warmup: RecallWarmup = Field(default_factory=RecallWarmup)
 
 
-def scene_descriptions(record: dict, any_order: bool = False) -> list[str]:
-    """A detailed caption per image of a world record (empty when the record has no scene); `any_order`: its
+def scene_descriptions(record: dict, drawn_order: bool = False) -> list[str]:
+    """A detailed caption per image of a world record (empty when the record has no scene); `drawn_order`: its
     objects in an order drawn from the record's id rather than reading order."""
     import zlib
 
@@ -135,7 +135,7 @@ def scene_descriptions(record: dict, any_order: bool = False) -> list[str]:
     scenes = [meta.get("scene"), meta.get("edited")][: len(record.get("images", []))]
     if any(s is None for s in scenes) or not scenes:
         return []
-    rng = np.random.default_rng(zlib.crc32(f"{record.get('id')}".encode())) if any_order else None
+    rng = np.random.default_rng(zlib.crc32(f"{record.get('id')}".encode())) if drawn_order else None
     return [caption(Scene.from_dict(s), "detailed", rng) for s in scenes]
 
 
