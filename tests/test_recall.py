@@ -5,7 +5,8 @@ import torch
 
 from vlkit.world.recall import (BOS, IS, PAD, SEP, SPECIALS, STAGES, answer_accuracy, copy_batch, lookup_batch,
                                 parse_stage, world_rows)
-from vlkit.world.scene import COLORS, SHAPES
+from vlkit.world.language import NUMBERS, decided_relations
+from vlkit.world.scene import COLORS, REGIONS, SHAPES, Obj, plural
 
 
 def test_lookup_rows_ask_each_query_for_its_own_pair():
@@ -46,7 +47,8 @@ def test_copy_rows_repeat_the_string_and_score_it_from_its_second_token():
         assert all(lab[i] == row[i] for i in range(sep + 2, sep + 1 + len(string)))
 
 
-WORDS = [".", "is", *SHAPES, *sorted(COLORS)]
+WORDS = [".", "is", *SHAPES, *sorted(COLORS), *NUMBERS, *(plural(s) for s in SHAPES), "top", "bottom", "left", "right",
+         "center", "above", "below", "of", "yes", "no"]
 
 
 class Tok:  # one id per word, as a BPE trained on enough drills gives
@@ -86,9 +88,79 @@ def test_world_rows_write_each_stage_in_the_worlds_words():
         assert orders == want_orders and directions == {True, False}  # both directions: shape->colour and back
     with pytest.raises(ValueError, match="splits 'circle'"):
         world_rows(type("Short", (Tok,), {"encode": lambda self, t, add_special_tokens=False: [5, 6]})(), 4, 0)
-    for bad in ("lookup", "mix", "vk:", "mix:10", "kv:x", "copy:1"):
+    for bad in ("lookup", "mix", "vk:", "mix:10", "kv:x", "copy:1", "count:1", "relations"):
         with pytest.raises(ValueError, match="recall stage"):
             parse_stage(bad)
+
+
+def scored_rows(stage: str, n: int = 200) -> list[tuple[list[str], list[str]]]:
+    """world_rows of `stage` read back: per row, its words (BOS dropped) and the words its labels score."""
+    ids_of = {2 + WORDS.index(w): w for w in WORDS}
+    rows = world_rows(Tok(), n, 4, stage, (2, 6), 6)
+    out = []
+    for row, lab in zip(rows["input_ids"].tolist(), rows["labels"].tolist()):
+        assert row[0] == Tok.bos_token_id
+        out.append(([ids_of[t] for t in row[1:] if t != Tok.pad_token_id],
+                    [(i - 1, ids_of[t]) for i, t in enumerate(lab) if t != -100]))
+    return out
+
+
+def test_count_rows_answer_how_often_the_row_names_each_shape():
+    answers = set()
+    for words, scored in scored_rows("count"):
+        sep = words.index(".")
+        named = words[1:sep:2]  # colour, shape, colour, shape, ...
+        assert 2 <= len(named) <= 6 and set(named) <= set(SHAPES) and set(words[:sep:2]) <= set(COLORS)
+        assert [i for i, _ in scored] == list(range(sep + 2, len(words), 2)) and len(scored) == 6
+        for i, ans in scored:  # the answer is how many times the shape just asked (by its plural) is named before '.'
+            assert ans == NUMBERS[[plural(s) for s in named].count(words[i - 1])] and words[i - 1] not in SHAPES
+            answers.add(ans)
+    assert {"zero", "one", "two", "three"} <= answers  # counts past one, and absent shapes
+
+
+def placed_cells(words: list[str]) -> dict[str, tuple[int, int]]:
+    """'circle top left square right ...' (before '.') -> {shape: (row, column)}; each shape once."""
+    region_words = {w for row in REGIONS for r in row for w in r.split()}
+    where, shape = {}, None
+    for w in words[:words.index(".")]:  # each shape, then its region's words
+        if w in SHAPES:
+            assert w not in where
+            shape, where[w] = w, []
+        else:
+            assert w in region_words
+            where[shape].append(w)
+    cell = {s: next((r, c) for r in range(3) for c in range(3) if REGIONS[r][c] == " ".join(ws))
+            for s, ws in where.items()}
+    assert 2 <= len(cell) <= 6
+    return cell
+
+
+def test_where_rows_answer_each_shape_with_every_word_of_its_region():
+    for words, scored in scored_rows("where"):
+        cell, sep = placed_cells(words), words.index(".")
+        asked = words[sep + 1:]
+        queries, k = [], 0
+        while k < len(asked):  # shape, then its region's one or two words, all scored
+            r, c = cell[asked[k]]
+            n = len(REGIONS[r][c].split())
+            assert asked[k + 1:k + 1 + n] == REGIONS[r][c].split()
+            queries.append(list(range(sep + 2 + k, sep + 2 + k + n)))
+            k += 1 + n
+        assert len(queries) == 6 and [i for i, _ in scored] == [i for q in queries for i in q]
+
+
+def test_relation_rows_ask_only_what_the_regions_decide_and_answer_it():
+    answers = []
+    for words, scored in scored_rows("relation"):
+        cell = placed_cells(words)
+        for i, ans in scored:  # 'a rel b ans' ('left of', 'right of', 'above', 'below'): what the regions decide
+            q = words[:i]
+            a_, b_ = q[-4] if q[-2] == "of" else q[-3], q[-1]
+            rel = f"{q[-3]} of" if q[-2] == "of" else q[-2]
+            objs = [Obj(s, "red", "small", (cell[s][1] + 0.5) / 3, (cell[s][0] + 0.5) / 3) for s in (a_, b_)]
+            assert (rel, ans == "yes") in decided_relations(*objs)
+            answers.append(ans)
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6  # the relation is drawn among those decided
 
 
 class Oracle(torch.nn.Module):
@@ -174,3 +246,15 @@ def test_with_recall_adds_a_share_of_lookup_rows_padded_to_the_block():
     assert ((extra_labels != -100).sum(1) == 8).all()  # each row's 8 answers, and nothing else, in the loss
     with pytest.raises(VlkitError, match="more than a block"):
         with_recall(Tok(), RecallWarmup(keep=0.5), {k: v[:, :20] for k, v in packed.items()}, 0)
+    # kept stages: rows of each in equal parts, in stage order; a single kept stage draws what the last stage did
+    assert torch.equal(with_recall(Tok(), RecallWarmup(keep=0.25, stages=["copy", "mix:1"], kept=["mix:1"]), packed,
+                                   0)["input_ids"], out["input_ids"])
+    kept = with_recall(Tok(), RecallWarmup(keep=0.25, stages=["mix:1"], kept=["mix:1", "count", "relation"]),
+                       packed, 0)
+    assert kept["input_ids"].shape == (40, 64) and torch.equal(kept["input_ids"][:30], packed["input_ids"])
+    words = {2 + WORDS.index(w): w for w in WORDS}
+    scored = [{words[t] for t in lab.tolist() if t != -100} for lab in kept["labels"][30:]]
+    assert [bool(s & set(NUMBERS)) for s in scored] == [False] * 4 + [True] * 3 + [False] * 3
+    assert [s <= {"yes", "no"} for s in scored] == [False] * 7 + [True] * 3
+    with pytest.raises(Exception, match="recall stage 'counts'"):
+        RecallWarmup(kept=["counts"])

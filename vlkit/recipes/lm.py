@@ -81,7 +81,9 @@ class RecallWarmup(Section):
                            "One process only; skipped on --resume once the world training has a checkpoint.")
     stages: list[str] = Field(list(STAGES), min_length=1, description="In order: 'copy' (the copy task, which "
                               "forms induction heads), then lookups '<order>:<gap>' (order vk, kv or mix, gap "
-                              "tokens 'is' between the asked word and its answer).")
+                              "tokens 'is' between the asked word and its answer), 'count' (how often a shape is "
+                              "named), 'where' (a shape's region) and 'relation' (two regions compared), "
+                              "vlkit.world.recall.")
     until: float = Field(0.97, gt=0, le=1, description="Held-out teacher-forced answer accuracy that ends a stage.")
     check_every: int = Field(250, gt=0, description="Steps between held-out checks of a stage.")
     pairs: tuple[int, int] = Field((2, 6), description="Fewest, most key-value pairs per lookup row (the world's "
@@ -91,12 +93,23 @@ class RecallWarmup(Section):
     keep: float = Field(0.0, ge=0, lt=1, description="Share of the world training's rows that are rows of the last "
                         "stage, padded to a block: world conversations alone overwrite the lookup the warm-up "
                         "formed (0.988 -> 0.23 held out after 12,000 drill steps in experiments/binding_probe.py).")
+    kept: list[str] | None = Field(None, description="The stages whose rows make up the `keep` share, in equal "
+                                   "parts (null: the last stage alone), e.g. [mix:1, count, relation].")
 
     @field_validator("stages")
     @classmethod
     def _stages(cls, v: list[str]) -> list[str]:
         for stage in v:
             parse_stage(stage)  # its ValueError names the stage and the forms allowed
+        return v
+
+    @field_validator("kept")
+    @classmethod
+    def _kept(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("kept: give at least one stage, or null for the last stage alone")
+        for stage in v or ():
+            parse_stage(stage)
         return v
 
     @field_validator("pairs")
@@ -482,24 +495,29 @@ def recall_warmup(model, tok, w: RecallWarmup, train: TrainConfig, where: str = 
 
 
 def with_recall(tok, w: RecallWarmup, packed: dict, seed: int, where: str = "lm") -> dict:
-    """`packed` blocks and then rows of `w`'s last stage, a `w.keep` share of the whole, each padded to the block
-    length (the trainer draws them in its own seeded order)."""
+    """`packed` blocks and then rows of `w`'s kept stages (`w.kept`, default the last), a `w.keep` share of the
+    whole in equal parts, each padded to the block length (the trainer draws them in its own seeded order)."""
     if not w.keep:
         return packed
-    n = len(packed["input_ids"])
-    try:
-        rows = world_rows(tok, max(1, round(n * w.keep / (1 - w.keep))), 2 * 10**6 + seed, w.stages[-1], w.pairs,
-                          w.questions)
-    except ValueError as e:
-        raise VlkitError(f"{where}: recall_warmup: {e}") from None
-    block, length = packed["input_ids"].shape[1], rows["input_ids"].shape[1]
-    if length > block:
-        raise VlkitError(f"{where}: recall_warmup.keep: a row of stage {w.stages[-1]!r} has {length} tokens, more "
-                         f"than a block ({block}); raise data.block_size or lower recall_warmup.questions")
+    n, block = packed["input_ids"].shape
+    stages = w.kept or [w.stages[-1]]
+    total = max(len(stages), round(n * w.keep / (1 - w.keep)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     fill = torch.nn.functional.pad
-    return {"input_ids": torch.cat([packed["input_ids"], fill(rows["input_ids"], (0, block - length), value=pad)]),
-            "labels": torch.cat([packed["labels"], fill(rows["labels"], (0, block - length), value=-100)])}
+    ids, labels = [packed["input_ids"]], [packed["labels"]]
+    for k, stage in enumerate(stages):
+        try:  # the first stage keeps the seed it always had, so a single kept stage draws the rows it drew before
+            rows = world_rows(tok, total // len(stages) + (k < total % len(stages)), 2 * 10**6 + seed + 7919 * k,
+                              stage, w.pairs, w.questions)
+        except ValueError as e:
+            raise VlkitError(f"{where}: recall_warmup: {e}") from None
+        length = rows["input_ids"].shape[1]
+        if length > block:
+            raise VlkitError(f"{where}: recall_warmup.keep: a row of stage {stage!r} has {length} tokens, more "
+                             f"than a block ({block}); raise data.block_size or lower recall_warmup.questions")
+        ids.append(fill(rows["input_ids"], (0, block - length), value=pad))
+        labels.append(fill(rows["labels"], (0, block - length), value=-100))
+    return {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
 
 
 def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
