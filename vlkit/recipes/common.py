@@ -49,6 +49,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "drill_listing"): False,
     ("data", "drill_balanced"): False,
     ("data", "any_order"): 0.0,
+    ("recall_warmup", "kept"): None,
     ("data", "whole"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,
