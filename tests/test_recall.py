@@ -88,7 +88,8 @@ def test_world_rows_write_each_stage_in_the_worlds_words():
         assert orders == want_orders and directions == {True, False}  # both directions: shape->colour and back
     with pytest.raises(ValueError, match="splits 'circle'"):
         world_rows(type("Short", (Tok,), {"encode": lambda self, t, add_special_tokens=False: [5, 6]})(), 4, 0)
-    for bad in ("lookup", "mix", "vk:", "mix:10", "kv:x", "copy:1", "count:1", "relations"):
+    for bad in ("lookup", "mix", "vk:", "mix:10", "kv:x", "copy:1", "count:1", "where:10", "relations",
+                "relation:"):
         with pytest.raises(ValueError, match="recall stage"):
             parse_stage(bad)
 
@@ -161,6 +162,9 @@ def test_relation_rows_ask_only_what_the_regions_decide_and_answer_it():
             assert (rel, ans == "yes") in decided_relations(*objs)
             answers.append(ans)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6  # the relation is drawn among those decided
+    assert parse_stage("relation:2") == ("relation", None, 2) and parse_stage("where") == ("where", None, 0)
+    assert {len(placed_cells(words)) for words, _ in scored_rows("relation:2")} == {2}  # ':2': two objects a row
+    assert {len(placed_cells(words)) for words, _ in scored_rows("where:3")} == {2, 3}
 
 
 class Oracle(torch.nn.Module):

@@ -82,8 +82,8 @@ class RecallWarmup(Section):
     stages: list[str] = Field(list(STAGES), min_length=1, description="In order: 'copy' (the copy task, which "
                               "forms induction heads), then lookups '<order>:<gap>' (order vk, kv or mix, gap "
                               "tokens 'is' between the asked word and its answer), 'count' (how often a shape is "
-                              "named), 'where' (a shape's region) and 'relation' (two regions compared), "
-                              "vlkit.world.recall.")
+                              "named), 'where' (a shape's region) and 'relation' (two regions compared), each "
+                              "optionally ':<most objects>' ('relation:2'), vlkit.world.recall.")
     until: float = Field(0.97, gt=0, le=1, description="Held-out teacher-forced answer accuracy that ends a stage.")
     check_every: int = Field(250, gt=0, description="Steps between held-out checks of a stage.")
     pairs: tuple[int, int] = Field((2, 6), description="Fewest, most key-value pairs per lookup row (the world's "

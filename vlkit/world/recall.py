@@ -26,19 +26,23 @@ import torch
 PAD, BOS, SEP, IS = 0, 1, 2, 3
 SPECIALS = 4
 STAGES = ("copy", "mix:0", "mix:1")  # the curriculum that formed the world's lookup on 4 of 4 seeds
-STAGE = re.compile(r"^(copy|count|where|relation|(vk|kv|mix):(\d))$")
+STAGE = re.compile(r"^(?:(copy)|(count|where|relation)(?::([2-9]))?|(vk|kv|mix):(\d))$")
 
 
 def parse_stage(stage: str) -> tuple[str, str | None, int]:
-    """'copy', 'count', 'where', 'relation' or '<order>:<gap>' (order vk, kv or mix; gap 0-9 IS tokens) ->
-    (task, order, gap)."""
+    """'copy'; 'count', 'where' or 'relation', each with ':<most>' objects per row (2-9) or the warm-up's
+    `pairs`; or '<order>:<gap>' (order vk, kv or mix; gap 0-9 IS tokens) -> (task, order, gap or most; 0 where
+    not given)."""
     m = STAGE.match(stage)
     if not m:
-        raise ValueError(f"recall stage {stage!r}: give 'copy', 'count', 'where', 'relation' or '<order>:<gap>' "
-                         "with order vk, kv or mix and a gap of 0-9 tokens, e.g. 'mix:0'")
-    if m.group(2) is None:
-        return m.group(1), None, 0
-    return "lookup", m.group(2), int(m.group(3))
+        raise ValueError(f"recall stage {stage!r}: give 'copy', 'count', 'where' or 'relation' (optionally "
+                         "':<most objects>', 2-9, e.g. 'relation:2'), or '<order>:<gap>' with order vk, kv or mix "
+                         "and a gap of 0-9 tokens, e.g. 'mix:0'")
+    if m.group(1):
+        return "copy", None, 0
+    if m.group(2):
+        return m.group(2), None, int(m.group(3) or 0)
+    return "lookup", m.group(4), int(m.group(5))
 
 
 def lookup_batch(gen: torch.Generator, n: int, keys: int, values: int, pairs: tuple[int, int], questions: int,
@@ -178,7 +182,8 @@ def world_rows(tok, n: int, seed: int, stage: str = "mix:0", pairs: tuple[int, i
 
     task, order, gap = parse_stage(stage)
     if task in TEXT_STAGES:
-        return text_rows(tok, n, seed, TEXT_STAGES[task], pairs, questions)
+        most = min(gap, pairs[1]) if gap else pairs[1]
+        return text_rows(tok, n, seed, TEXT_STAGES[task], (min(pairs[0], most), most), questions)
     shapes, colors = [word_id(tok, w) for w in SHAPES], [word_id(tok, w) for w in sorted(COLORS)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     specials = [pad, tok.bos_token_id if tok.bos_token_id is not None else pad, word_id(tok, ".", ""),
