@@ -8,9 +8,10 @@ the **lookup** ("v1 k1 v2 k2 . k2 -> v2", either order per row), which builds on
 in the world's own words (shapes as keys, colours as values, and half the rows the other way round), so that the
 heads formed there are the ones world questions use; `recipes.lm` runs them as `recall_warmup` stages.
 
-Two more stages, written in world words only, practise what the drills alone leave at chance in a 3-layer LM
-(README): **count** ("red circle blue circle green star . circle two star one square zero": how often a shape is
-named, asked by the plural as the world asks), **where** ("circle top left square right . square right circle top
+Three more stages, written in world words only, practise what the drills alone leave near chance in a 3-layer LM
+(README; measured there: count and where form and carry over but cost the colour lookup, relation does not form):
+**count** ("red circle blue circle green star . circles two stars one squares zero": how often a shape is named,
+asked by the plural as the world asks), **where** ("circle top left square right . square right circle top
 left": each shape's region, one or two words) and **relation** ("circle top left square right . circle left of
 square yes": two objects' regions fetched and compared, asked only where the regions decide it, as the world asks).
 
