@@ -262,3 +262,5 @@ def test_with_recall_adds_a_share_of_lookup_rows_padded_to_the_block():
     assert [s <= {"yes", "no"} for s in scored] == [False] * 7 + [True] * 3
     with pytest.raises(Exception, match="recall stage 'counts'"):
         RecallWarmup(kept=["counts"])
+    with pytest.raises(Exception, match="kept\n.*at least 1 item"):  # an empty list: give a stage, or null
+        RecallWarmup(kept=[])

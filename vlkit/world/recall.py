@@ -182,7 +182,7 @@ def world_rows(tok, n: int, seed: int, stage: str = "mix:0", pairs: tuple[int, i
     from vlkit.world.scene import COLORS, SHAPES
 
     task, order, gap = parse_stage(stage)
-    if task in TEXT_STAGES:
+    if task in TEXT_STAGES:  # parse_stage's third figure is then the most objects a row (0: pairs')
         most = min(gap, pairs[1]) if gap else pairs[1]
         return text_rows(tok, n, seed, TEXT_STAGES[task], (min(pairs[0], most), most), questions)
     shapes, colors = [word_id(tok, w) for w in SHAPES], [word_id(tok, w) for w in sorted(COLORS)]
