@@ -150,6 +150,12 @@ def test_where_rows_answer_each_shape_with_every_word_of_its_region():
         assert len(queries) == 6 and [i for i, _ in scored] == [i for q in queries for i in q]
 
 
+def test_a_text_stage_bounds_the_objects_a_row_by_its_number():
+    assert parse_stage("relation:2") == ("relation", None, 2) and parse_stage("where") == ("where", None, 0)
+    assert {len(placed_cells(words)) for words, _ in scored_rows("relation:2")} == {2}  # ':2': two objects a row
+    assert {len(placed_cells(words)) for words, _ in scored_rows("where:3")} == {2, 3}
+
+
 def test_relation_rows_ask_only_what_the_regions_decide_and_answer_it():
     answers = []
     for words, scored in scored_rows("relation"):
@@ -162,9 +168,6 @@ def test_relation_rows_ask_only_what_the_regions_decide_and_answer_it():
             assert (rel, ans == "yes") in decided_relations(*objs)
             answers.append(ans)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6  # the relation is drawn among those decided
-    assert parse_stage("relation:2") == ("relation", None, 2) and parse_stage("where") == ("where", None, 0)
-    assert {len(placed_cells(words)) for words, _ in scored_rows("relation:2")} == {2}  # ':2': two objects a row
-    assert {len(placed_cells(words)) for words, _ in scored_rows("where:3")} == {2, 3}
 
 
 class Oracle(torch.nn.Module):
