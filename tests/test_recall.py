@@ -267,3 +267,20 @@ def test_with_recall_adds_a_share_of_lookup_rows_padded_to_the_block():
         RecallWarmup(kept=["counts"])
     with pytest.raises(Exception, match="kept\n.*at least 1 item"):  # an empty list: give a stage, or null
         RecallWarmup(kept=[])
+
+
+def test_recall_after_scores_the_last_and_each_kept_stage_on_the_warm_ups_own_heldout_rows():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlkit.recipes.lm import RecallWarmup, recall_after, recall_warmup
+    from vlkit.train import TrainConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=2 + len(WORDS), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128))
+    w = RecallWarmup(max_steps=3, check_every=3, stages=["copy", "mix:0"], kept=["count", "mix:0"], heldout=30)
+    warm = recall_warmup(model, Tok(), w, TrainConfig(steps=1, batch_size=4, lr=1e-2, warmup_steps=0))
+    after = recall_after(model, Tok(), w, 0)
+    assert list(after) == ["mix:0", "count"]  # the last stage, then each kept stage not named yet
+    assert after["mix:0"] == warm[-1]["heldout_acc"]  # nothing trained since: the very rows the warm-up checked
+    assert 0 <= after["count"] <= 1

@@ -512,6 +512,18 @@ def with_recall(tok, w: RecallWarmup, packed: dict, seed: int, where: str = "lm"
     return {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
 
 
+def recall_after(model, tok, w: RecallWarmup, seed: int) -> dict[str, float]:
+    """Held-out answer accuracy after the world training of the last warm-up stage and of every kept stage, each on
+    the held-out rows its warm-up was checked on (a kept stage not among the warm-up's: rows of a seed of its own):
+    whether the world training kept what the warm-up formed. {stage: accuracy}."""
+    index = {stage: k for k, stage in enumerate(w.stages)}  # a stage named twice: its last place
+    out = {}
+    for j, stage in enumerate(dict.fromkeys([w.stages[-1], *(w.kept or ())])):
+        k = index.get(stage, len(w.stages) + j)
+        out[stage] = answer_accuracy(model, world_rows(tok, w.heldout, 10**6 + seed + k, stage, w.pairs, w.questions))
+    return out
+
+
 def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         progress: bool | None = None) -> dict:
     out = Path(cfg.output_dir)
@@ -559,9 +571,7 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
     cvqa = context_vqa(model, tok, test_recs, cfg.eval.context_vqa, items=True) if cfg.eval.context_vqa else None
     cvqa_any = any_order_check(model, tok, test_recs, cvqa.pop("items")) if cvqa else None
     w = cfg.recall_warmup
-    recall_after = answer_accuracy(model, world_rows(tok, w.heldout, 10**6 + cfg.train.seed + len(w.stages) - 1,
-                                                     w.stages[-1], w.pairs, w.questions)) \
-        if w.max_steps or w.keep else None  # the last stage's held-out lookup after the world training
+    after = recall_after(model, tok, w, cfg.train.seed) if w.max_steps or w.keep else None
     return finish(out, {"recipe": "lm", "family": model.config.model_type, "init": cfg.init,
                         "params": count_parameters(model),
                         "vocab_size": len(tok), "train_tokens": int(train_blocks["input_ids"].numel()),
@@ -569,7 +579,8 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
                         "heldout_ppl": metrics["ppl"],
                         "context_vqa": cvqa, "context_vqa_acc": cvqa["acc"] if cvqa else None,
                         "context_vqa_any_order": cvqa_any,
-                        "recall_warmup": warm, "recall_after": recall_after,
+                        "recall_warmup": warm, "recall_after": after[w.stages[-1]] if after else None,
+                        "recall_after_stages": after,
                         "ppl_curve": [{"step": h["step"], "ppl": h["eval/ppl"],
                                        **({"context_vqa": h["eval/context_vqa"]} if "eval/context_vqa" in h else {})}
                                       for h in trainer.history if "eval/ppl" in h],
