@@ -116,6 +116,44 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     assert tok.decode(learned).count("USER") == 0
 
 
+def test_document_mask_keeps_each_packed_conversation_to_itself():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlkit.data.tokenizer import train_bpe
+    from vlkit.recipes.lm import RecallWarmup, bpe_texts, drills, lm_loss, pack, packed_inputs, with_recall
+
+    scenes = [generate_scene(i, WorldConfig(min_objects=2)) for i in range(60)]
+    recs = [{"id": f"c-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
+             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a scene."}]}]}
+            for i, s in enumerate(scenes)]
+    d = drills(recs, per_scene=1, relations=True)
+    tok = train_bpe(bpe_texts(recs + d), 400, "llama")
+    plain = pack(tok, d, 256, whole=True)
+    packed = pack(tok, d, 256, whole=True, document_mask=True)
+    assert torch.equal(packed["input_ids"], plain["input_ids"]) and "position_ids" not in plain
+    ids, pos = packed["input_ids"][0], packed["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert starts[0] == 0 and len(starts) >= 3 and (ids[starts[:2]] == tok.bos_token_id).all()
+    a, b = starts[1], starts[2]  # the block's second conversation
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256))
+    model.eval()
+    with torch.no_grad():
+        alone = model(input_ids=ids[None, a:b]).logits[0]
+        masked = model(input_ids=ids[None], **packed_inputs(model, pos[None])).logits[0, a:b]
+        seen = model(input_ids=ids[None]).logits[0, a:b]
+    assert torch.allclose(masked, alone, atol=1e-5)  # as if asked alone
+    assert not torch.allclose(seen, alone, atol=1e-3)  # without it, the conversation before is read too
+    batch = {k: v[:2] for k, v in packed.items()}
+    assert lm_loss(model, batch)[0] != lm_loss(model, {k: batch[k] for k in ("input_ids", "labels")})[0]
+    rows = with_recall(tok, RecallWarmup(keep=0.2, stages=["mix:1"]), packed, 0)
+    extra = rows["position_ids"][len(packed["input_ids"]):]
+    assert len(extra) and (extra == torch.arange(256)).all()  # a synthetic row is one sequence
+
+
 def test_every_question_holds_what_vqa_pool_draws_and_answers_it_from_the_words():
     side = {"left": 0, "right": 2}  # a region's column and row, read from its words as the caption says them
     col = lambda region: next((v for k, v in side.items() if k in region.split()), 1)  # noqa: E731

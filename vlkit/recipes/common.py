@@ -51,6 +51,7 @@ LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("data", "any_order"): 0.0,
     ("recall_warmup", "kept"): None,
     ("data", "whole"): False,
+    ("data", "document_mask"): False,
     ("data", "loss_on"): "all",
     ("model", "mix"): None,
     ("model", "tiles"): None,

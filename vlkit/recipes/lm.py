@@ -43,6 +43,11 @@ class LMData(RecordsConfig):
                         "pads (unlabelled) rather than cutting one in two; longer ones are truncated. Otherwise the "
                         "text is one stream cut every block_size tokens, and a question whose scene fell into the "
                         "block before is answered blind, which teaches guessing.")
+    document_mask: bool = Field(False, description="Each conversation in a block attends to itself only, its "
+                                "positions counted from 0, as when it is asked alone (position ids restart per "
+                                "conversation; transformers masks packed sequences by them). Otherwise a question "
+                                "also sees the conversations packed before it, whose scenes a count or an "
+                                "existence question then reads too.")
     drill_repeat: bool = Field(False, description="Each drill opens by asking for the scene back, word for word. "
                                "Copying is what induction heads do, and a tiny LM forms them from repeated text in "
                                "a few hundred steps; looking up an answer in the context builds on them.")
@@ -255,11 +260,12 @@ def bpe_texts(records: list[dict]) -> list[str]:
 
 
 def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0, loss_on: str = "all",
-         whole: bool = False, any_order: float = 0.0) -> dict:
+         whole: bool = False, any_order: float = 0.0, document_mask: bool = False) -> dict:
     """Render each conversation as text and cut the token stream into blocks: {"input_ids", "labels"}, each
     (n_blocks, block_size). Labels are -100 outside assistant replies when `loss_on` is "assistant", and on
     padding. `whole`: blocks hold whole conversations (greedy fill, padded; a longer one is truncated).
-    `any_order`: textualize's."""
+    `any_order`: textualize's. `document_mask`: also "position_ids", counted from 0 in each conversation (and in
+    a block's padding), by which transformers keeps each packed conversation to itself."""
     convs = []
     for r in records:
         messages = textualize(r, describe_images, any_order)
@@ -269,30 +275,35 @@ def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0
         else:
             ids = tok(render(tok, messages), add_special_tokens=False)["input_ids"]
             convs.append((ids, ids))
+
+    def blocks(*rows: list[int]) -> dict:
+        keys = ("input_ids", "labels", "position_ids")[:len(rows)]
+        return {k: torch.tensor(r, dtype=torch.long).view(-1, block_size) for k, r in zip(keys, rows)}
+
     if not whole:
         ids = [t for c, _ in convs for t in c]
+        n = len(ids) // block_size * block_size
         labels = [t for _, c in convs for t in c]
-        n = len(ids) // block_size
-        return {"input_ids": torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size),
-                "labels": torch.tensor(labels[: n * block_size], dtype=torch.long).view(n, block_size)}
+        positions = [p for c, _ in convs for p in range(len(c))]
+        return blocks(ids[:n], labels[:n], *([positions[:n]] if document_mask else []))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rows_ids, rows_labels, cur_ids, cur_labels = [], [], [], []
+    rows_ids, rows_labels, rows_pos, cur_ids, cur_labels, cur_pos = [], [], [], [], [], []
 
     def flush():
         if cur_ids:
             fill = block_size - len(cur_ids)
-            rows_ids.append(cur_ids + [pad] * fill)
-            rows_labels.append(cur_labels + [-100] * fill)
+            rows_ids.extend(cur_ids + [pad] * fill)
+            rows_labels.extend(cur_labels + [-100] * fill)
+            rows_pos.extend(cur_pos + list(range(fill)))
 
     for ids, labels in convs:
         ids, labels = ids[:block_size], labels[:block_size]
         if len(cur_ids) + len(ids) > block_size:
             flush()
-            cur_ids, cur_labels = [], []
-        cur_ids, cur_labels = cur_ids + ids, cur_labels + labels
+            cur_ids, cur_labels, cur_pos = [], [], []
+        cur_ids, cur_labels, cur_pos = cur_ids + ids, cur_labels + labels, cur_pos + list(range(len(ids)))
     flush()
-    return {"input_ids": torch.tensor(rows_ids, dtype=torch.long).view(-1, block_size),
-            "labels": torch.tensor(rows_labels, dtype=torch.long).view(-1, block_size)}
+    return blocks(rows_ids, rows_labels, *([rows_pos] if document_mask else []))
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -313,7 +324,8 @@ def perplexity(model, packed: dict, batch_size: int = 64) -> float:
     nll, count = 0.0, 0
     for i in range(0, len(ids_all), batch_size):
         ids, labels = ids_all[i:i + batch_size].to(device), labels_all[i:i + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        positions = packed["position_ids"][i:i + batch_size].to(device) if "position_ids" in packed else None
+        logits = model(input_ids=ids, **packed_inputs(model, positions)).logits[:, :-1].float()
         target = labels[:, 1:].reshape(-1)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target, reduction="sum",
                                                  ignore_index=-100)
@@ -437,8 +449,33 @@ def during(model, tok, blocks: dict, records: list[dict], questions: int) -> dic
     return out  # the trainer puts the model back in training mode
 
 
+def packed_inputs(model, position_ids: torch.Tensor | None) -> dict:
+    """Model inputs that keep each sequence packed into a row to itself, given position ids that restart at each
+    (pack's `document_mask`): the positions, and the causal mask within each sequence as a 4D additive mask
+    (transformers uses a 4D mask as given, with sdpa and eager attention alike; flash-attention 2 reads the
+    sequences from the positions). {} without position ids."""
+    if position_ids is None:
+        return {}
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "flash_attention_2":
+        if model.config.model_type != "llama":
+            raise VlkitError(f"data.document_mask with flash_attention_2 needs a LLaMA-family LM, not "
+                             f"{model.config.model_type}; use attn_implementation sdpa")
+        return {"position_ids": position_ids, "use_cache": False}
+    first = position_ids[:, :1] - 1
+    seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # which sequence each token is in
+    n = position_ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
+    return {"position_ids": position_ids, "attention_mask": mask[:, None], "use_cache": False}
+
+
 def lm_loss(model, batch):
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                **packed_inputs(model, batch.get("position_ids")))
     return out.loss, {"tokens": batch["input_ids"].numel()}
 
 
@@ -509,7 +546,11 @@ def with_recall(tok, w: RecallWarmup, packed: dict, seed: int, where: str = "lm"
                              f"than a block ({block}); raise data.block_size or lower recall_warmup.questions")
         ids.append(fill(rows["input_ids"], (0, block - length), value=pad))
         labels.append(fill(rows["labels"], (0, block - length), value=-100))
-    return {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
+    out = {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
+    if "position_ids" in packed:  # a row is one sequence (its padding unlabelled)
+        out["position_ids"] = torch.cat([packed["position_ids"],
+                                         torch.arange(block).expand(len(out["input_ids"]) - n, block)])
+    return out
 
 
 def recall_after(model, tok, w: RecallWarmup, seed: int) -> dict[str, float]:
@@ -542,10 +583,11 @@ def run(cfg: LMRecipe, resume: bool = False, overwrite: bool = False,
         random.Random(cfg.data.world.seed).shuffle(train_recs)
     train_blocks = with_recall(tok, cfg.recall_warmup, pack(tok, train_recs, cfg.data.block_size,
                                                              cfg.data.describe_images, cfg.data.loss_on,
-                                                             cfg.data.whole, cfg.data.any_order),
+                                                             cfg.data.whole, cfg.data.any_order,
+                                                             cfg.data.document_mask),
                                cfg.train.seed, cfg.output_dir)
     test_blocks = pack(tok, test_recs, cfg.data.block_size, cfg.data.describe_images, cfg.data.loss_on,
-                       cfg.data.whole)
+                       cfg.data.whole, document_mask=cfg.data.document_mask)
     seed_everything(cfg.train.seed)
     model = load_llm(cfg.init) if cfg.init else build_llm(cfg.model, tok)
     warm_file = out / "recall_warmup.json"
