@@ -42,6 +42,9 @@ def test_gates_pass_and_miss_on_the_thresholds():
     summary["stages"]["lm_small"]["gates"] = bench.gates("lm_small", dict(bad, context_vqa_any_order=anyway))
     md = bench.report(summary)
     assert "drawn order rather than reading order, 0.810 [0.785, 0.833] (-0.109 [-0.134, -0.085], paired)" in md
+    assert "recall warm-up" not in md
+    summary["stages"]["lm_small"]["recall_after"] = {"mix:1": 0.9994, "count": 0.41}
+    assert "after the world training (held-out answers): mix:1 0.999, count 0.410" in bench.report(summary)
 
 
 def test_experiments_refuse_a_missing_bench_with_the_command_to_build_it(tmp_path):

@@ -122,6 +122,7 @@ def build_bench(out: str | Path = DEFAULT_OUT, progress: bool | None = None, onl
         summary["stages"][name] = {"label": label, "gates": gates(name, result), "model_dir": str(model_dir(name, out)),
                                    "params": result.get("params") or result.get("vision_params"),
                                    "steps": result.get("steps"), "seconds": round(stages.seconds[name], 1),
+                                   "recall_after": result.get("recall_after_stages"),
                                    "trained_now": name in stages.trained}
         if name not in stages.trained and before and before.get("seconds"):  # cached: the time it took to build
             summary["stages"][name]["seconds"] = before["seconds"]
@@ -184,6 +185,10 @@ def report(summary: dict) -> str:
                 md += ["", f"{n}: of {w['n']} colour, shape and position questions, {w['right']:.0%} answered with "
                        f"the named object's value, {w['another_object']:.0%} with another object's (read from the "
                        f"context, bound to the wrong object), {w['not_in_scene']:.0%} with a value in no object."]
+            if s.get("recall_after"):
+                md += ["", f"{n}: the recall warm-up's stages after the world training (held-out answers): "
+                       + ", ".join(f"{k} {v:.3f}" for k, v in s["recall_after"].items())
+                       + " (a kept stage the world training overwrote falls here)."]
             a = s["gates"].get("context_vqa", {}).get("any_order")
             if a:
                 c = a["change"]
