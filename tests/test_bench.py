@@ -264,7 +264,8 @@ def test_the_settings_added_for_the_bench_keep_earlier_runs_and_datasets_cached(
     before.pop("eval")
     before["data"]["world"].pop("relations")
     before["train"].pop("length_groups")  # an older later setting
-    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing", "drill_balanced", "any_order"):
+    for key in ("drill", "drill_repeat", "whole", "loss_on", "drill_listing", "drill_balanced", "any_order",
+                "document_mask"):
         before["data"].pop(key)
     before["data"].pop("instructions")  # SPHINX's settings, later still
     before["train"].pop("batch_by_task")
