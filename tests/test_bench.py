@@ -121,7 +121,7 @@ def test_drills_and_whole_packing_keep_each_question_with_its_scene():
 
 def test_document_mask_keeps_each_packed_conversation_to_itself():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     from vlkit.data.tokenizer import train_bpe
     from vlkit.recipes.lm import RecallWarmup, bpe_texts, drills, lm_loss, pack, packed_inputs, with_recall
@@ -141,15 +141,18 @@ def test_document_mask_keeps_each_packed_conversation_to_itself():
     assert starts[0] == 0 and len(starts) >= 3 and (ids[starts[:2]] == tok.bos_token_id).all()
     a, b = starts[1], starts[2]  # the block's second conversation
     torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=256))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256))
-    model.eval()
-    with torch.no_grad():
-        alone = model(input_ids=ids[None, a:b]).logits[0]
-        masked = model(input_ids=ids[None], **packed_inputs(model, pos[None])).logits[0, a:b]
-        seen = model(input_ids=ids[None]).logits[0, a:b]
-    assert torch.allclose(masked, alone, atol=1e-5)  # as if asked alone
-    assert not torch.allclose(seen, alone, atol=1e-3)  # without it, the conversation before is read too
+    for m in (opt, model):  # both families the lm recipe builds: learned positions and rotary ones
+        m.eval()
+        with torch.no_grad():
+            alone = m(input_ids=ids[None, a:b]).logits[0]
+            masked = m(input_ids=ids[None], **packed_inputs(m, pos[None])).logits[0, a:b]
+            seen = m(input_ids=ids[None]).logits[0, a:b]
+        assert torch.allclose(masked, alone, atol=1e-5)  # as if asked alone
+        assert not torch.allclose(seen, alone, atol=1e-3)  # without it, the conversation before is read too
     batch = {k: v[:2] for k, v in packed.items()}
     assert lm_loss(model, batch)[0] != lm_loss(model, {k: batch[k] for k in ("input_ids", "labels")})[0]
     rows = with_recall(tok, RecallWarmup(keep=0.2, stages=["mix:1"]), packed, 0)
