@@ -21,7 +21,9 @@ repeated random sequences, 2-4 layers at 1e-3 learn to copy within 200-300 steps
 not in 600). That alone leaves the LLaMA at ~0.5: it copies but does not bind an attribute to the object a
 question names. lm_small first runs the recall warm-up (lm recipe ``recall_warmup``, vlkit/world/recall.py):
 the copy task, then the shape <-> colour lookup in the world's words, each until it forms, and keeps a
-tenth of its rows synthetic during the world training, which otherwise overwrites the lookup.
+tenth of its rows synthetic during the world training, which otherwise overwrites the lookup. And it trains
+on 32,000 scenes rather than 8,000 (seen ~once each, so that counts are read, not remembered) with each packed
+conversation kept to itself (lm recipe ``data.document_mask``), as a question is asked alone at evaluation.
 
 Each stage is a recipe config in ``configs/bench/``; a finished stage is reused. The gates are checked and
 written to ``<out>/bench.json`` and ``<out>/report.md``; a gate that is missed is reported, not hidden, and
