@@ -72,15 +72,20 @@ def test_relation_questions_are_decided_by_the_regions_the_caption_names():
     assert all(k != "relation" for k, _, _ in vqa_pool(s, np.random.default_rng(0)))
 
 
+def caption_records(scenes: list[Scene]) -> list[dict]:
+    """A world caption record per scene (one image, its scene in meta), as drills and pack read them."""
+    return [{"id": f"caption-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
+             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a scene."}]}]}
+            for i, s in enumerate(scenes)]
+
+
 def test_drills_and_whole_packing_keep_each_question_with_its_scene():
     from vlkit.data.tokenizer import train_bpe
     from vlkit.recipes.lm import LISTING_PROMPTS, bpe_texts, drills, pack
 
     scenes = [generate_scene(i, WorldConfig(min_objects=3)) for i in range(30)]
-    recs = [{"id": f"caption-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
-             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe."}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "a scene."}]}]}
-            for i, s in enumerate(scenes)]
+    recs = caption_records(scenes)
     d = drills(recs + recs[:5], per_scene=4, relations=True)
     assert len(d) == 30  # one per distinct scene
     first = d[0]["messages"]
@@ -126,11 +131,7 @@ def test_document_mask_keeps_each_packed_conversation_to_itself():
     from vlkit.data.tokenizer import train_bpe
     from vlkit.recipes.lm import RecallWarmup, bpe_texts, drills, lm_loss, pack, packed_inputs, with_recall
 
-    scenes = [generate_scene(i, WorldConfig(min_objects=2)) for i in range(60)]
-    recs = [{"id": f"c-{i}", "task": "caption", "images": ["x.png"], "meta": {"scene": s.to_dict()},
-             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe."}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "a scene."}]}]}
-            for i, s in enumerate(scenes)]
+    recs = caption_records([generate_scene(i, WorldConfig(min_objects=2)) for i in range(60)])
     d = drills(recs, per_scene=1, relations=True)
     tok = train_bpe(bpe_texts(recs + d), 400, "llama")
     plain = pack(tok, d, 256, whole=True)
