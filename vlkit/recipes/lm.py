@@ -45,7 +45,8 @@ class LMData(RecordsConfig):
                         "block before is answered blind, which teaches guessing.")
     document_mask: bool = Field(False, description="Each conversation in a block attends to itself only, its "
                                 "positions counted from 0, as when it is asked alone (position ids restart per "
-                                "conversation; transformers masks packed sequences by them). Otherwise a question "
+                                "conversation and a 4D mask, block size squared per row, keeps attention within "
+                                "each; flash-attention 2 reads them from the positions). Otherwise a question "
                                 "also sees the conversations packed before it, whose scenes a count or an "
                                 "existence question then reads too.")
     drill_repeat: bool = Field(False, description="Each drill opens by asking for the scene back, word for word. "
@@ -265,7 +266,7 @@ def pack(tok, records: list[dict], block_size: int, describe_images: float = 0.0
     (n_blocks, block_size). Labels are -100 outside assistant replies when `loss_on` is "assistant", and on
     padding. `whole`: blocks hold whole conversations (greedy fill, padded; a longer one is truncated).
     `any_order`: textualize's. `document_mask`: also "position_ids", counted from 0 in each conversation (and in
-    a block's padding), by which transformers keeps each packed conversation to itself."""
+    a block's padding), by which `packed_inputs` keeps each packed conversation to itself."""
     convs = []
     for r in records:
         messages = textualize(r, describe_images, any_order)
