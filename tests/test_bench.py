@@ -154,6 +154,12 @@ def test_document_mask_keeps_each_packed_conversation_to_itself():
             seen = m(input_ids=ids[None]).logits[0, a:b]
         assert torch.allclose(masked, alone, atol=1e-5)  # as if asked alone
         assert not torch.allclose(seen, alone, atol=1e-3)  # without it, the conversation before is read too
+    for m in (model, opt):  # flash-attention 2 reads the sequences from the positions alone, in a LLaMA only
+        m.config._attn_implementation = "flash_attention_2"
+    assert set(packed_inputs(model, pos[None])) == {"position_ids", "use_cache"}
+    with pytest.raises(VlkitError, match="document_mask with flash_attention_2 needs a LLaMA-family LM"):
+        packed_inputs(opt, pos[None])
+    model.config._attn_implementation = "sdpa"
     batch = {k: v[:2] for k, v in packed.items()}
     assert lm_loss(model, batch)[0] != lm_loss(model, {k: batch[k] for k in ("input_ids", "labels")})[0]
     rows = with_recall(tok, RecallWarmup(keep=0.2, stages=["mix:1"]), packed, 0)

@@ -463,8 +463,10 @@ def packed_inputs(model, position_ids: torch.Tensor | None) -> dict:
             raise VlkitError(f"data.document_mask with flash_attention_2 needs a LLaMA-family LM, not "
                              f"{model.config.model_type}; use attn_implementation sdpa")
         return {"position_ids": position_ids, "use_cache": False}
+    # which sequence each token is in: a new one wherever the positions do not go on by one (as transformers'
+    # masking_utils.find_packed_sequence_indices, which transformers 4.46, the oldest this package takes, lacks)
     first = position_ids[:, :1] - 1
-    seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # which sequence each token is in
+    seq = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
     n = position_ids.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
     allowed = (seq[:, :, None] == seq[:, None, :]) & causal
