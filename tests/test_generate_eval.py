@@ -229,6 +229,14 @@ def test_edit_answers_score_rouge_l_and_exact_match():
     assert s["edit_acc"] == 0.5
     assert s["edit_rougeL"] == pytest.approx((1.0 + M.rouge_l(["the red circle disappeared."],
                                                              [["a green star appeared on the left."]])) / 2)
+    # which object and which kind of edit, read from the sentences: the template alone earns neither
+    refs = ("the red circle turned blue.", "a green star appeared on the left.", "the red circle became a red star.",
+            "the red circle and the blue star swapped places.", "the green cross disappeared.")
+    preds = ["The red circle turned  green.", "a green star appeared at the top.", "the red circle turned green.",
+             "the blue star and the red circle swapped places.", "it is gone"]
+    recs = [{"messages": [user(None, None, "what changed?"), assistant(t)]} for t in refs]
+    s = score("edit", recs, preds)
+    assert (s["edit_object"], s["edit_kind"], s["edit_acc"]) == (0.8, 0.6, 0.0)
 
 
 def test_an_fp16_feature_cache_halves_the_bytes_and_keeps_the_loss(tiny_tokenizer, tiny_world, monkeypatch, tmp_path):

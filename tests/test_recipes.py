@@ -6,10 +6,11 @@ from transformers import AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionMod
 
 from vlkit.config import load
 from vlkit.world.sources import load_splits
+from vlkit.eval.world import edit_items
 from vlkit.data.tokenizer import load_tokenizer
 from vlkit.recipes.clip import CLIPRecipe
 from vlkit.recipes.clip import run as run_clip
-from vlkit.recipes.lm import LMRecipe, pack, perplexity
+from vlkit.recipes.lm import LMRecipe, context_edit, pack, perplexity, scene_descriptions
 from vlkit.recipes.lm import run as run_lm
 from vlkit.train.checkpoint import load_safetensors
 
@@ -55,6 +56,15 @@ def check_lm(tmp_path, tiny_world, family, style):
     anyway = res["context_vqa_any_order"]  # the same questions, each scene's objects named in a drawn order
     assert anyway["n"] == anyway["change"]["n"] == res["context_vqa"]["n"] and "items" not in res["context_vqa"]
     assert abs(anyway["change"]["diff"] - (anyway["acc"] - res["context_vqa"]["acc"])) < 1e-9
+    # "what changed?" with both scenes in words (the VPG-C experiment's ceiling), scored per item
+    test = load_splits(cfg.data)[1]
+    edit = next(r for r in test if r["task"] == "edit")
+    before, after = scene_descriptions(edit)
+    assert before != after
+    edits = context_edit(model, tok, test, 8)
+    assert edits["n"] == 8 and len(edits["items"]["edit_object"]) == 8 and edits["edit_rougeL"]["n"] == 8
+    ex = edits["examples"][0]
+    assert edit_items([ex["answer"]], [ex["reference"]])["edit_rougeL"] == edits["items"]["edit_rougeL"][:1]
     return tok
 
 

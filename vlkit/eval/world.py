@@ -102,8 +102,7 @@ def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, l
         multi = [r.get("meta", {}).get("refs") or [ref] for r, ref in zip(records, refs)]
         return {"caption_cider": M.cider_items(preds, multi), "caption_rougeL": M.rouge_l_items(preds, multi)}
     if task == "edit":  # "what changed?" between two images: a sentence, scored like a caption (one reference)
-        return {"edit_rougeL": M.rouge_l_items(preds, [[ref] for ref in refs]),
-                "edit_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
+        return edit_items(preds, refs)
     if task in ("grounding", "refer"):  # one box for one object
         ious = [M.grounding_iou(p, r["meta"]["box"]) for p, r in zip(preds, records)]
         return {f"{task}_iou50": [float(i >= 0.5) for i in ious], f"{task}_miou": ious}
@@ -113,6 +112,20 @@ def score_items(task: str, records: list[dict], preds: list[str]) -> dict[str, l
     if task == "detect":
         return {"detect_f1": [M.detect_f1(p, r["meta"]["boxes"]) for p, r in zip(preds, records)]}
     return {f"{task}_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)]}
+
+
+def edit_items(preds: Sequence[str], refs: Sequence[str]) -> dict[str, list[float]]:
+    """"What changed?" answers against their references: ROUGE-L and exact match, and, read with
+    `vlkit.world.edits.read_edit`, whether the answer names the edited object(s) (`edit_object`) and the kind of
+    edit (`edit_kind`: recoloured, reshaped, moved, swapped, gone, added). The template alone ("the X turned Y.")
+    earns ROUGE-L; these two say whether the answer saw what changed."""
+    from vlkit.world.edits import read_edit
+
+    said, meant = [read_edit(p) for p in preds], [read_edit(r) for r in refs]
+    return {"edit_rougeL": M.rouge_l_items(list(preds), [[ref] for ref in refs]),
+            "edit_acc": [M.exact_match(p, ref) for p, ref in zip(preds, refs)],
+            "edit_object": [float(s is not None and m is not None and s[0] == m[0]) for s, m in zip(said, meant)],
+            "edit_kind": [float(s is not None and m is not None and s[1] == m[1]) for s, m in zip(said, meant)]}
 
 
 def score(task: str, records: list[dict], preds: list[str]) -> dict[str, float]:

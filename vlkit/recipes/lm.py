@@ -347,34 +347,59 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     text-only conversation (default: each image replaced by its scene in words; e.g. an expert's caption)."""
     from vlkit.eval.metrics import exact_match
     from vlkit.eval.stats import interval
-    from vlkit.eval.world import prompt_and_reference
 
     recs = [r for r in records if r.get("task") == "vqa" and scene_descriptions(r)][:limit]
     if not recs:
         return None
-    model.eval()
-    device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
-    hits, preds, pairs_all = [], [], []
-    try:
-        for i in range(0, len(recs), batch_size):
-            chunk = recs[i:i + batch_size]
-            pairs = [prompt_and_reference({"messages": describe(r) if describe else textualize(r, 1.0)})
-                     for r in chunk]
-            pairs_all += pairs
-            texts = [render(tok, prompt, add_generation_prompt=True) for prompt, _ in pairs]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            for (_, ref), ids in zip(pairs, out[:, enc["input_ids"].shape[1]:]):
-                preds.append(tok.decode(ids, skip_special_tokens=True))
-                hits.append(exact_match(preds[-1], ref))
-    finally:
-        tok.padding_side = side
+    refs, preds = answer_in_words(model, tok, recs, 8, batch_size, describe)
+    hits = [exact_match(p, ref) for p, ref in zip(preds, refs)]
     ci = interval(hits)
     return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
             "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
-            **breakdown(recs, [ref for _, ref in pairs_all], hits),
-            "wrong_object": wrong_object(recs, preds), **({"items": hits} if items else {})}
+            **breakdown(recs, refs, hits), "wrong_object": wrong_object(recs, preds),
+            **({"items": hits} if items else {})}
+
+
+@torch.no_grad()
+def answer_in_words(model, tok, records: list[dict], max_new_tokens: int, batch_size: int = 50,
+                    describe: Callable[[dict], list[dict]] | None = None) -> tuple[list[str], list[str]]:
+    """(references, greedy answers) of world records asked text-only, each image replaced by its scene in words
+    (`describe`: record -> its text-only conversation, default `textualize(r, 1.0)`)."""
+    from vlkit.eval.world import prompt_and_reference
+
+    model.eval()
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    refs, preds = [], []
+    try:
+        for i in range(0, len(records), batch_size):
+            pairs = [prompt_and_reference({"messages": describe(r) if describe else textualize(r, 1.0)})
+                     for r in records[i:i + batch_size]]
+            texts = [render(tok, prompt, add_generation_prompt=True) for prompt, _ in pairs]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            refs += [ref for _, ref in pairs]
+            preds += [tok.decode(ids, skip_special_tokens=True) for ids in out[:, enc["input_ids"].shape[1]:]]
+    finally:
+        tok.padding_side = side
+    return refs, preds
+
+
+def context_edit(model, tok, records: list[dict], limit: int = 1000, batch_size: int = 50) -> dict | None:
+    """"What changed between the two images?" answered with both scenes written out in the context: the ceiling
+    of a VLM that keeps this LM frozen on the edit task (VPG-C's synthetic task). {metric: bootstrap interval} for
+    `vlkit.eval.world.edit_items`' metrics, "n", and "items" (per-item scores, record order); None without edit
+    records that carry both scenes."""
+    from vlkit.eval.stats import interval
+    from vlkit.eval.world import edit_items
+
+    recs = [r for r in records if r.get("task") == "edit" and len(scene_descriptions(r)) == 2][:limit]
+    if not recs:
+        return None
+    refs, preds = answer_in_words(model, tok, recs, 32, batch_size)
+    items = edit_items(preds, refs)
+    return {**{k: interval(v) for k, v in items.items()}, "n": len(recs), "items": items,
+            "examples": [{"reference": r, "answer": p} for r, p in list(zip(refs, preds))[:6]]}
 
 
 def any_order_check(model, tok, records: list[dict], reading: list[float]) -> dict | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from vlkit.world.language import a, where
@@ -76,6 +78,24 @@ def edit_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None, 
                     appeared = f"{a(new.name)} {new.name} appeared {where(new.region)}."
                     return replace(scene, objects=tuple(objs)), k, appeared
     raise RuntimeError("no edit applies to this scene")  # unreachable: recolor always has a free colour
+
+
+_SENTENCE = re.compile(r"^(?:the|an?) (\w+ \w+)(?: and the (\w+ \w+))? "
+                       r"(turned|became|moved|swapped|disappeared|appeared)\b(.*?)\.?$")
+CHANGES = {"turned": "recolor", "became": "reshape", "moved": "move", "swapped": "swap", "disappeared": "delete",
+           "appeared": "add"}
+
+
+def read_edit(sentence: str) -> tuple[frozenset[str], str, str] | None:
+    """What an edit sentence of `edit_scene` says: (the objects it names, the edit kind, the rest of the change:
+    the new colour, shape or place, with articles dropped); None for a sentence not in that form.
+    "the red circle turned blue." -> ({"red circle"}, "recolor", "blue")."""
+    m = _SENTENCE.match(" ".join(sentence.lower().split()))
+    if not m:
+        return None
+    names = frozenset(n for n in m.group(1, 2) if n)
+    rest = " ".join(w for w in re.sub(r"[^\w ]", " ", m.group(4)).split() if w not in ("a", "an", "the"))
+    return names, CHANGES[m.group(3)], rest
 
 
 def _bare(region: str) -> str:
