@@ -184,6 +184,43 @@ def test_the_real_moderation_set_loads():
     assert 0.35 < test / 1680 < 0.45
 
 
+def test_the_guard_report_pairs_each_seed_with_tfidf_on_the_same_rows():
+    import numpy as np
+
+    from sklearn.metrics import average_precision_score
+
+    from vlkit.eval.stats import fmt
+    from vlkit.experiments import guard as exp
+    from vlkit.experiments import provenance
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300).tolist()
+    ids = [f"mod-{i:05d}" for i in range(300)]
+
+    def method(scores):
+        return {"auprc": 0.0, "positives": sum(y), "n": 300, "per_category": {},
+                "rows": {"ids": ids, "labels": y, "scores": list(scores)}}
+    methods = {exp.TFIDF: method(rng.uniform(size=300)),
+               "guard s0": method(np.array(y) + rng.uniform(size=300)),
+               "guard s1": method(rng.uniform(size=300))}
+    for m in methods.values():
+        m["auprc"] = float(average_precision_score(y, m["rows"]["scores"]))
+    split = {"train": 1000, "test": 300, "test_known": 300, "test_unsafe": sum(y)}
+    s = exp.summarize(methods, ["guard s0", "guard s1"], split)
+    verdicts = [c["verdict"] for c in s["claims"]]
+    assert verdicts[0] == "does not hold" or s["methods"]["guard s0"]["interval"]["lo"] >= exp.PUBLISHED
+    assert verdicts[1:] == ["holds", "not shown (within noise)"]  # the sharp seed beats TF-IDF, the blind does not
+    assert s["guard_over_seeds"]["n"] == 2
+    s["seconds"], s["provenance"] = {k: 1.0 for k in methods}, provenance()
+    md = exp.report(s)
+    assert "| claim | paper | ours | verdict |" in md
+    assert f"| guard s0 | **{fmt(s['methods']['guard s0']['interval'])}** |" in md  # AUPRC with its interval
+    bad = {**methods, "guard s1": {**methods["guard s1"], "rows": {**methods["guard s1"]["rows"],
+                                                                     "labels": [1 - v for v in y]}}}
+    with pytest.raises(VlkitError, match="disagree on a test row's label"):
+        exp.summarize(bad, ["guard s0", "guard s1"], split)
+
+
 def synthetic_examples(n: int, offset: int = 0) -> list[dict]:
     """Harmless stand-ins: 'spam' texts are unsafe for the Spam category."""
     out = []
@@ -216,6 +253,8 @@ def test_guard_recipe_trains_and_the_cli_classifies(tmp_path):
     assert res["train_items"] == 120 and res["eval"]["n"] == 24 and res["eval"]["positives"] == 8
     assert res["eval"]["auprc"] > 0.9  # the word 'pills' is easy: a guard that learnt nothing scores ~0.33
     assert res["eval"]["per_category"]["Spam"]["positives"] == 8
+    rows = res["eval"]["rows"]  # per test row, for intervals and pairing with other methods
+    assert rows["ids"] == [f"e{i}" for i in range(100, 124)] and sum(rows["labels"]) == 8 and len(rows["scores"]) == 24
     # augmentation: violated categories stay (with their new codes) unless dropped and relabelled safe
     import random
     rng = random.Random(0)

@@ -99,3 +99,23 @@ def test_publish_writes_results_with_provenance_and_the_report(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seconds"]["stage"] == 2.0 and "total" in saved["seconds"] and saved["provenance"]["machine"]
     assert (tmp_path / "report.md").read_text() == "# r\n1 chart.png True\n" and s == saved
+
+
+def test_a_figure_that_is_not_a_mean_gets_its_interval_by_resampling_rows():
+    from sklearn.metrics import average_precision_score as ap
+
+    from vlkit.eval.stats import metric_interval, paired_metric
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    noise = rng.uniform(size=400)
+    sharp = y + 0.5 * rng.uniform(size=400)  # ranks every positive first
+    ci = metric_interval(ap, y, sharp)
+    assert ci["value"] == 1.0 and ci["lo"] == pytest.approx(1.0) and ci["n"] == 400
+    blind = metric_interval(ap, y, noise)
+    assert blind["lo"] < y.mean() < blind["hi"]  # a random score's AUPRC is the base rate
+    p = paired_metric(ap, y, noise, sharp)
+    assert p["diff"] == 1.0 - blind["value"] and p["lo"] > 0.3 and p["p_not_better"] == 0.0
+    assert paired_metric(ap, y, noise, noise)["diff"] == 0.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_metric(ap, y, noise, sharp[:10])

@@ -4,6 +4,8 @@
 * `paired(a, b)`: the difference b - a of two systems scored on the *same* items, with a paired
   bootstrap 95% interval (the same resampled items for both) and the share of resamples in which b
   does not beat a (a one-sided bootstrap p-value);
+* `metric_interval(fn, y, s)` / `paired_metric(fn, y, a, b)`: the same for a figure that is not a mean of
+  per-item scores (AUPRC, F1): rows resampled, the figure recomputed on each resample;
 * `over_seeds(values)`: mean, standard deviation, min and max of one figure over seeds;
 * `mean_curve(curves, metric)`: seed-averaged training curves (steps all seeds evaluated), from which
   speed-ups are read (`vlkit.eval.curves.speedup` takes them as they are);
@@ -14,7 +16,7 @@ Resampling is seeded, so a report is a pure function of its scores.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +57,42 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL, resampl
     lo, hi = _bounds(diffs, level)
     return {"diff": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d)), "se": float(diffs.std(ddof=1)),
             "p_not_better": float(np.mean(diffs <= 0)), "a": float(x.mean()), "b": float(y.mean())}
+
+
+def metric_interval(fn: Callable[[np.ndarray, np.ndarray], float], y: Sequence, s: Sequence, level: float = LEVEL,
+                    resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """{"value", "lo", "hi", "n", "se"}: `fn(y, s)` (labels, scores; e.g. sklearn's average_precision_score) and
+    its percentile-bootstrap interval over rows. Resamples in which fn is undefined (one class only) are skipped."""
+    yv, sv = np.asarray(y), np.asarray(s, dtype=float)
+    if yv.shape != sv.shape or yv.ndim != 1 or len(yv) == 0:
+        raise ValueError(f"metric_interval needs equally long labels and scores, got {yv.shape} and {sv.shape}")
+    vals = np.array([v for v in (_defined(fn, yv[i], sv[i]) for i in _resample_index(len(yv), resamples, seed))
+                     if v is not None])
+    lo, hi = _bounds(vals, level)
+    return {"value": float(fn(yv, sv)), "lo": lo, "hi": hi, "n": int(len(yv)), "se": float(vals.std(ddof=1))}
+
+
+def paired_metric(fn: Callable[[np.ndarray, np.ndarray], float], y: Sequence, a: Sequence, b: Sequence,
+                  level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """fn(y, b) - fn(y, a) for two systems' scores of the same rows, the same resampled rows for both: {"diff",
+    "lo", "hi", "n", "se", "p_not_better", "a", "b"} as `paired`."""
+    yv, av, bv = np.asarray(y), np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (yv.shape == av.shape == bv.shape) or yv.ndim != 1 or len(yv) == 0:
+        raise ValueError(f"paired_metric needs equally long labels and scores, got {yv.shape}, {av.shape}, {bv.shape}")
+    diffs = []
+    for i in _resample_index(len(yv), resamples, seed):
+        va, vb = _defined(fn, yv[i], av[i]), _defined(fn, yv[i], bv[i])
+        if va is not None and vb is not None:
+            diffs.append(vb - va)
+    d = np.array(diffs)
+    lo, hi = _bounds(d, level)
+    fa, fb = float(fn(yv, av)), float(fn(yv, bv))
+    return {"diff": fb - fa, "lo": lo, "hi": hi, "n": int(len(yv)), "se": float(d.std(ddof=1)),
+            "p_not_better": float(np.mean(d <= 0)), "a": fa, "b": fb}
+
+
+def _defined(fn, y: np.ndarray, s: np.ndarray) -> float | None:
+    return float(fn(y, s)) if 0 < int(np.sum(y)) < len(y) else None
 
 
 def paired_over_seeds(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], level: float = LEVEL,
@@ -102,7 +140,7 @@ def mean_curve(curves: Sequence[list[dict]], metrics: Sequence[str]) -> list[dic
 def fmt(ci: dict, digits: int = 3) -> str:
     """'0.412 [0.391, 0.433]' for an interval; '0.412 ± 0.010 (3 seeds)' for over_seeds."""
     if "lo" in ci:
-        centre = ci.get("mean", ci.get("diff"))
+        centre = ci["mean"] if "mean" in ci else ci["value"] if "value" in ci else ci["diff"]
         return f"{centre:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
     return f"{ci['mean']:.{digits}f} ± {ci['std']:.{digits}f} ({ci['n']} seed{'s' if ci['n'] != 1 else ''})"
 

@@ -159,7 +159,8 @@ def guard_loss(model, batch):
 
 
 def auprc(guard, examples: list[dict], tax: Taxonomy, batch_size: int = 16) -> dict:
-    """Overall AUPRC (P(unsafe) with the whole taxonomy) and per category (prompt with that category only)."""
+    """Overall AUPRC (P(unsafe) with the whole taxonomy) and per category (prompt with that category only); "rows":
+    each example's id, label and score (overall), for intervals and paired comparisons."""
     from sklearn.metrics import average_precision_score
 
     convs = [ex["messages"] for ex in examples]
@@ -170,7 +171,8 @@ def auprc(guard, examples: list[dict], tax: Taxonomy, batch_size: int = 16) -> d
     y = np.array([int(bool(ex.get("unsafe"))) for ex in examples])
     scores = np.array([v.score for v in guard.classify(convs, role, batch_size, generate=False)])
     out = {"n": len(examples), "positives": int(y.sum()),
-           "auprc": float(average_precision_score(y, scores)) if 0 < y.sum() < len(y) else None, "per_category": {}}
+           "auprc": float(average_precision_score(y, scores)) if 0 < y.sum() < len(y) else None, "per_category": {},
+           "rows": {"ids": [ex.get("id") for ex in examples], "labels": y.tolist(), "scores": scores.tolist()}}
     full = guard.taxonomy
     for cat in tax.categories:  # on the examples whose label for this category is known
         guard.taxonomy = tax.subset([cat.name])
