@@ -368,3 +368,24 @@ def test_wrong_object_tells_a_misbound_answer_from_one_not_read_from_the_scene()
     assert w["n"] == 4  # count questions are not about one object
     assert (w["right"], w["another_object"], w["not_in_scene"]) == (0.25, 0.5, 0.25)
     assert wrong_object(recs[4:], ["two"]) is None
+
+
+def test_relation_layout_splits_relations_by_what_reading_order_decides():
+    from vlkit.data.records import assistant, user
+    from vlkit.recipes.lm import relation_layout
+    from vlkit.world.scene import Obj, Scene
+
+    scene = Scene((Obj("circle", "red", "small", 0.15, 0.15), Obj("square", "blue", "small", 0.85, 0.2),
+                   Obj("star", "green", "small", 0.5, 0.85))).to_dict()
+
+    def ask(q):
+        return {"task": "vqa", "messages": [user(None, q), assistant("yes")], "meta": {"scene": scene}}
+    recs = [ask("is the red circle left of the blue square?"),   # one row band: order decides
+            ask("is the blue square right of the green star?"),  # different rows: the region words decide
+            ask("is the green star below the red circle?"),      # different columns
+            ask("is the red circle left of the green star?"),    # different rows
+            ask("what color is the circle?")]                     # not a relation: left out
+    got = relation_layout(recs, [1.0, 0.0, 1.0, 1.0, 1.0])
+    assert got == {"above/below, different columns": {"acc": 1.0, "n": 1},
+                   "left/right, different rows": {"acc": 0.5, "n": 2},
+                   "left/right, one row band": {"acc": 1.0, "n": 1}}

@@ -102,7 +102,8 @@ def ats_model(tmp_path_factory):
                                  "data.format=ats-dfs", "model.hidden_size=32", "model.num_layers=2",
                                  "model.num_heads=2", "model.intermediate_size=64", "train.steps=6",
                                  "train.batch_size=8", "train.warmup_steps=2", "train.progress=false",
-                                 "eval.test_per_game=3", "eval.max_new_tokens=24", "eval.batch_size=3"])
+                                 "eval.test_per_game={numpath: 3, arithmetic: 2}", "eval.max_new_tokens=24",
+                                 "eval.batch_size=3"])
     return out, run_recipe(cfg)
 
 
@@ -111,7 +112,8 @@ def test_ats_recipe_trains_saves_and_evaluates(ats_model):
     assert results["train_examples"] + results["dropped_too_long"] == 80
     assert json.loads((out / "model" / "reason.json").read_text())["method"] == "ats-dfs"
     assert [e["game"] for e in results["eval"]] == ["numpath", "arithmetic"]
-    assert all(e["n"] == 3 and 0 < e["tokens_per_answer"] <= 24 for e in results["eval"])
+    assert [e["n"] for e in results["eval"]] == [3, 2]  # held-out instances per game, as asked
+    assert all(0 < e["tokens_per_answer"] <= 24 for e in results["eval"])
     backend = LocalBackend(out / "model")
     assert backend.style == "tuned" and backend.trained_method == "ats-dfs"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -149,3 +151,35 @@ def test_cli_ats_writes_rows_and_summary(ats_model, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vlkit", "ats", "--game", "chess", "--backend", "local", "--model",
                           str(out / "model")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown game 'chess'" in bad.stderr
+
+
+def test_the_ats_report_pairs_formats_over_seeds_on_the_same_instances(tmp_path):
+    from vlkit.experiments import ats as exp
+    from vlkit.experiments import provenance
+    from vlkit.fileio import write_json
+
+    games = {"numpath": 40, "grass": 40}
+
+    def fake(name, solved):  # solved(game, i, seed) -> bool
+        fmt, _, seed = name.partition("_s")
+        rows = [{"game": g, "id": i, "correct": solved(g, i, int(seed or 0))}
+                for g, n in games.items() for i in range(n)]
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "eval_rows.json", rows)
+        ev = [{"game": g, "n": n, "solved": sum(r["correct"] for r in rows if r["game"] == g),
+               "accuracy": sum(r["correct"] for r in rows if r["game"] == g) / n, "tokens_per_answer": 10.0,
+               "goal_marked": None, "tree_nodes": None} for g, n in games.items()]
+        return {"eval": ev, "params": 1000, "train_examples": 80, "dropped_too_long": 0, "train_tokens": 5000,
+                "steps": 6, "train_seconds": 1.0}
+    runs = {}
+    for seed in range(2):
+        runs[exp.seeded("cot", seed)] = fake(exp.seeded("cot", seed), lambda g, i, s: i % 4 == 0)
+        runs[exp.seeded("ats-bfs", seed)] = fake(exp.seeded("ats-bfs", seed), lambda g, i, s: i % 4 != 3)
+        runs[exp.seeded("ats-dfs", seed)] = fake(exp.seeded("ats-dfs", seed), lambda g, i, s: (i + s) % 4 == 0)
+    s = exp.summarize(runs, tmp_path, seeds=2)
+    assert s["n"] == 80 and s["formats"]["cot"]["over_seeds"]["mean"] == 25.0
+    assert s["vs_cot"]["ats-bfs"]["diff"] == 50.0 and s["vs_cot"]["ats-bfs"]["seeds"] == 2
+    assert [c["verdict"] for c in s["claims"]] == ["holds", "not shown (within noise)"]
+    s["seconds"], s["provenance"] = {"total": 1.0}, provenance()
+    md = exp.report(s, exp.plot(s, tmp_path))
+    assert "| ATS-BFS-tuned beats CoT-tuned" in md and "ATS-DFS-tuned (seed 1)" in md

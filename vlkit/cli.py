@@ -373,7 +373,7 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
                                              help="The demo's stages, reused (vpgc, adapter, illama, sphinx)."),
                bench: Path = typer.Option(Path("runs/bench"), help="The science bench (vpgtrans; `vlkit bench "
                                           "build`)."),
-               seeds: int = typer.Option(3, min=1, help="vpgtrans, vpgc, guard: seeds per headline arm."),
+               seeds: int = typer.Option(3, min=1, help="vpgtrans, vpgc, guard, ats: seeds per headline arm."),
                only: list[str] = typer.Option(None, help="Run only these named runs (repeatable); vpgtrans: a pair "
                                               "(small_to_large, llama_to_opt) or an ablation; sphinx: a part (tiles, "
                                               "mix, merge, instructions).")) -> None:
@@ -387,7 +387,7 @@ def experiment(name: str = typer.Argument(..., help="Which experiment: vpgtrans,
     module = __import__(experiments[name], fromlist=["run_experiment"])
     if name == "vpgtrans":
         module.run_experiment(out or Path("runs") / name, bench, only=only or None, seeds=seeds)
-    elif name in ("vpgc", "guard"):
+    elif name in ("vpgc", "guard", "ats"):
         module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None, seeds=seeds)
     else:
         module.run_experiment(out or Path("runs") / name, demo_dir, only=only or None)

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlkit.config import Section
 from vlkit.data.processor import pad_encodings
@@ -48,7 +48,21 @@ class ATSData(Section):
 
 
 class ATSEval(Section):
-    test_per_game: int = Field(50, ge=0, description="Held-out instances per game (game24: rows 900-...).")
+    test_per_game: int | dict[str, int] = Field(50, description="Held-out instances per game (game24: rows "
+                                                "900-...), or {game: count} (games not named: 50; a larger count "
+                                                "extends the same instances). The procedural arithmetic and water "
+                                                "games hold about 120 distinct test instances each.")
+
+    @field_validator("test_per_game")
+    @classmethod
+    def _counts(cls, v):
+        counts = v.values() if isinstance(v, dict) else [v]
+        if any(c < 0 for c in counts):
+            raise ValueError(f"test_per_game: counts must be >= 0, got {v}")
+        return v
+
+    def count(self, game: str) -> int:
+        return self.test_per_game.get(game, 50) if isinstance(self.test_per_game, dict) else self.test_per_game
     max_new_tokens: int = Field(640, gt=0, description="Most tokens per answer.")
     batch_size: int = Field(25, gt=0, description="Questions per generate call.")
 
@@ -119,7 +133,7 @@ def evaluate(model_dir: Path, cfg: ATSRecipe, progress: bool | None = None) -> d
     rows = []
     for name in cfg.data.games:
         game = get_game(name)
-        rows += run_method(game, game.instances("test", cfg.eval.test_per_game, seed=cfg.data.seed),
+        rows += run_method(game, game.instances("test", cfg.eval.count(name), seed=cfg.data.seed),
                            cfg.data.format, backend, max_tokens=cfg.eval.max_new_tokens,
                            chunk=cfg.eval.batch_size, progress=progress)
     return {"summary": summarise(rows), "rows": rows}
@@ -157,7 +171,7 @@ def run(cfg: ATSRecipe, resume: bool = False, overwrite: bool = False, progress:
                "train_examples": len(dataset), "dropped_too_long": dataset.dropped,
                "train_tokens": sum(len(ids) for ids, _ in dataset.items), "steps": cfg.train.steps,
                "train_seconds": round(trainer.train_seconds, 1), "model_dir": str(model_dir)}
-    if cfg.eval.test_per_game:
+    if any(cfg.eval.count(g) for g in cfg.data.games):
         ev = evaluate(model_dir, cfg, progress)
         write_json(out / "eval_rows.json", ev["rows"])
         results["eval"] = ev["summary"]

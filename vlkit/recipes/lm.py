@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Literal
@@ -357,7 +358,36 @@ def context_vqa(model, tok, records: list[dict], limit: int = 200, batch_size: i
     return {"acc": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": ci["n"],
             "scenes": len({r.get("meta", {}).get("scene", {}).get("seed") for r in recs}),
             **breakdown(recs, refs, hits), "wrong_object": wrong_object(recs, preds),
-            **({"items": hits} if items else {})}
+            "relation_layout": relation_layout(recs, hits), **({"items": hits} if items else {})}
+
+
+_RELATION = re.compile(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?")
+
+
+def relation_layout(records: list[dict], hits: list[float]) -> dict:
+    """Relation questions by whether reading order (rows top to bottom, then left to right) decides them:
+    {"left/right, one row band" (the object named first is the left one), "left/right, different rows" (only the
+    region words decide), "above/below, one column", "above/below, different columns" (order decides both):
+    {"acc", "n"}}. A model that answers the first near 1 and the second at chance reads order, not words."""
+    from vlkit.world.scene import Scene
+
+    groups: dict[str, list[float]] = {}
+    for r, h in zip(records, hits):
+        m = _RELATION.fullmatch(question_text(r).strip())
+        scene = r.get("meta", {}).get("scene")
+        if not m or scene is None:
+            continue
+        objs = {o.name: o for o in Scene.from_dict(scene).objects}
+        a_, b_ = objs.get(m.group(1)), objs.get(m.group(3))
+        if a_ is None or b_ is None:
+            continue
+        row, col = (lambda o: min(2, int(o.cy * 3))), (lambda o: min(2, int(o.cx * 3)))
+        if m.group(2) in ("left of", "right of"):
+            key = "left/right, one row band" if row(a_) == row(b_) else "left/right, different rows"
+        else:
+            key = "above/below, one column" if col(a_) == col(b_) else "above/below, different columns"
+        groups.setdefault(key, []).append(h)
+    return {k: {"acc": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 @torch.no_grad()
