@@ -268,8 +268,8 @@ def plot(s: dict, out: Path) -> str:
     bx.set_yticklabels([n for n, _ in rows], fontsize=7)
     bx.invert_yaxis()
     bx.set_xlim(0, 1)
-    bx.set_xlabel(f"held-out \"what changed?\": names the edited object ({s['n_edits']} pairs, 95% CI)")
-    bx.set_title("Its own task")
+    bx.set_xlabel("names the edited object (95% CI)")
+    bx.set_title(f"Its own task: {s['n_edits']} held-out \"what changed?\" pairs")
     fig.tight_layout()
     return save_png(fig, out / "categories.png")
 
