@@ -155,9 +155,14 @@ def references(out: Path, base_over: list[str], console: Console) -> dict:
     return {"constant": constant_answer(train, held_out), "llm_in_words": ceiling, "n": len(edits)}
 
 
+def _demon_items(out: Path, name: str, task: str) -> dict:
+    """A run's mini-DEMON scores on one task, by instance."""
+    return {p["sample_id"]: p["score"] for p in read_json(out / name / "demon_predictions.json")[task]}
+
+
 def paired_demon(out: Path, a: str, b: str, task: str = "md_relation") -> dict:
     """b - a on one mini-DEMON task (x100), paired bootstrap over the instances both answered."""
-    sa, sb = ({p["sample_id"]: p["score"] for p in read_json(out / n / "demon_predictions.json")[task]} for n in (a, b))
+    sa, sb = _demon_items(out, a, task), _demon_items(out, b, task)
     keys = [k for k in sa if k in sb]
     return stats.paired([100 * sa[k] for k in keys], [100 * sb[k] for k in keys])
 
@@ -206,8 +211,7 @@ def summarize(runs: dict[str, dict], layers: dict, n_layers: int, out: Path, ref
 
 def _paired_demon_over_seeds(out: Path, heads: list[str], task: str = "md_relation") -> dict:
     """VPG-C - base on relation inference (x100), each instance's difference averaged over the seeds."""
-    base = {p["sample_id"]: p["score"] for p in read_json(out / "base" / "demon_predictions.json")[task]}
-    per = [{p["sample_id"]: p["score"] for p in read_json(out / n / "demon_predictions.json")[task]} for n in heads]
+    base, per = _demon_items(out, "base", task), [_demon_items(out, n, task) for n in heads]
     keys = [k for k in base if all(k in p for p in per)]
     return stats.paired_over_seeds([[100 * base[k] for k in keys]] * len(per),
                                    [[100 * p[k] for k in keys] for p in per])
